@@ -1,0 +1,1 @@
+"""loradex hub: the DuckDB catalog, the content-addressed store, base models and the adapter registry."""

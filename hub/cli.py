@@ -1,0 +1,341 @@
+"""The ``loradex`` command line: a thin edge over the library.
+
+Every command opens the catalog only for as long as it works (DuckDB allows one
+read-write process per file), prints data as a table or, with ``--json``, as
+JSON, and turns a :class:`LoradexError` into one line on stderr and a non-zero
+exit code. Stages add their own commands through ``add_commands(sub, common)``
+in ``training/cli.py``, ``evals/cli.py`` and ``serving/cli.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from hub.errors import GateRefused, LoradexError
+from hub.render import human_bytes, table, to_jsonable
+from hub.settings import Settings
+
+STAGE_CLIS = ("training.cli", "evals.cli", "serving.cli")
+
+
+class Context:
+    """What a command needs: settings, a lazily opened catalog, the store, output."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings | None = None):
+        self.args = args
+        self.settings = settings or Settings()
+        self.as_json = bool(getattr(args, "json", False))
+        self._catalog = None
+        self._store = None
+
+    @property
+    def store(self):
+        from hub.store import Store
+
+        if self._store is None:
+            self._store = Store(self.settings.store)
+        return self._store
+
+    @property
+    def catalog(self):
+        if self._catalog is None:
+            from hub.catalog import Catalog
+            from hub.registry import cleanup_stale
+
+            self._catalog = Catalog.open(self.settings.catalog_path, wait_s=self.settings.lock_wait_s)
+            cleanup_stale(self._catalog, self.store)
+        return self._catalog
+
+    def close_catalog(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+
+    def emit(self, data: Any, human: str | Callable[[], str]) -> None:
+        if self.as_json:
+            print(json.dumps(to_jsonable(data), indent=2))
+        else:
+            print(human() if callable(human) else human)
+
+
+# -- hub commands ------------------------------------------------------------------
+
+def cmd_init(ctx: Context) -> int:
+    from hub.bases import ensure_default_base
+
+    row = ensure_default_base(ctx.catalog, ctx.store)
+    ctx.emit(_base_view(row), f"default base {row['name']} ready at {row['path']}")
+    return 0
+
+
+def _base_view(row: dict) -> dict:
+    return {k: row.get(k) for k in ("name", "kind", "source", "architecture", "num_parameters", "size_bytes", "dtype", "path", "created_at")}
+
+
+def cmd_base_add(ctx: Context) -> int:
+    from hub.bases import add_base
+
+    row = add_base(ctx.catalog, ctx.store, ctx.args.name, ctx.args.source)
+    ctx.emit(_base_view(row), f"added base {row['name']} ({row['architecture']}, "
+             f"{row['num_parameters']:,} parameters) from {row['source']}")
+    return 0
+
+
+def cmd_base_list(ctx: Context) -> int:
+    from hub.bases import list_bases
+
+    rows = list_bases(ctx.catalog)
+    ctx.emit(rows, lambda: table(
+        [dict(r, size=human_bytes(r["size_bytes"])) for r in rows],
+        ["name", "kind", "architecture", "num_parameters", "size", "source"]) if rows else "no bases yet: run `loradex init`")
+    return 0
+
+
+def cmd_register(ctx: Context) -> int:
+    from hub.registry import register_adapter
+
+    row = register_adapter(ctx.catalog, ctx.store, ctx.args.path, ctx.args.name, base=ctx.args.base,
+                           allow_noop=ctx.args.allow_noop, description=ctx.args.description)
+    ctx.emit(row, lambda: f"registered {row['adapter']}@{row['version']} (base {row['base']}, r={row['rank']}, "
+             f"alpha={row['alpha']:g}, targets {','.join(row['target_modules'])}, "
+             f"{row['param_count']:,} params, {human_bytes(row['size_bytes'])}, digest {row['digest'][:12]})")
+    return 0
+
+
+def cmd_list(ctx: Context) -> int:
+    from hub.registry import list_adapters
+
+    rows = list_adapters(ctx.catalog, base=ctx.args.base)
+    ctx.emit(rows, lambda: table(
+        [dict(r, ref=f"{r['adapter']}@{r['version']}", size=human_bytes(r["size_bytes"]),
+              targets=",".join(r["target_modules"]), sha=r["digest"][:12]) for r in rows],
+        ["ref", "aliases", "base", "rank", "alpha", "targets", "param_count", "size", "sha", "created_at"],
+    ) if rows else "no adapters registered")
+    return 0
+
+
+def cmd_show(ctx: Context) -> int:
+    from hub.names import parse_ref
+    from hub.registry import aliases_of, resolve
+
+    ref = parse_ref(ctx.args.ref)
+    cat = ctx.catalog
+    if ref.version is None and ref.alias is None:
+        resolve(cat, ref)  # raises NotFound
+        rows = cat.query("SELECT * FROM adapter_versions WHERE adapter = ? AND status = 'ready' ORDER BY version", [ref.name])
+    else:
+        rows = [cat.one("SELECT * FROM adapter_versions WHERE id = ?", [resolve(cat, ref)["id"]])]
+    aliases = aliases_of(cat, ref.name)
+    versions = []
+    for row in rows:
+        item = dict(row)
+        item["aliases"] = sorted(a for a, v in aliases.items() if v == row["version"])
+        item["training_run"] = cat.one(
+            "SELECT id, status, duration_s, steps, final_loss, eval_loss, cost_usd, device, precision, data_sha256 "
+            "FROM training_runs WHERE id = ?", [row["training_run_id"]]) if row["training_run_id"] else None
+        item["evals"] = cat.query(
+            "SELECT id, data_sha256, n, metrics, paired, win_rate, created_at FROM eval_runs "
+            "WHERE adapter_version_id = ? ORDER BY id", [row["id"]])
+        item["merges"] = cat.query("SELECT id, dtype, merged_into, base_name, path FROM merges WHERE adapter_version_id = ?", [row["id"]])
+        item["exports"] = cat.query("SELECT id, format, path, size_bytes FROM exports WHERE adapter_version_id = ?", [row["id"]])
+        versions.append(item)
+    data = {"adapter": ref.name, "aliases": aliases, "versions": versions}
+    ctx.emit(data, lambda: _show_text(ref.name, aliases, versions))
+    return 0
+
+
+def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
+    out = [f"adapter {name}" + (f"  aliases: {', '.join(f'{a}->{v}' for a, v in aliases.items())}" if aliases else "")]
+    for v in versions:
+        out.append(f"\n  version {v['version']}" + (f"  [{', '.join(v['aliases'])}]" if v["aliases"] else ""))
+        out.append(f"    base         {v['base']}")
+        out.append(f"    rank/alpha   r={v['rank']} alpha={v['alpha']:g}")
+        out.append(f"    targets      {', '.join(v['target_modules'])}")
+        out.append(f"    parameters   {v['param_count']:,}")
+        out.append(f"    size         {human_bytes(v['size_bytes'])}")
+        out.append(f"    digest       {v['digest']}")
+        for f, sha in sorted(v["files"].items()):
+            out.append(f"    sha256       {sha}  {f}")
+        out.append(f"    quantization {v['quantization'] or 'none'}   source {v['source']}")
+        out.append(f"    created      {v['created_at']}")
+        tr = v["training_run"]
+        if tr:
+            cost = f"${tr['cost_usd']:.4f}" if tr["cost_usd"] is not None else "-"
+            loss = f"{tr['final_loss']:.4f}" if tr["final_loss"] is not None else "-"
+            out.append(f"    training     run {tr['id']} {tr['status']}, {tr['steps']} steps, final loss {loss}, "
+                       f"{tr['device']}/{tr['precision']}, est. cost {cost}, data {str(tr['data_sha256'])[:12]}")
+        for ev in v["evals"]:
+            parts = []
+            for metric, m in sorted((ev["metrics"] or {}).items()):
+                lift = (ev["paired"] or {}).get(metric)
+                txt = f"{metric} {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+                if lift:
+                    txt += f" lift {lift['diff']:+.3f} [{lift['ci_low']:+.3f}, {lift['ci_high']:+.3f}]"
+                parts.append(txt)
+            out.append(f"    eval run {ev['id']} n={ev['n']} data {ev['data_sha256'][:12]}: " + "; ".join(parts))
+        for m in v["merges"]:
+            out.append(f"    merge {m['id']} {m['dtype']} into {m['merged_into']} -> base {m['base_name']}")
+        for e in v["exports"]:
+            out.append(f"    export {e['id']} {e['format']} {e['path']} ({human_bytes(e['size_bytes'])})")
+    return "\n".join(out)
+
+
+def cmd_alias_set(ctx: Context) -> int:
+    from hub.registry import resolve, set_alias
+
+    cat = ctx.catalog
+    row = resolve(cat, ctx.args.ref)
+    gate = None
+    forced = False
+    if ctx.args.alias == "production":
+        from evals.gate import check_promotion
+
+        gate = check_promotion(cat, row)
+        if not gate["ok"]:
+            if not ctx.args.force:
+                raise GateRefused(
+                    f"refusing to make {row['adapter']}@{row['version']} production: " + "; ".join(gate["reasons"])
+                    + " (use --force to override; the override is recorded)"
+                )
+            forced = True
+    elif ctx.args.force:
+        forced = True
+    set_alias(cat, ctx.args.ref, ctx.args.alias, forced=forced, gate=gate)
+    msg = f"{row['adapter']}@{ctx.args.alias} -> version {row['version']}" + (" (forced past the gate)" if forced and gate else "")
+    ctx.emit({"adapter": row["adapter"], "alias": ctx.args.alias, "version": row["version"], "forced": forced, "gate": gate}, msg)
+    return 0
+
+
+def cmd_alias_rm(ctx: Context) -> int:
+    from hub.names import check_name
+    from hub.registry import remove_alias
+
+    check_name(ctx.args.name, "adapter name")
+    remove_alias(ctx.catalog, ctx.args.name, ctx.args.alias)
+    ctx.emit({"adapter": ctx.args.name, "alias": ctx.args.alias, "removed": True}, f"removed alias {ctx.args.name}@{ctx.args.alias}")
+    return 0
+
+
+def cmd_delete(ctx: Context) -> int:
+    from hub.registry import delete_version
+
+    row = delete_version(ctx.catalog, ctx.store, ctx.args.ref, force=ctx.args.force)
+    ctx.emit({"adapter": row["adapter"], "version": row["version"], "deleted": True}, f"deleted {row['adapter']}@{row['version']}")
+    return 0
+
+
+def cmd_verify(ctx: Context) -> int:
+    from hub.registry import verify
+
+    results = verify(ctx.catalog, ctx.store, ctx.args.name)
+    bad = [r for r in results if not r["ok"]]
+
+    def human() -> str:
+        lines = [f"{r['adapter']}@{r['version']}: " + ("ok" if r["ok"] else "TAMPERED: " + "; ".join(r["problems"])) for r in results]
+        lines.append(f"{len(results) - len(bad)}/{len(results)} versions intact")
+        return "\n".join(lines)
+
+    ctx.emit(results, human)
+    return 8 if bad else 0
+
+
+# -- parser -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser = argparse.ArgumentParser(
+        prog="loradex", description="A self-hosted hub for LoRA adapters: train, score, register, serve, export.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("init", parents=[common], help="provision the default base model (smollm2-135m-instruct)")
+    p.set_defaults(func=cmd_init)
+
+    base = sub.add_parser("base", parents=[common], help="add and list base models")
+    bsub = base.add_subparsers(dest="base_command", metavar="ACTION", required=True)
+    p = bsub.add_parser("add", parents=[common], help="register a base model from a folder, HF cache id or gguf:PATH")
+    p.add_argument("name", help="name to register the base under")
+    p.add_argument("--from", dest="source", required=True, help="PATH, HF_ID (already cached) or gguf:PATH")
+    p.set_defaults(func=cmd_base_add)
+    p = bsub.add_parser("list", parents=[common], help="list base models")
+    p.set_defaults(func=cmd_base_list)
+
+    p = sub.add_parser("register", parents=[common], help="validate and register a PEFT LoRA adapter folder")
+    p.add_argument("path", help="adapter folder, Hugging Face cache snapshot, or hf:ORG/NAME (cached)")
+    p.add_argument("--name", required=True, help="adapter name")
+    p.add_argument("--base", help="base model name (default: guessed from base_model_name_or_path)")
+    p.add_argument("--allow-noop", action="store_true", help="register even if every lora_B is zero")
+    p.add_argument("--description", help="free-text description")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("list", parents=[common], help="list registered adapter versions")
+    p.add_argument("--base", help="only adapters of this base")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", parents=[common], help="show an adapter: versions, files, run, scores, exports")
+    p.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS")
+    p.set_defaults(func=cmd_show)
+
+    alias = sub.add_parser("alias", parents=[common], help="point aliases (e.g. production) at versions")
+    asub = alias.add_subparsers(dest="alias_command", metavar="ACTION", required=True)
+    p = asub.add_parser("set", parents=[common], help="set NAME@VERSION's alias (production is gated by evals)")
+    p.add_argument("ref", help="NAME@VERSION")
+    p.add_argument("alias", help="alias name, e.g. production")
+    p.add_argument("--force", action="store_true", help="override the promotion gate (recorded)")
+    p.set_defaults(func=cmd_alias_set)
+    p = asub.add_parser("rm", parents=[common], help="remove an alias")
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.set_defaults(func=cmd_alias_rm)
+
+    p = sub.add_parser("delete", parents=[common], help="delete NAME@VERSION (refused while aliased)")
+    p.add_argument("ref", help="NAME@VERSION")
+    p.add_argument("--force", action="store_true", help="delete even if an alias points at it")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("verify", parents=[common], help="re-check sha256 of stored adapters; non-zero exit on tampering")
+    p.add_argument("name", nargs="?", help="only this adapter (NAME or NAME@VERSION)")
+    p.set_defaults(func=cmd_verify)
+
+    for modname in STAGE_CLIS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:
+                raise
+            continue
+        mod.add_commands(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = None
+    try:
+        ctx = Context(args)
+        return int(args.func(ctx) or 0)
+    except LoradexError as exc:
+        print(f"loradex: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("loradex: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the edge: one line, unless debugging
+        if os.environ.get("LORADEX_DEBUG"):
+            raise
+        print(f"loradex: unexpected error: {type(exc).__name__}: {exc} (set LORADEX_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+    finally:
+        if ctx is not None:
+            ctx.close_catalog()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

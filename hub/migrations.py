@@ -1,0 +1,280 @@
+"""Catalog schema, as named migrations applied in order and recorded.
+
+Each migration is a function taking a DuckDB cursor. ``apply(cur)`` runs the
+ones not yet recorded in ``_migrations``, each inside the caller's transaction.
+Append new migrations at the end; never edit one that has shipped.
+
+Lineage is one join away at every step::
+
+    training_runs --(adapter_versions.training_run_id)--> adapter_versions
+    adapter_versions <--(eval_runs.adapter_version_id)-- eval_runs -> eval_samples
+    adapter_versions <--(merges.adapter_version_id)-- merges
+    merges / adapter_versions <--(exports.merge_id / adapter_version_id)-- exports
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Callable
+
+
+def m001_core(cur) -> None:
+    cur.execute(
+        """
+        CREATE TABLE bases (
+            name VARCHAR PRIMARY KEY,
+            source VARCHAR NOT NULL,          -- what the user typed (path, hf id, gguf:path, builtin)
+            kind VARCHAR NOT NULL,            -- builtin | path | hf | gguf | merged
+            path VARCHAR NOT NULL,            -- folder transformers loads
+            architecture VARCHAR NOT NULL,
+            model_type VARCHAR,
+            config JSON NOT NULL,             -- the model's config.json
+            layers JSON NOT NULL,             -- {module name: [out_features, in_features]} of Linear/Embedding
+            dtype VARCHAR,
+            num_parameters BIGINT,
+            files JSON NOT NULL,              -- {relative file: sha256}
+            size_bytes BIGINT,
+            merged_from_version_id BIGINT,    -- set when the base is a merged adapter
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+    cur.execute("CREATE SEQUENCE adapter_version_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE adapters (
+            name VARCHAR PRIMARY KEY,
+            description VARCHAR,
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE adapter_versions (
+            id BIGINT PRIMARY KEY DEFAULT nextval('adapter_version_ids'),
+            adapter VARCHAR NOT NULL,
+            version INTEGER NOT NULL,
+            base VARCHAR NOT NULL,
+            digest VARCHAR NOT NULL,          -- sha256 of the manifest (sorted file -> sha256)
+            path VARCHAR NOT NULL,            -- store-relative snapshot folder
+            files JSON NOT NULL,              -- {file: sha256}
+            size_bytes BIGINT NOT NULL,
+            peft_type VARCHAR NOT NULL,
+            rank INTEGER NOT NULL,
+            alpha DOUBLE NOT NULL,
+            target_modules JSON NOT NULL,     -- resolved module suffixes, sorted
+            param_count BIGINT NOT NULL,
+            features JSON NOT NULL,           -- dora, rslora, bias, modules_to_save, init
+            quantization VARCHAR,             -- what the adapter was trained against: none | nf4 | int8
+            source VARCHAR NOT NULL,
+            status VARCHAR NOT NULL,          -- pending | ready
+            owner_pid INTEGER,                -- pid that wrote a pending row
+            training_run_id BIGINT,
+            created_at TIMESTAMP NOT NULL,
+            UNIQUE (adapter, version)
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE aliases (
+            adapter VARCHAR NOT NULL,
+            alias VARCHAR NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (adapter, alias)
+        )
+        """
+    )
+    cur.execute("CREATE SEQUENCE alias_event_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE alias_events (
+            id BIGINT PRIMARY KEY DEFAULT nextval('alias_event_ids'),
+            adapter VARCHAR NOT NULL,
+            alias VARCHAR NOT NULL,
+            version INTEGER,                  -- NULL when the alias was removed
+            forced BOOLEAN NOT NULL DEFAULT false,
+            gate JSON,                        -- the gate's numbers and reasons, if it ran
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+
+
+def m002_training(cur) -> None:
+    cur.execute("CREATE SEQUENCE training_run_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE training_runs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('training_run_ids'),
+            adapter VARCHAR NOT NULL,         -- the name the run registers under
+            base VARCHAR NOT NULL,
+            config JSON NOT NULL,             -- fully resolved
+            config_path VARCHAR,
+            output_dir VARCHAR,
+            data_path VARCHAR,
+            data_sha256 VARCHAR,
+            data_counts JSON,                 -- {train: n, eval: n, truncated: n, format: ...}
+            device VARCHAR,
+            precision VARCHAR,
+            status VARCHAR NOT NULL,          -- running | completed | failed | interrupted
+            error VARCHAR,
+            started_at TIMESTAMP NOT NULL,
+            ended_at TIMESTAMP,
+            duration_s DOUBLE,
+            steps INTEGER,
+            tokens_seen BIGINT,
+            tokens_per_s DOUBLE,
+            loss_curve JSON,                  -- [[step, loss], ...]
+            final_loss DOUBLE,
+            eval_loss DOUBLE,
+            cost_usd DOUBLE,
+            cost_basis JSON,                  -- {device_type, usd_per_hour}
+            loss_png VARCHAR,
+            adapter_version_id BIGINT
+        )
+        """
+    )
+
+
+def m003_evals(cur) -> None:
+    cur.execute("CREATE SEQUENCE eval_run_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE eval_runs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('eval_run_ids'),
+            adapter_version_id BIGINT,        -- NULL for a base-only run
+            base VARCHAR NOT NULL,
+            data_path VARCHAR,
+            data_sha256 VARCHAR NOT NULL,
+            n INTEGER NOT NULL,
+            metrics JSON NOT NULL,            -- {metric: {mean, n, ci_low, ci_high, method}}
+            base_metrics JSON,                -- same shape, the base on the same items
+            paired JSON,                      -- {metric: {diff, ci_low, ci_high, method}}
+            win_rate JSON,                    -- {rate, ci_low, ci_high, wins, ties, losses}
+            decoding JSON NOT NULL,
+            metric_model VARCHAR,
+            seed INTEGER,
+            duration_s DOUBLE,
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE eval_samples (
+            run_id BIGINT NOT NULL,
+            idx INTEGER NOT NULL,
+            prompt VARCHAR,
+            reference VARCHAR,
+            output VARCHAR,
+            base_output VARCHAR,
+            scores JSON,                      -- {metric: value}
+            base_scores JSON,
+            PRIMARY KEY (run_id, idx)
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE base_eval_cache (
+            key VARCHAR PRIMARY KEY,          -- sha256(base + data sha + decoding + metrics)
+            base VARCHAR NOT NULL,
+            payload JSON NOT NULL,            -- per-item outputs and scores
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+    cur.execute("CREATE SEQUENCE review_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE reviews (
+            id BIGINT PRIMARY KEY DEFAULT nextval('review_ids'),
+            adapter_version_id BIGINT NOT NULL,
+            eval_run_id BIGINT,
+            sheet_path VARCHAR,
+            n INTEGER NOT NULL,
+            status VARCHAR NOT NULL,          -- exported | imported
+            result JSON,
+            created_at TIMESTAMP NOT NULL,
+            imported_at TIMESTAMP
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE review_items (
+            review_id BIGINT NOT NULL,
+            row_id VARCHAR NOT NULL,
+            prompt VARCHAR,
+            reference VARCHAR,
+            adapter_output VARCHAR,
+            base_output VARCHAR,
+            adapter_is_a BOOLEAN NOT NULL,    -- the blinding key, never written to the sheet
+            rating VARCHAR,
+            PRIMARY KEY (review_id, row_id)
+        )
+        """
+    )
+
+
+def m004_merges_exports(cur) -> None:
+    cur.execute("CREATE SEQUENCE merge_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE merges (
+            id BIGINT PRIMARY KEY DEFAULT nextval('merge_ids'),
+            adapter_version_id BIGINT NOT NULL,
+            base VARCHAR NOT NULL,
+            merged_into VARCHAR NOT NULL,     -- full-precision | dequantized-nf4
+            dtype VARCHAR NOT NULL,
+            path VARCHAR NOT NULL,
+            files JSON NOT NULL,
+            size_bytes BIGINT,
+            check_result JSON,
+            base_name VARCHAR,                -- the merged model's name among bases
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+    cur.execute("CREATE SEQUENCE export_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE exports (
+            id BIGINT PRIMARY KEY DEFAULT nextval('export_ids'),
+            adapter_version_id BIGINT,
+            merge_id BIGINT,
+            format VARCHAR NOT NULL,
+            path VARCHAR NOT NULL,
+            files JSON NOT NULL,
+            size_bytes BIGINT,
+            method VARCHAR,
+            check_result JSON,
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+
+
+MIGRATIONS: list[tuple[str, Callable]] = [
+    ("001_core", m001_core),
+    ("002_training", m002_training),
+    ("003_evals", m003_evals),
+    ("004_merges_exports", m004_merges_exports),
+]
+
+
+def apply(cur, migrations: list[tuple[str, Callable]] | None = None) -> list[str]:
+    """Apply pending migrations in order; return the names applied."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    cur.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
+    done = {row[0] for row in cur.execute("SELECT name FROM _migrations").fetchall()}
+    applied = []
+    for name, fn in migrations:
+        if name in done:
+            continue
+        fn(cur)
+        cur.execute("INSERT INTO _migrations VALUES (?, ?)", [name, datetime.now(timezone.utc).replace(tzinfo=None)])
+        applied.append(name)
+    return applied
