@@ -257,11 +257,21 @@ def m004_merges_exports(cur) -> None:
     )
 
 
+def m005_training_runs_extra(cur) -> None:
+    """Training stage: what a run was trained against and how to find/resume it."""
+    cur.execute("ALTER TABLE training_runs ADD COLUMN quantization VARCHAR")  # none | nf4
+    cur.execute("ALTER TABLE training_runs ADD COLUMN pid INTEGER")  # process running it
+    cur.execute("ALTER TABLE training_runs ADD COLUMN checkpoint VARCHAR")  # last checkpoint folder
+    cur.execute("ALTER TABLE training_runs ADD COLUMN attempts INTEGER")  # 1 + number of resumes
+    cur.execute("ALTER TABLE training_runs ADD COLUMN eval_loss_before DOUBLE")  # held-out loss of the base
+
+
 MIGRATIONS: list[tuple[str, Callable]] = [
     ("001_core", m001_core),
     ("002_training", m002_training),
     ("003_evals", m003_evals),
     ("004_merges_exports", m004_merges_exports),
+    ("005_training_runs_extra", m005_training_runs_extra),
 ]
 
 
