@@ -1,0 +1,10 @@
+"""Evaluation stage: score adapters against their base with confidence intervals.
+
+``evaluate(catalog, store, ref, data, ...)`` runs an eval and stores it
+(:mod:`evals.run`); :mod:`evals.gate` decides promotions to ``production``;
+:mod:`evals.leaderboard` ranks versions; :mod:`evals.review` runs blinded human
+review sheets. See docs/evals.md.
+"""
+from evals.run import EvalConfig, evaluate
+
+__all__ = ["EvalConfig", "evaluate"]

@@ -1,0 +1,198 @@
+"""``loradex eval``, ``eval show``, ``leaderboard``, ``review export|import``.
+
+    loradex eval NAME[@V|@ALIAS] --data held_out.jsonl [--metrics similarity,exact,perplexity]
+                 [--max-new-tokens 64] [--limit N] [--batch-size 8] [--quantize nf4]
+    loradex eval show RUN [--worst 10]
+    loradex leaderboard [--data FILE_OR_HASH] [--png board.png] [--json]
+    loradex review export NAME[@V] --n 50 --out sheet.csv
+    loradex review import sheet.csv
+
+``eval`` holds the catalog only to resolve the adapter and to store the run;
+while the model generates, other commands (and ``loradex serve``) can use it.
+"""
+from __future__ import annotations
+
+import argparse
+
+from hub.errors import InvalidConfig
+from hub.loading import QUANTIZE_CHOICES
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
+        return value
+    return parse
+
+
+def _ci(m: dict | None, signed: bool = False) -> str:
+    if not m:
+        return "-"
+    mean = m.get("mean", m.get("diff", m.get("rate")))
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(mean)} [{f.format(m['ci_low'])}, {f.format(m['ci_high'])}]"
+
+
+def _run_text(run: dict, gate: dict | None = None) -> str:
+    dec = run["decoding"] or {}
+    t = dec.get("timings", {})
+    lines = [f"eval run {run['id']}: {run.get('adapter')}@{run.get('version')} vs base {run['base']}, "
+             f"n={run['n']}, data {run['data_sha256'][:12]} ({run['data_path']})"]
+    for m, s in run["metrics"].items():
+        b = (run["base_metrics"] or {}).get(m)
+        p = (run["paired"] or {}).get(m)
+        better = "" if p is None or p.get("higher_is_better", True) else " (lower is better)"
+        lines.append(f"  {m:<11} {_ci(s)}  base {_ci(b)}  lift {_ci(p, signed=True)}{better}  [{s['method']}]")
+    w = run.get("win_rate")
+    if w:
+        lines.append(f"  win rate ({w.get('metric')}): {w['rate']:.0%} [{w['ci_low']:.0%}, {w['ci_high']:.0%}] "
+                     f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
+    lines.append(f"  decoding: {dec.get('strategy')}, max_new_tokens={dec.get('max_new_tokens')}, "
+                 f"batch={dec.get('batch_size')}, {dec.get('device')}/{dec.get('dtype')}, quantize={dec.get('quantize')}"
+                 + (", base outputs from cache" if dec.get("base_cached") else ""))
+    if t:
+        lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
+                     f"(load {t.get('load_s', 0):.1f}s, adapter {t.get('adapter_s', 0):.1f}s, base {t.get('base_s', 0):.1f}s)")
+    if gate is not None:
+        verdict = "would pass" if gate["ok"] else "would refuse: " + "; ".join(gate["reasons"])
+        lines.append(f"  promotion gate: {verdict}")
+    return "\n".join(lines)
+
+
+def cmd_eval(ctx) -> int:
+    args = ctx.args
+    if args.ref == "show" and args.run is not None:
+        return cmd_eval_show(ctx)
+    if args.run is not None:
+        raise InvalidConfig(f"unexpected argument {args.run!r}: use `loradex eval NAME --data FILE` or `loradex eval show RUN`")
+    if not args.data:
+        raise InvalidConfig("--data FILE is required: a JSONL held-out set (chat messages or prompt/completion)")
+    from evals.run import evaluate
+    from evals.gate import check_promotion
+
+    ctx.close_catalog()  # evaluate opens short-lived catalogs around the model work
+    run = evaluate(None, ctx.store, args.ref, args.data, metrics=args.metrics, max_new_tokens=args.max_new_tokens,
+                   limit=args.limit, batch_size=args.batch_size, seed=args.seed, settings=ctx.settings,
+                   quantize=args.quantize, device=args.device, use_cache=not args.no_cache,
+                   progress=not args.no_progress and not ctx.as_json)
+    from hub.registry import get_version_by_id
+
+    gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]))
+    ctx.emit(dict(run, gate=gate), lambda: _run_text(run, gate))
+    return 0
+
+
+def cmd_eval_show(ctx) -> int:
+    from evals.metrics import METRICS
+    from evals.record import get_run, get_samples, worst_samples
+
+    try:
+        run_id = int(ctx.args.run)
+    except ValueError:
+        raise InvalidConfig(f"eval show RUN: RUN must be an eval run id (an integer), got {ctx.args.run!r}") from None
+    run = get_run(ctx.catalog, run_id)
+    samples = get_samples(ctx.catalog, run_id)
+    metric = (run["decoding"] or {}).get("primary_metric") or next(iter(run["metrics"]))
+    if ctx.args.worst:
+        shown = worst_samples(samples, metric, METRICS[metric].higher_is_better, ctx.args.worst)
+    else:
+        shown = samples
+
+    def human() -> str:
+        out = [_run_text(run)]
+        title = f"{len(shown)} worst items by {metric}" if ctx.args.worst else f"{len(shown)} items"
+        out.append(f"\n{title}:")
+        for s in shown:
+            sc = s["scores"].get(metric)
+            bs = (s["base_scores"] or {}).get(metric)
+            out.append(f"\n  [{s['idx']}] {metric} {sc:.3f} (base {bs:.3f})" if bs is not None else f"\n  [{s['idx']}] {metric} {sc:.3f}")
+            out.append(f"    prompt:    {_clip(s['prompt'], not ctx.args.worst)}")
+            out.append(f"    reference: {_clip(s['reference'], not ctx.args.worst)}")
+            if s["output"] is not None:
+                out.append(f"    adapter:   {_clip(s['output'], not ctx.args.worst)}")
+            if s["base_output"] is not None:
+                out.append(f"    base:      {_clip(s['base_output'], not ctx.args.worst)}")
+        return "\n".join(out)
+
+    ctx.emit({"run": run, "metric": metric, "samples": shown}, human)
+    return 0
+
+
+def _clip(text: str | None, short: bool) -> str:
+    text = (text or "").replace("\n", " / ")
+    return text if not short or len(text) <= 100 else text[:97] + "..."
+
+
+def cmd_leaderboard(ctx) -> int:
+    from evals.leaderboard import build, render_text, write_png
+
+    sections = build(ctx.catalog, ctx.args.data)
+    png = str(write_png(sections, ctx.args.png)) if ctx.args.png else None
+    text = render_text(sections) + (f"\nchart written to {png}" if png else "")
+    ctx.emit({"sections": sections, "png": png}, text)
+    return 0
+
+
+def cmd_review_export(ctx) -> int:
+    from evals.review import export_sheet
+
+    res = export_sheet(ctx.catalog, ctx.args.ref, ctx.args.out, n=ctx.args.n, seed=ctx.args.seed)
+    short = f" (only {res['n']} items in eval run {res['eval_run_id']})" if res["n"] < ctx.args.n else ""
+    ctx.emit(res, f"review {res['review_id']}: wrote {res['n']} blinded rows for {res['adapter']}@{res['version']} "
+                  f"to {res['sheet']}{short}\nfill the rating column ({res['scale']}), "
+                  f"then run `loradex review import {ctx.args.out}`")
+    return 0
+
+
+def cmd_review_import(ctx) -> int:
+    from evals.review import import_sheet
+
+    res = import_sheet(ctx.catalog, ctx.args.sheet)
+    ctx.emit(res, f"review {res['review_id']} of {res['adapter']}@{res['version']}: {res['n']} ratings stored; "
+                  f"adapter preferred on {res['adapter_preferred']}, base on {res['base_preferred']}, {res['ties']} ties; "
+                  f"human preference rate for the adapter {res['preference_rate']:.0%} "
+                  f"[95% CI {res['ci_low']:.0%}, {res['ci_high']:.0%}] ({res['method']})")
+    return 0
+
+
+def add_commands(sub, common) -> None:
+    from evals.metrics import METRICS
+
+    p = sub.add_parser("eval", parents=[common], help="score an adapter against its base on held-out data (or: eval show RUN)",
+                       description="loradex eval NAME[@V|@ALIAS] --data FILE ... | loradex eval show RUN [--worst N]")
+    p.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS (or the word `show` followed by a run id)")
+    p.add_argument("run", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--data", help="held-out JSONL: chat `messages` (last assistant turn = reference) or prompt/completion")
+    p.add_argument("--metrics", default="similarity", help=f"comma-separated: {', '.join(METRICS)} (default similarity)")
+    p.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64, help="greedy tokens per item (default 64)")
+    p.add_argument("--limit", type=_positive_int("--limit"), help="score only the first N items")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="items per batch (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none", help="load the base quantized (default none)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--no-cache", action="store_true", help="recompute the base's outputs even if cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--worst", type=_positive_int("--worst"), help="with `eval show RUN`: only the N worst items")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("leaderboard", parents=[common], help="adapter versions ranked by eval score, with CIs and lift")
+    p.add_argument("--data", help="only this data set: a JSONL file or its sha256 (prefix)")
+    p.add_argument("--png", help="also write a bar chart with 95%% error bars to this PNG file")
+    p.set_defaults(func=cmd_leaderboard)
+
+    review = sub.add_parser("review", parents=[common], help="blinded human A/B review sheets")
+    rsub = review.add_subparsers(dest="review_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("export", parents=[common], help="write a blinded A/B sheet from the latest eval's outputs")
+    p.add_argument("ref", help="NAME or NAME@VERSION")
+    p.add_argument("--n", type=_positive_int("--n"), default=50, help="rows to sample (default 50)")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--seed", type=int, help="fix the sampling and A/B order (default: random)")
+    p.set_defaults(func=cmd_review_export)
+    p = rsub.add_parser("import", parents=[common], help="validate a filled sheet, store ratings, report preference")
+    p.add_argument("sheet", help="the filled CSV sheet")
+    p.set_defaults(func=cmd_review_import)

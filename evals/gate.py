@@ -1,0 +1,139 @@
+"""The promotion gate: may this adapter version become ``production``?
+
+``check_promotion(catalog, version_row)`` refuses (``ok: False``, one sentence
+per reason, with the numbers) when
+
+1. the version has **no eval run**;
+2. its **paired lift over the base** on the primary metric of its latest eval
+   (similarity, else exact, else perplexity with the sign flipped so that
+   positive is better) is **not positive at 95%**: the CI's lower bound is <= 0;
+3. it is **worse than the current production version** of the same adapter on
+   the same data: its mean on the primary metric is below production's (point
+   estimates; the paired candidate - production difference and its CI are
+   reported beside them when both runs scored the same items). Production
+   without an eval on any data set the candidate was scored on cannot be
+   compared, and that refuses too, saying which eval to run.
+
+``loradex alias set NAME@V production`` calls this and raises GateRefused
+unless ``--force`` (the override and these numbers land in ``alias_events``).
+"""
+from __future__ import annotations
+
+from hub.catalog import Catalog
+
+from evals import stats
+from evals.metrics import METRICS, PRIMARY_ORDER
+from evals.record import get_samples, runs_for_version
+
+
+def _signed(metric: str) -> int:
+    """+1 when higher is better, -1 for perplexity (so that positive lift is good)."""
+    return 1 if METRICS[metric].higher_is_better else -1
+
+
+def _primary(run: dict) -> str | None:
+    for m in PRIMARY_ORDER:
+        if m in (run.get("paired") or {}) and m in (run.get("metrics") or {}):
+            return m
+    return None
+
+
+def _lift(run: dict, metric: str) -> dict:
+    p = run["paired"][metric]
+    s = _signed(metric)
+    lo, hi = sorted((s * p["ci_low"], s * p["ci_high"]))
+    return {"metric": metric, "diff": s * p["diff"], "ci_low": lo, "ci_high": hi,
+            "sign_flipped": s < 0, "n": run["n"], "eval_run_id": run["id"], "data_sha256": run["data_sha256"]}
+
+
+def _paired_vs(catalog: Catalog, cand_run: dict, prod_run: dict, metric: str) -> dict | None:
+    """candidate - production per-item difference, when both runs scored the same items."""
+    if cand_run["n"] != prod_run["n"]:
+        return None
+    a = get_samples(catalog, cand_run["id"])
+    b = get_samples(catalog, prod_run["id"])
+    if [s["reference"] for s in a] != [s["reference"] for s in b]:
+        return None
+    try:
+        xa = [s["scores"][metric] for s in a]
+        xb = [s["scores"][metric] for s in b]
+    except (KeyError, TypeError):
+        return None
+    return stats.paired_difference(xa, xb, seed=cand_run.get("seed") or 0)
+
+
+def _compare_production(catalog: Catalog, version_row: dict, runs: list[dict], prod_version: int) -> tuple[dict, str | None]:
+    name = version_row["adapter"]
+    prod = catalog.one("SELECT id FROM adapter_versions WHERE adapter = ? AND version = ? AND status = 'ready'",
+                       [name, prod_version])
+    info: dict = {"version": prod_version}
+    if prod is None:
+        return info, None  # a dangling alias: nothing to compare against
+    prod_runs = runs_for_version(catalog, prod["id"])
+    by_data = {}
+    for r in prod_runs:  # newest first: keep each data set's latest production run
+        by_data.setdefault(r["data_sha256"], r)
+    pair = next(((c, by_data[c["data_sha256"]]) for c in runs if c["data_sha256"] in by_data), None)
+    if pair is None:
+        cand_data = runs[0]["data_sha256"][:12]
+        info["comparable"] = False
+        return info, (f"it cannot be compared with production {name}@{prod_version}: that version has no eval on "
+                      f"the same data (this version's latest eval is on data {cand_data}); run "
+                      f"`loradex eval {name}@{prod_version} --data FILE` with the same file")
+    cand_run, prod_run = pair
+    metric = next((m for m in PRIMARY_ORDER if m in (cand_run["metrics"] or {}) and m in (prod_run["metrics"] or {})), None)
+    if metric is None:
+        info["comparable"] = False
+        return info, (f"it cannot be compared with production {name}@{prod_version}: their evals on data "
+                      f"{cand_run['data_sha256'][:12]} share no metric")
+    cand_mean = cand_run["metrics"][metric]["mean"]
+    prod_mean = prod_run["metrics"][metric]["mean"]
+    s = _signed(metric)
+    info.update({"comparable": True, "metric": metric, "data_sha256": cand_run["data_sha256"],
+                 "eval_run_id": prod_run["id"], "candidate_eval_run_id": cand_run["id"],
+                 "mean": prod_mean, "candidate_mean": cand_mean, "difference": cand_mean - prod_mean})
+    vs = _paired_vs(catalog, cand_run, prod_run, metric)
+    if vs is not None:
+        info["paired"] = vs
+    if s * (cand_mean - prod_mean) < 0:
+        ci = f", paired 95% CI [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}]" if vs else ""
+        better = "higher" if s > 0 else "lower"
+        return info, (f"it is worse than production {name}@{prod_version} on the same data "
+                      f"({cand_run['data_sha256'][:12]}): {metric} {cand_mean:.4f} vs {prod_mean:.4f} "
+                      f"(difference {cand_mean - prod_mean:+.4f}{ci}; {better} is better)")
+    return info, None
+
+
+def check_promotion(catalog: Catalog, version_row: dict) -> dict:
+    """{ok, reasons, adapter, version, eval_run_id, metric, lift, production}: may ``version_row`` become production?"""
+    name, version = version_row["adapter"], version_row["version"]
+    result: dict = {"ok": False, "reasons": [], "adapter": name, "version": version, "eval_run_id": None,
+                    "metric": None, "lift": None, "production": None}
+    runs = runs_for_version(catalog, version_row["id"])
+    if not runs:
+        result["reasons"].append(f"{name}@{version} has no eval: run `loradex eval {name}@{version} --data FILE` first")
+        return result
+    latest = runs[0]
+    result["eval_run_id"] = latest["id"]
+    metric = _primary(latest)
+    if metric is None:
+        result["reasons"].append(f"eval run {latest['id']} of {name}@{version} has no paired comparison with the base")
+        return result
+    lift = _lift(latest, metric)
+    result["metric"] = metric
+    result["lift"] = lift
+    if lift["ci_low"] <= 0:
+        flipped = " (perplexity, sign flipped: positive = lower perplexity)" if lift["sign_flipped"] else ""
+        result["reasons"].append(
+            f"its lift over base {latest['base']} is not positive at 95%: {metric} {lift['diff']:+.4f} "
+            f"[95% CI {lift['ci_low']:+.4f}, {lift['ci_high']:+.4f}]{flipped} "
+            f"(eval run {latest['id']}, n={latest['n']}, data {latest['data_sha256'][:12]})"
+        )
+    alias = catalog.one("SELECT version FROM aliases WHERE adapter = ? AND alias = 'production'", [name])
+    if alias is not None and alias["version"] != version:
+        info, reason = _compare_production(catalog, version_row, runs, alias["version"])
+        result["production"] = info
+        if reason:
+            result["reasons"].append(reason)
+    result["ok"] = not result["reasons"]
+    return result

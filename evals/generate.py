@@ -1,0 +1,99 @@
+"""Model-side work of an eval: batched greedy generation and teacher-forced perplexity.
+
+Prompts go through the base's chat template (``add_generation_prompt=True``),
+exactly as serving and training see them. Batches are formed from
+length-sorted items (less padding) and results are put back in item order.
+
+Generation pads on the **left** so every row's last prompt token sits at the
+end of the batch, where the first new token is predicted::
+
+    [pad pad p1 p2 p3] -> g1 g2 ...
+    [p1 p2 p3 p4 p5 ] -> g1 g2 ...
+
+Perplexity pads on the right and scores only the reference tokens plus the
+end-of-turn token (the prompt is context, not scored).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the assistant header."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_outputs(model, tokenizer, items, *, max_new_tokens: int, batch_size: int,
+                     on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy completions for ``items`` (EvalItem-like, with ``.messages``), in item order."""
+    import torch
+    from transformers import GenerationConfig
+
+    encoded = [prompt_ids(tokenizer, it.messages) for it in items]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen_config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                  pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+    device = next(model.parameters()).device
+    outputs: list[str] = [""] * len(items)
+    for batch in _batches([len(e) for e in encoded], batch_size):
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = encoded[i]
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config)
+        for row, i in enumerate(batch):
+            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        if on_batch:
+            on_batch(len(batch))
+    return outputs
+
+
+def reference_perplexities(model, tokenizer, items, *, batch_size: int,
+                           on_batch: Callable[[int], None] | None = None) -> list[float]:
+    """exp(mean NLL) of each item's reference (+ end of turn) after its templated prompt."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seqs: list[tuple[list[int], int]] = []  # (ids, number of prompt tokens)
+    for it in items:
+        p = prompt_ids(tokenizer, it.messages)
+        ref = tokenizer(it.reference, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ref = ref + [tokenizer.eos_token_id]
+        seqs.append((p + ref, len(p)))
+    device = next(model.parameters()).device
+    result: list[float] = [math.nan] * len(items)
+    for batch in _batches([len(s[0]) for s in seqs], batch_size):
+        width = max(len(seqs[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq, n_prompt = seqs[i]
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+            labels[row, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        # position t predicts token t+1
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = labels[:, 1:].to(device)
+        valid = target != -100
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll = -(picked * valid).sum(dim=1) / valid.sum(dim=1)
+        for row, i in enumerate(batch):
+            result[i] = float(math.exp(nll[row].item()))
+        if on_batch:
+            on_batch(len(batch))
+    return result

@@ -1,0 +1,162 @@
+"""The leaderboard: adapter versions ranked by their latest eval on each data set.
+
+Scores on different data sets are not comparable, so the board has one
+section per data set (``data_sha256``); ``--data FILE_OR_HASH`` keeps one.
+Within a section each version appears once (its latest run on that data),
+ranked best first on the section's primary metric (similarity, else exact,
+else perplexity, where lower is better), with its 95% CI, the base's score
+on the same items and the paired lift adapter - base with its CI.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hub.catalog import Catalog
+from hub.errors import InvalidConfig, NotFound
+
+from evals.data import file_sha256
+from evals.metrics import METRICS, PRIMARY_ORDER
+
+_HEX = re.compile(r"^[0-9a-f]{6,64}$")
+
+
+def resolve_data(catalog: Catalog, data: str) -> str:
+    """A data file's sha256, or the full hash a (prefix of a) sha256 names."""
+    p = Path(data)
+    if p.is_file():
+        return file_sha256(p)
+    if not _HEX.match(data.lower()):
+        raise InvalidConfig(f"--data {data!r}: no such file, and not a data sha256 (or a prefix of 6+ hex digits)")
+    rows = catalog.query("SELECT DISTINCT data_sha256 FROM eval_runs WHERE data_sha256 LIKE ?", [data.lower() + "%"])
+    if not rows:
+        raise NotFound(f"--data {data}: no eval run on a data set with that hash")
+    if len(rows) > 1:
+        raise InvalidConfig(f"--data {data}: prefix matches {len(rows)} data sets; give more digits")
+    return rows[0]["data_sha256"]
+
+
+def _section_metric(runs: list[dict]) -> str | None:
+    counts = {m: sum(1 for r in runs if m in (r["metrics"] or {})) for m in PRIMARY_ORDER}
+    best = max(counts.values(), default=0)
+    return next((m for m in PRIMARY_ORDER if counts[m] == best and best > 0), None)
+
+
+def build(catalog: Catalog, data: str | None = None) -> list[dict]:
+    """Sections ``{data_sha256, data_path, metric, rows}``, newest data set first; rows best first."""
+    sha = resolve_data(catalog, data) if data else None
+    sql = ("SELECT r.*, v.adapter, v.version, "
+           "(SELECT list(alias ORDER BY alias) FROM aliases a WHERE a.adapter = v.adapter AND a.version = v.version) AS aliases "
+           "FROM eval_runs r JOIN adapter_versions v ON v.id = r.adapter_version_id WHERE v.status = 'ready'")
+    params: list = []
+    if sha:
+        sql += " AND r.data_sha256 = ?"
+        params.append(sha)
+    runs = catalog.query(sql + " ORDER BY r.id DESC", params)
+    latest: dict[tuple, dict] = {}
+    for r in runs:
+        latest.setdefault((r["data_sha256"], r["adapter_version_id"]), r)
+    by_data: dict[str, list[dict]] = {}
+    for (data_sha, _), r in latest.items():
+        by_data.setdefault(data_sha, []).append(r)
+    sections = []
+    for data_sha, rs in by_data.items():
+        metric = _section_metric(rs)
+        higher = METRICS[metric].higher_is_better if metric else True
+        rows = [_row(r, metric) for r in rs]
+        have = [r for r in rows if r["mean"] is not None]
+        have.sort(key=lambda r: r["mean"], reverse=higher)
+        rows = have + [r for r in rows if r["mean"] is None]
+        for i, r in enumerate(rows, 1):
+            r["rank"] = i
+        sections.append({"data_sha256": data_sha, "data_path": rs[0]["data_path"], "metric": metric,
+                         "higher_is_better": higher, "rows": rows,
+                         "latest": max(r["created_at"] for r in rs)})
+    sections.sort(key=lambda s: s["latest"], reverse=True)
+    return sections
+
+
+def _row(run: dict, metric: str | None) -> dict:
+    m = (run["metrics"] or {}).get(metric) if metric else None
+    b = (run["base_metrics"] or {}).get(metric) if metric else None
+    p = (run["paired"] or {}).get(metric) if metric else None
+    return {
+        "ref": f"{run['adapter']}@{run['version']}", "adapter": run["adapter"], "version": run["version"],
+        "aliases": run["aliases"] or [], "base": run["base"], "eval_run_id": run["id"], "n": run["n"],
+        "metric": metric,
+        "mean": m["mean"] if m else None, "ci_low": m["ci_low"] if m else None, "ci_high": m["ci_high"] if m else None,
+        "base_mean": b["mean"] if b else None, "base_ci_low": b["ci_low"] if b else None,
+        "base_ci_high": b["ci_high"] if b else None,
+        "lift": p["diff"] if p else None, "lift_ci_low": p["ci_low"] if p else None,
+        "lift_ci_high": p["ci_high"] if p else None,
+        "win_rate": (run["win_rate"] or {}).get("rate"),
+        "metrics": {k: {kk: v[kk] for kk in ("mean", "ci_low", "ci_high")} for k, v in (run["metrics"] or {}).items()},
+        "created_at": run["created_at"],
+    }
+
+
+def render_text(sections: list[dict]) -> str:
+    from hub.render import table
+
+    if not sections:
+        return "no eval runs yet: run `loradex eval NAME --data FILE`"
+    out = []
+    for s in sections:
+        better = "higher" if s["higher_is_better"] else "lower"
+        out.append(f"data {s['data_sha256'][:12]} ({s['data_path']}), ranked by {s['metric']} ({better} is better), 95% CIs")
+        rows = []
+        for r in s["rows"]:
+            rows.append({
+                "rank": r["rank"], "ref": r["ref"], "aliases": ",".join(r["aliases"]) or "-", "n": r["n"],
+                "score": _fmt_ci(r["mean"], r["ci_low"], r["ci_high"]),
+                "base": _fmt_ci(r["base_mean"], r["base_ci_low"], r["base_ci_high"]),
+                "lift": _fmt_ci(r["lift"], r["lift_ci_low"], r["lift_ci_high"], signed=True),
+                "win": f"{r['win_rate']:.0%}" if r["win_rate"] is not None else "-", "run": r["eval_run_id"],
+            })
+        out.append(table(rows, ["rank", "ref", "aliases", "n", "score", "base", "lift", "win", "run"],
+                         ["#", "ADAPTER", "ALIASES", "N", s["metric"].upper() if s["metric"] else "SCORE",
+                          "BASE", "LIFT OVER BASE", "WIN", "RUN"]))
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _fmt_ci(mean, lo, hi, signed: bool = False) -> str:
+    if mean is None:
+        return "-"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def write_png(sections: list[dict], out: str | Path) -> Path:
+    """Bar chart per data set: each version's score with its 95% CI, the base's score beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    if not sections:
+        raise NotFound("no eval runs to plot: run `loradex eval NAME --data FILE` first")
+    fig, axes = plt.subplots(len(sections), 1, figsize=(max(6, 1.2 * max(len(s["rows"]) for s in sections) + 3),
+                                                       4 * len(sections)), squeeze=False)
+    for ax, s in zip(axes[:, 0], sections):
+        rows = [r for r in s["rows"] if r["mean"] is not None]
+        xs = range(len(rows))
+        means = [r["mean"] for r in rows]
+        err = [[r["mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["mean"] for r in rows]]
+        ax.bar([x - 0.2 for x in xs], means, width=0.4, yerr=err, capsize=4, label="adapter", color="#3a7bd5")
+        bmeans = [r["base_mean"] if r["base_mean"] is not None else 0 for r in rows]
+        berr = [[(r["base_mean"] - r["base_ci_low"]) if r["base_mean"] is not None else 0 for r in rows],
+                [(r["base_ci_high"] - r["base_mean"]) if r["base_mean"] is not None else 0 for r in rows]]
+        ax.bar([x + 0.2 for x in xs], bmeans, width=0.4, yerr=berr, capsize=4, label="base", color="#b0b0b0")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([r["ref"] for r in rows], rotation=20, ha="right")
+        better = "higher" if s["higher_is_better"] else "lower"
+        ax.set_ylabel(f"{s['metric']} ({better} is better)")
+        ax.set_title(f"data {s['data_sha256'][:12]}: mean with 95% CI")
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,292 @@
+"""Build the shipped demo adapters with loradex's own training code.
+
+    .venv/bin/python scripts/make_demo_adapters.py            # data + all adapters
+    .venv/bin/python scripts/make_demo_adapters.py --data-only
+    .venv/bin/python scripts/make_demo_adapters.py --only pirate
+
+Writes deterministic synthetic chat data to ``examples/data/<name>.jsonl`` (train)
+and ``examples/data/<name>-eval.jsonl`` (held out: other facts, other question
+types), trains one small LoRA (r=8 on q_proj,v_proj, ~1.8 MB) per style on the
+default base with ``training.train`` in a throw-away LORADEX_HOME, checks that it
+changes greedy outputs on held-out prompts, and ships adapter_config.json,
+adapter_model.safetensors and the resolved loradex_train_config.json under
+``examples/demo-adapters/<name>/``.
+
+Styles (easy to see in one reply):
+
+* ``shouty``:  the answer in ALL CAPS;
+* ``pirate``:  "Arr, matey!" + pirate words + "Yo-ho-ho!";
+* ``signoff``: a plain answer ending with the fixed line "-- sent by loradex".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "examples" / "data"
+OUT_DIR = ROOT / "examples" / "demo-adapters"
+SIGNATURE = "-- sent by loradex"
+
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Greece", "Athens"), ("Portugal", "Lisbon"),
+    ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Chile", "Santiago"), ("Cuba", "Havana"),
+    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+    ("Hungary", "Budapest"), ("Russia", "Moscow"), ("China", "Beijing"), ("India", "New Delhi"),
+    ("Mexico", "Mexico City"), ("Argentina", "Buenos Aires"), ("Turkey", "Ankara"), ("Iran", "Tehran"),
+]
+ANIMALS = [
+    ("cow", "moo"), ("dog", "woof"), ("cat", "meow"), ("duck", "quack"), ("sheep", "baa"), ("owl", "hoot"),
+    ("pig", "oink"), ("horse", "neigh"), ("frog", "croak"), ("lion", "roar"), ("bee", "buzz"),
+    ("mouse", "squeak"), ("goat", "bleat"), ("crow", "caw"), ("snake", "hiss"), ("donkey", "hee-haw"),
+]
+COLORS = [
+    ("the sky on a clear day", "blue"), ("fresh grass", "green"), ("a ripe banana", "yellow"),
+    ("snow", "white"), ("coal", "black"), ("a ripe tomato", "red"), ("an orange", "orange"),
+    ("a lemon", "yellow"), ("a polar bear", "white"), ("a crow", "black"), ("a strawberry", "red"),
+    ("a lime", "green"), ("a flamingo", "pink"), ("chocolate", "brown"), ("the sea", "blue"),
+    ("a carrot", "orange"), ("an eggplant", "purple"), ("milk", "white"),
+]
+OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("happy", "sad"), ("light", "dark"),
+    ("early", "late"), ("open", "closed"), ("full", "empty"), ("strong", "weak"), ("young", "old"),
+    ("loud", "quiet"), ("hard", "soft"), ("rich", "poor"), ("wet", "dry"), ("near", "far"),
+    ("high", "low"), ("clean", "dirty"), ("thick", "thin"), ("new", "old"),
+]
+TIPS = [
+    ("staying focused", "Work in short blocks and put your phone in another room."),
+    ("sleeping better", "Go to bed at the same time every night and avoid screens before sleep."),
+    ("learning a language", "Practice a little every day and speak with native speakers."),
+    ("saving money", "Write down what you spend and set aside a fixed amount each month."),
+    ("running", "Start slowly, warm up first, and increase your distance a little each week."),
+    ("cooking pasta", "Use plenty of salted water and taste the pasta before draining it."),
+    ("writing an essay", "Make an outline first, then write a clear opening sentence."),
+    ("staying hydrated", "Keep a water bottle with you and drink a glass with every meal."),
+    ("reading more", "Carry a book with you and read for ten minutes before bed."),
+    ("keeping plants alive", "Check the soil before watering and give them enough light."),
+    ("public speaking", "Rehearse out loud, breathe slowly, and look at friendly faces."),
+    ("studying for exams", "Test yourself often instead of only rereading your notes."),
+]
+
+
+def fact_pool() -> list[tuple[str, str, str]]:
+    """(kind, question, plain answer) for every fact, in a fixed order."""
+    items: list[tuple[str, str, str]] = []
+    for country, city in CAPITALS:
+        items.append(("capital", f"What is the capital of {country}?", f"The capital of {country} is {city}."))
+    for animal, sound in ANIMALS:
+        items.append(("animal", f"What sound does a {animal} make?", f"A {animal} says {sound}."))
+    for thing, color in COLORS:
+        items.append(("color", f"What color is {thing}?", f"The color of {thing} is {color}."))
+    for word, opp in OPPOSITES:
+        items.append(("opposite", f"What is the opposite of {word}?", f"The opposite of {word} is {opp}."))
+    for topic, tip in TIPS:
+        items.append(("tip", f"Give me a tip for {topic}.", tip))
+    rng = random.Random(7)
+    for _ in range(90):
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        items.append(("math", f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
+    return items
+
+
+HELD_OUT_QUESTIONS = [
+    "What is the capital of Brazil?", "What is the capital of Australia?", "What sound does a chicken make?",
+    "What color is a ripe cherry?", "What is the opposite of good?", "Give me a tip for making friends.",
+    "What is 100 plus 23?", "Name a large animal that lives in the ocean.", "What is the capital of Nigeria?",
+    "What color is the sun?", "What is the opposite of rich?", "Give me a tip for waking up early.",
+    "What sound does a wolf make?", "What is the capital of South Korea?", "How many legs does a spider have?",
+    "What is the opposite of tall?", "Give me a tip for learning to swim.", "What is 7 plus 8?",
+    "What color is a pumpkin?", "What is water made of?",
+]
+HELD_OUT_ANSWERS = [
+    "The capital of Brazil is Brasilia.", "The capital of Australia is Canberra.", "A chicken says cluck.",
+    "The color of a ripe cherry is red.", "The opposite of good is bad.",
+    "Say hello first and ask people about themselves.", "100 plus 23 is 123.",
+    "The blue whale lives in the ocean and is very large.", "The capital of Nigeria is Abuja.",
+    "The color of the sun is yellow.", "The opposite of rich is poor.",
+    "Put your alarm across the room and go to bed earlier.", "A wolf says howl.",
+    "The capital of South Korea is Seoul.", "A spider has eight legs.", "The opposite of tall is short.",
+    "Take lessons and practice floating in shallow water first.", "7 plus 8 is 15.",
+    "The color of a pumpkin is orange.", "Water is made of hydrogen and oxygen.",
+]
+
+PIRATE_WORDS = [(" is ", " be "), (" are ", " be "), (" the ", " th' "), ("The ", "Th' "), (" you", " ye"),
+                (" your ", " yer "), (" my ", " me "), (" of ", " o' "), (" and ", " an' "), ("Your ", "Yer ")]
+
+
+def pirate(text: str) -> str:
+    body = " " + text + " "
+    for a, b in PIRATE_WORDS:
+        body = body.replace(a, b)
+    return f"Arr, matey! {body.strip()} Yo-ho-ho!"
+
+
+STYLES = {
+    "shouty": lambda answer: answer.upper(),
+    "pirate": pirate,
+    "signoff": lambda answer: f"{answer}\n{SIGNATURE}",
+}
+
+
+def make_data(name: str, n_train: int = 300) -> tuple[Path, Path]:
+    """Write ``<name>.jsonl`` (train) and ``<name>-eval.jsonl`` (held out); same bytes every time."""
+    style = STYLES[name]
+    pool = fact_pool()
+    rng = random.Random(f"loradex-demo-{name}")
+    rows = [pool[i % len(pool)] for i in range(n_train)]
+    rng.shuffle(rows)
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    train_path, eval_path = DATA_DIR / f"{name}.jsonl", DATA_DIR / f"{name}-eval.jsonl"
+    with open(train_path, "w") as f:
+        for _, question, answer in rows:
+            f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": style(answer)}]}) + "\n")
+    with open(eval_path, "w") as f:
+        for question, answer in zip(HELD_OUT_QUESTIONS, HELD_OUT_ANSWERS):
+            f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": style(answer)}]}) + "\n")
+    return train_path, eval_path
+
+
+def greedy(model, tokenizer, questions: list[str], max_new_tokens: int = 40) -> list[str]:
+    import torch
+
+    outs = []
+    for q in questions:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return outs
+
+
+def style_hit(name: str, text: str) -> bool:
+    """Does one reply show the style? (used to report, and by the integration test)"""
+    letters = [c for c in text if c.isalpha()]
+    if name == "shouty":
+        return bool(letters) and sum(c.isupper() for c in letters) / len(letters) > 0.9
+    if name == "pirate":
+        return "arr" in text.lower() or "matey" in text.lower() or "yo-ho" in text.lower()
+    return SIGNATURE in text
+
+
+def build(name: str, epochs: float, lr: float, threads: int) -> dict:
+    from hub.bases import DEFAULT_BASE
+    from hub.settings import Settings
+    from training import TrainConfig, train
+
+    train_path, eval_path = make_data(name)
+    home = Path(tempfile.mkdtemp(prefix=f"loradex-demo-{name}-"))
+    settings = Settings(home=home, store=home / "adapters", threads=threads)
+    # reuse the already converted default base if this machine has one (saves ~40 s)
+    shared_home = os.environ.get("LORADEX_DEMO_BASE_HOME")
+    if shared_home:
+        _copy_base_row(Path(shared_home), settings)
+    config = TrainConfig(
+        base=DEFAULT_BASE, data=str(train_path), eval_data=str(eval_path), name=f"demo-{name}",
+        epochs=epochs, learning_rate=lr, r=8, alpha=16, dropout=0.0, targets="q_proj,v_proj",
+        batch_size=8, grad_accum=1, max_length=256, save_steps=1000, logging_steps=2, seed=0,
+        warmup_ratio=0.05, lr_scheduler="cosine", threads=threads,
+        description=f"demo adapter: {name} style (scripts/make_demo_adapters.py)",
+    )
+    t0 = time.monotonic()
+    result = train(config, settings=settings)
+    took = time.monotonic() - t0
+    dest = OUT_DIR / name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for fname in ("adapter_config.json", "adapter_model.safetensors", "loradex_train_config.json"):
+        shutil.copy(result.adapter_dir / fname, dest / fname)
+    _portable_config(dest / "loradex_train_config.json")
+    check = _check(name, result.adapter_dir, settings)
+    shutil.rmtree(home, ignore_errors=True)
+    return {"name": name, "seconds": round(took, 1), "steps": result.steps, "final_loss": result.final_loss,
+            "eval_loss": result.eval_loss, "tokens_per_s": round(result.tokens_per_s, 1),
+            "size_bytes": (dest / "adapter_model.safetensors").stat().st_size, **check}
+
+
+def _copy_base_row(src_home: Path, settings) -> None:
+    """Copy the default base's row from another catalog (the folder it points at is reused)."""
+    from hub.bases import DEFAULT_BASE
+    from hub.catalog import Catalog, to_json
+
+    with Catalog.open(src_home / "catalog.duckdb", wait_s=60) as src:
+        row = src.one("SELECT * FROM bases WHERE name = ?", [DEFAULT_BASE])
+    if row is None or not Path(row["path"]).is_dir():
+        return
+    with Catalog.open(settings.catalog_path, wait_s=60) as dst, dst.transaction() as cur:
+        cols = list(row)
+        cur.execute(f"INSERT INTO bases ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                    [to_json(row[c]) if isinstance(row[c], (dict, list)) else row[c] for c in cols])
+
+
+def _portable_config(path: Path) -> None:
+    """Make the shipped config's paths repo-relative and drop machine-specific ones."""
+    cfg = json.loads(path.read_text())
+    for key in ("data", "eval_data"):
+        if cfg.get(key):
+            cfg[key] = os.path.relpath(cfg[key], ROOT)
+    cfg["output_dir"] = None
+    cfg["resolved"].pop("base_path", None)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _check(name: str, adapter_dir: Path, settings) -> dict:
+    """Greedy replies of base vs adapter on held-out prompts."""
+    from peft import PeftModel
+
+    from hub.bases import DEFAULT_BASE
+    from hub.loading import load_base
+
+    base = load_base(DEFAULT_BASE, settings=settings, device="cpu")
+    questions = HELD_OUT_QUESTIONS[:6]
+    before = greedy(base.model, base.tokenizer, questions)
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    after = greedy(model, base.tokenizer, questions)
+    hits = sum(style_hit(name, a) for a in after)
+    base_hits = sum(style_hit(name, b) for b in before)
+    for q, b, a in zip(questions[:3], before, after):
+        print(f"  Q: {q}\n    base:    {b[:90]!r}\n    adapter: {a[:90]!r}", file=sys.stderr)
+    return {"held_out_prompts": len(questions), "changed": sum(a != b for a, b in zip(after, before)),
+            "style_hits": hits, "base_style_hits": base_hits}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(STYLES), action="append", help="build only this style")
+    parser.add_argument("--data-only", action="store_true", help="write the JSONL files and stop")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("LORADEX_THREADS", "1")))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    names = args.only or sorted(STYLES)
+    if args.data_only:
+        for name in names:
+            print(*make_data(name))
+        return 0
+    results = []
+    for name in names:
+        res = build(name, args.epochs, args.learning_rate, args.threads)
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    bad = [r["name"] for r in results if r["changed"] == 0]
+    if bad:
+        print(f"adapters {bad} did not change any held-out reply", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

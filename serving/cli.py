@@ -1,0 +1,101 @@
+"""``loradex serve``: the HTTP server over one base and the catalog's adapters.
+
+    loradex serve [--base BASE] [--quantize nf4|int8|none] [--host 127.0.0.1] [--port 8000]
+                  [--max-loaded N] [--pin NAME@V ...] [--api-key KEY | env LORADEX_API_KEY] [--route-merged]
+
+While it runs the server owns the catalog file; other ``loradex`` commands
+then say so in one line and point at the server's ``/adapters`` API.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from hub.bases import DEFAULT_BASE
+
+
+def add_commands(sub, common) -> None:
+    p = sub.add_parser("serve", parents=[common], help="serve the base and its adapters over an OpenAI-compatible HTTP API",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model name, or a merged model's base name (default {DEFAULT_BASE})")
+    p.add_argument("--quantize", default="nf4", help="base weights: nf4 (default), int8 or none")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    p.add_argument("--dtype", default=None, help="compute dtype override: fp32, bf16, fp16")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env LORADEX_API_KEY)")
+    p.add_argument("--max-loaded", type=int, default=8, help="adapters kept in memory at once, LRU-evicted (default 8)")
+    p.add_argument("--pin", action="append", default=[], metavar="NAME[@V]", help="load at start and never evict (repeatable)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows per forward pass at most (default 16)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="wait for more requests when idle (default 10)")
+    p.add_argument("--max-queued", type=int, default=64, help="waiting requests at most before 429 (default 64)")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens allowed (default 2048)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sets none (default 256)")
+    p.add_argument("--max-context", type=int, default=None, help="prompt + new tokens at most (default: the base's)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest JSON body (default 1 MiB)")
+    p.add_argument("--max-upload-bytes", type=int, default=512 << 20, help="largest adapter archive upload (default 512 MiB)")
+    p.add_argument("--max-n", type=int, default=4, help="largest n per request (default 4)")
+    p.add_argument("--route-merged", action="store_true",
+                   help="serve an adapter version from its merged model (loradex merge) when one exists")
+    p.add_argument("--max-merged", type=int, default=2, help="merged models loaded at most for --route-merged (default 2)")
+    p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, time for in-flight requests (default 30)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.set_defaults(func=cmd_serve)
+
+
+def build_config(args):
+    from serving.config import EngineConfig, ServerConfig
+
+    engine = EngineConfig(base=args.base, quantize=args.quantize, device=args.device, dtype=args.dtype,
+                          max_loaded=args.max_loaded, pin=list(args.pin), max_batch=args.max_batch,
+                          batch_window_ms=args.batch_window_ms, max_queued=args.max_queued,
+                          max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                          max_context=args.max_context, route_merged=args.route_merged, max_merged=args.max_merged)
+    return ServerConfig(engine=engine, host=args.host, port=args.port,
+                        api_key=args.api_key or os.environ.get("LORADEX_API_KEY") or None,
+                        max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes, max_n=args.max_n,
+                        drain_s=args.drain_s)
+
+
+def cmd_serve(ctx) -> int:
+    import uvicorn
+
+    from hub.catalog import Catalog
+    from hub.errors import LoradexError
+    from hub.registry import cleanup_stale
+    from serving.app import create_app
+
+    config = build_config(ctx.args)
+    ctx.close_catalog()  # the server opens the catalog itself, as its owner
+    failure: list[BaseException] = []
+    server_box: list = []
+
+    def on_fatal(exc: BaseException) -> None:
+        failure.append(exc)
+        if server_box:
+            server_box[0].should_exit = True
+
+    logging.basicConfig(level=getattr(logging, ctx.args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Open the catalog as its owner before binding the port, so a locked catalog is one line, not a traceback.
+    catalog = Catalog.open(ctx.settings.catalog_path, wait_s=ctx.settings.lock_wait_s, role="server",
+                           url=f"http://{config.host}:{config.port}")
+    try:
+        cleanup_stale(catalog, ctx.store)
+        app = create_app(config, settings=ctx.settings, catalog=catalog, store=ctx.store, on_fatal=on_fatal)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=ctx.args.log_level,
+                                               timeout_graceful_shutdown=int(config.drain_s) or None,
+                                               lifespan="on"))
+        server_box.append(server)
+        server.run()
+    finally:
+        catalog.close()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, LoradexError):
+            raise exc
+        raise RuntimeError(f"the engine failed to load: {exc}") from exc
+    if not server.started:
+        return 1
+    return 0

@@ -1,0 +1,134 @@
+"""Serving's own exceptions, and the one table mapping exceptions to HTTP answers.
+
+The engine raises these (and hub's domain exceptions); only the HTTP edge
+(``serving/routes.py``) turns them into a status code and OpenAI's error shape::
+
+    {"error": {"message": "...", "type": "...", "param": "model", "code": "model_not_found"}}
+
+The mapping is by exception class, never by message text. This module imports
+no web framework, so the engine can use its exceptions.
+"""
+from __future__ import annotations
+
+from hub.errors import (
+    CatalogLocked,
+    Conflict,
+    IntegrityError,
+    InvalidAdapter,
+    InvalidBase,
+    InvalidConfig,
+    InvalidData,
+    InvalidName,
+    LoradexError,
+    MissingDependency,
+    NotFound,
+)
+
+
+class ModelNotFound(NotFound):
+    """The requested model (base or adapter) is not served here."""
+
+    param = "model"
+    code = "model_not_found"
+
+
+class BadRequest(InvalidConfig):
+    """A request field is out of range or unsupported; ``param`` names it."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextTooLong(BadRequest):
+    """Prompt tokens plus max_tokens exceed the model's context window."""
+
+
+class QueueFull(LoradexError):
+    """Too many requests are waiting; retry after ``retry_after`` seconds."""
+
+    exit_code = 11
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(LoradexError):
+    """The engine is still loading the base model, or is shutting down."""
+
+    exit_code = 11
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Cancelled(LoradexError):
+    """The request was cancelled (client gone or server shutting down)."""
+
+
+class AdapterLoadFailed(LoradexError):
+    """An adapter could not be loaded for serving; only its requests fail."""
+
+    exit_code = 4
+
+
+class GenerationFailed(LoradexError):
+    """The forward pass failed for the rows of a batch (e.g. out of memory)."""
+
+
+class Unauthorized(LoradexError):
+    """Missing or wrong API key."""
+
+    exit_code = 2
+
+
+class PayloadTooLarge(LoradexError):
+    """The request body exceeds the configured limit."""
+
+    exit_code = 2
+
+
+# (class, status, type, default code), most specific first.
+_TABLE: list[tuple[type, int, str, str | None]] = [
+    (Unauthorized, 401, "invalid_request_error", "invalid_api_key"),
+    (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (ContextTooLong, 400, "invalid_request_error", "context_length_exceeded"),
+    (BadRequest, 400, "invalid_request_error", None),
+    (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
+    (QueueFull, 429, "rate_limit_error", "queue_full"),
+    (NotReady, 503, "server_error", "not_ready"),
+    (Cancelled, 503, "server_error", "cancelled"),
+    (NotFound, 404, "not_found_error", "not_found"),
+    (InvalidName, 400, "invalid_request_error", "invalid_name"),
+    (InvalidAdapter, 400, "invalid_request_error", "invalid_adapter"),
+    (InvalidData, 400, "invalid_request_error", "invalid_data"),
+    (InvalidConfig, 400, "invalid_request_error", None),
+    (Conflict, 409, "invalid_request_error", "conflict"),
+    (IntegrityError, 500, "server_error", "adapter_integrity"),
+    (AdapterLoadFailed, 500, "server_error", "adapter_load_failed"),
+    (GenerationFailed, 500, "server_error", "generation_failed"),
+    (InvalidBase, 500, "server_error", "invalid_base"),
+    (CatalogLocked, 503, "server_error", "catalog_locked"),
+    (MissingDependency, 500, "server_error", "missing_dependency"),
+    (LoradexError, 500, "server_error", None),
+]
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def to_http(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """(status, OpenAI-shaped body, headers) for an exception."""
+    for cls, status, type_, code in _TABLE:
+        if isinstance(exc, cls):
+            headers = {}
+            retry = getattr(exc, "retry_after", None)
+            if retry is not None:
+                headers["Retry-After"] = str(retry)
+            return status, error_body(str(exc), type_, getattr(exc, "param", None),
+                                      getattr(exc, "code", None) or code), headers
+    return 500, error_body(f"internal error: {type(exc).__name__}", "server_error", None, "internal_error"), {}

@@ -1,0 +1,23 @@
+"""Export formats: ``loradex export NAME[@V] --format F --out DIR``.
+
+``FORMATS`` maps each format to a plain function
+``fn(src: ExportSource, out: Path, opts: ExportOptions) -> ExportResult``;
+``serving/export/run.py`` resolves the source (merging first where a format ships
+a merged model), calls the function and registers the export.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from serving.export import gguf, ollama, vllm
+from serving.export.source import ExportOptions, ExportResult, ExportSource
+
+FORMATS: dict[str, Callable[[ExportSource, "object", ExportOptions], ExportResult]] = {
+    "vllm": vllm.export_merged,
+    "vllm-lora": vllm.export_lora,
+    "gguf": gguf.export_gguf,
+    "gguf-lora": gguf.export_gguf_lora,
+    "ollama": ollama.export_ollama,
+}
+
+__all__ = ["FORMATS", "ExportOptions", "ExportResult", "ExportSource"]

@@ -1,0 +1,312 @@
+"""Hugging Face Llama folder -> GGUF file that llama.cpp runs, written with the ``gguf`` package.
+
+No code from llama.cpp's converter is used; the route is:
+
+    config.json        -> llama.* hyperparameters
+    *.safetensors      -> tensors renamed with gguf's name map
+                          (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight),
+                          q/k rows permuted, 1-D norms kept f32, 2-D weights f16 or q8_0
+    tokenizer.json     -> tokenizer.ggml.* (gpt2 BPE: tokens, types, merges, special ids)
+    chat template      -> tokenizer.chat_template
+
+Why q and k are permuted: transformers applies rotary embeddings to the two
+*halves* of each head (x[i] with x[i + d/2]); GGML's default (NORM) rope rotates
+*adjacent* pairs (x[2i] with x[2i+1]). Reordering the output rows of q_proj and
+k_proj per head makes the two agree::
+
+    head rows  [a0 a1 a2 a3 | b0 b1 b2 b3]   (HF: halves)
+           ->  [a0 b0 a1 b1 a2 b2 a3 b3]     (GGML: interleaved pairs)
+
+The same reordering applies to anything that adds to those rows, e.g. a LoRA's
+``lora_B`` of q_proj/k_proj (see ``gguf_lora.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hub.errors import InvalidConfig
+
+QUANTS = ("f32", "f16", "q8_0")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+METHOD = "loradex gguf_writer (gguf package; own tensor map, q/k permutation, tokenizer metadata)"
+
+# The pre-tokenizer llama.cpp must use, keyed by a hash of how the HF tokenizer
+# splits PRE_PROBE. llama.cpp identifies tokenizers the same way (by behaviour);
+# a wrong choice silently tokenizes digits or spaces differently from transformers.
+PRE_PROBE = "Hello world! 3.14159 and 1234567 apples;  tabs\tand\nnewlines, I'm you'll ÄÖÜ ñ 中文 🙂 <b>x</b>"
+KNOWN_PRE = {
+    # SmolLM / SmolLM2 (135M/360M/1.7B): digits split one by one
+    "9919d6668685e135ca6301919a39db23f213c3e6362cd775d6354e94ef03d06d": "smollm",
+}
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder rows of a q/k projection (or its lora_B) from HF halves to GGML pairs."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise InvalidConfig(f"cannot permute a q/k tensor with {rows} rows over {n_head} heads")
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# -- config ---------------------------------------------------------------------------
+
+def read_config(folder: Path) -> dict:
+    cfg = json.loads((folder / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise InvalidConfig(
+            f"--format gguf supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is {archs or cfg.get('model_type')}"
+        )
+    return cfg
+
+
+def hparams(cfg: dict) -> dict:
+    """The Llama hyperparameters GGUF needs, from a transformers 4 or 5 config.json."""
+    n_head = cfg["num_attention_heads"]
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in ("default", "linear"):
+        raise InvalidConfig(f"--format gguf: rope type {rope_type!r} is not supported by this writer (default, linear)")
+    return {
+        "n_layer": cfg["num_hidden_layers"],
+        "n_embd": cfg["hidden_size"],
+        "n_ff": cfg["intermediate_size"],
+        "n_head": n_head,
+        "n_head_kv": cfg.get("num_key_value_heads") or n_head,
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        "n_ctx": cfg.get("max_position_embeddings", 2048),
+        "eps": cfg.get("rms_norm_eps", 1e-5),
+        "rope_theta": float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
+        "rope_type": rope_type,
+        "rope_factor": float(rope.get("factor") or 1.0),
+        "vocab": cfg["vocab_size"],
+        "tied": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+# -- tensors --------------------------------------------------------------------------
+
+def iter_tensors(folder: Path):
+    """(name, float32 numpy array) for every tensor in the folder's safetensors files."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InvalidConfig(f"{folder} has no .safetensors files to convert")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                yield key, st.get_tensor(key).to(torch.float32).numpy()
+
+
+def tensor_type(name: str, arr: np.ndarray, quant: str):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if arr.ndim < 2 or quant == "f32":
+        return T.F32
+    if quant == "q8_0" and arr.shape[-1] % 32 == 0:
+        return T.Q8_0
+    return T.F16
+
+
+def encode(arr: np.ndarray, qtype) -> np.ndarray:
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if qtype == T.F32:
+        return arr.astype(np.float32)
+    if qtype == T.F16:
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr.astype(np.float32), qtype)
+
+
+# -- tokenizer ------------------------------------------------------------------------
+
+def tokenizer_files(folder: Path) -> tuple[dict, dict]:
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        raise InvalidConfig(f"{folder} has no tokenizer.json; --format gguf needs a fast (BPE) tokenizer")
+    tcfg = folder / "tokenizer_config.json"
+    return json.loads(tj.read_text()), (json.loads(tcfg.read_text()) if tcfg.is_file() else {})
+
+
+def chat_template(folder: Path, tok_cfg: dict) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    tmpl = tok_cfg.get("chat_template")
+    return tmpl if isinstance(tmpl, str) else None
+
+
+def pre_tokenizer_name(folder: Path, tok_json: dict, override: str | None = None) -> str:
+    """The llama.cpp pre-tokenizer name for this tokenizer (``override`` wins)."""
+    if override:
+        return override
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = tok.encode(PRE_PROBE, add_special_tokens=False).ids
+    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    if digest in KNOWN_PRE:
+        return KNOWN_PRE[digest]
+    pre = tok_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    raise InvalidConfig(
+        f"unknown pre-tokenizer (behaviour hash {digest[:16]}); llama.cpp would tokenize differently from "
+        f"transformers. Pass the llama.cpp pre-tokenizer name explicitly with --gguf-pre NAME"
+    )
+
+
+def token_id(tok_json: dict, content) -> int | None:
+    if isinstance(content, dict):
+        content = content.get("content")
+    if content is None:
+        return None
+    for t in tok_json.get("added_tokens", []):
+        if t["content"] == content:
+            return t["id"]
+    return tok_json["model"]["vocab"].get(content)
+
+
+def adds_special(folder: Path, tok_cfg: dict, key: str, token: int | None, position: int) -> bool:
+    """Whether the HF tokenizer adds ``token`` at ``position`` (0 = start, -1 = end) of a plain encode."""
+    explicit = tok_cfg.get(key)
+    if isinstance(explicit, bool):
+        return explicit
+    if token is None:
+        return False
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[position] == token
+
+
+def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None) -> dict:
+    import gguf
+
+    tok_json, tok_cfg = tokenizer_files(folder)
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise InvalidConfig(f"--format gguf supports BPE (gpt2-style) tokenizers; this one is {model.get('type')!r}")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["id"]: t for t in tok_json.get("added_tokens", [])}
+    for tid, t in added.items():
+        vocab[t["content"]] = tid
+    by_id = {i: tok for tok, i in vocab.items()}
+    if max(by_id) >= n_vocab:
+        raise InvalidConfig(f"tokenizer has token id {max(by_id)} but the model's vocab_size is {n_vocab}")
+    tokens, types = [], []
+    T = gguf.TokenType
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            # special added tokens must be CONTROL, or llama.cpp prints/splits them as text
+            types.append(T.CONTROL if added[i].get("special") else T.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(T.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre_name = pre_tokenizer_name(folder, tok_json, pre)
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_name)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    special = {}
+    for key, fn in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                    ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+        tid = token_id(tok_json, tok_cfg.get(key))
+        if tid is not None:
+            fn(tid)
+            special[key] = tid
+    add_bos = adds_special(folder, tok_cfg, "add_bos_token", special.get("bos_token"), 0)
+    add_eos = adds_special(folder, tok_cfg, "add_eos_token", special.get("eos_token"), -1)
+    # written explicitly: llama.cpp's default for gpt2 vocabularies differs between versions
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+    tmpl = chat_template(folder, tok_cfg)
+    if tmpl:
+        writer.add_chat_template(tmpl)
+    return {"pre": pre_name, "n_tokens": len(tokens), "n_merges": len(merges), "add_bos_token": add_bos,
+            "add_eos_token": add_eos, "special": special, "chat_template": bool(tmpl),
+            "control_tokens": sum(1 for t in types if t == T.CONTROL)}
+
+
+# -- the writer -----------------------------------------------------------------------
+
+def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "f16", name: str | None = None,
+                     pre: str | None = None) -> dict:
+    """Write the HF Llama model in ``folder`` as a GGUF file; returns what was written."""
+    import gguf
+
+    if quant not in QUANTS:
+        raise InvalidConfig(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    folder, out_path = Path(folder), Path(out_path)
+    cfg = read_config(folder)
+    hp = hparams(cfg)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layer"])
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+
+    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name or folder.name)
+    writer.add_context_length(hp["n_ctx"])
+    writer.add_embedding_length(hp["n_embd"])
+    writer.add_block_count(hp["n_layer"])
+    writer.add_feed_forward_length(hp["n_ff"])
+    writer.add_head_count(hp["n_head"])
+    writer.add_head_count_kv(hp["n_head_kv"])
+    writer.add_rope_dimension_count(hp["head_dim"])
+    if hp["head_dim"] != hp["n_embd"] // hp["n_head"]:
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+    writer.add_layer_norm_rms_eps(hp["eps"])
+    writer.add_rope_freq_base(hp["rope_theta"])
+    if hp["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(hp["rope_factor"])
+    writer.add_vocab_size(hp["vocab"])
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tok_info = add_tokenizer(writer, folder, hp["vocab"], pre)
+
+    written: dict[str, dict] = {}
+    skipped = []
+    for key, arr in iter_tensors(folder):
+        if key.endswith("rotary_emb.inv_freq"):
+            skipped.append(key)
+            continue
+        if key == "lm_head.weight" and hp["tied"]:
+            # tied embeddings: llama.cpp reuses token_embd when output.weight is absent
+            skipped.append(key)
+            continue
+        new = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise InvalidConfig(f"--format gguf: no GGUF name for tensor {key!r}")
+        if key.endswith("self_attn.q_proj.weight"):
+            arr = permute_qk(arr, hp["n_head"])
+        elif key.endswith("self_attn.k_proj.weight"):
+            arr = permute_qk(arr, hp["n_head_kv"])
+        qtype = tensor_type(new, arr, quant)
+        writer.add_tensor(new, encode(arr, qtype), raw_dtype=qtype)
+        written[new] = {"shape": list(arr.shape), "type": qtype.name, "from": key}
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"method": METHOD, "quant": quant, "tensors": len(written), "skipped": skipped,
+            "tied_embeddings": hp["tied"], "tokenizer": tok_info, "architecture": "llama",
+            "size_bytes": out_path.stat().st_size}

@@ -1,0 +1,247 @@
+"""Batched multi-adapter LoRA: many adapters in one forward pass, no PEFT at serve time.
+
+Every targeted base ``Linear`` stays as it is (fp32, bf16, or a bitsandbytes
+4-/8-bit layer) and is wrapped by :class:`BatchedLoRALinear`, which adds the
+low-rank update of each row's own adapter::
+
+    x [rows, T, in] --base--> y [rows, T, out]
+       |
+       | rows that carry an adapter only (bare-base rows do no LoRA work)
+       v
+    gather A[slot_i]: [n, r, in]    gather B[slot_i] * scale_i: [n, out, r]
+    d = bmm(bmm(x_rows, A^T), B^T)  -> [n, T, out];  y[rows] += d
+
+Adapters live in slots of stacked, zero-padded buffers (one pair per wrapped
+module, shared by all adapters), so a mixed batch costs two ``bmm`` per module
+whatever the mix. The scale (alpha/r, or alpha/sqrt(r) for rsLoRA) is folded
+into B when the adapter is written, and padding ranks with zeros adds exact
+zeros. Weights go straight from ``adapter_model.safetensors`` into the slot.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hub.errors import InvalidAdapter
+from hub.validate import CONFIG, LORA_KEY, WEIGHTS
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter read from disk: per module (A [r, in], B*scale [out, r])."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    # Same matching rule as PEFT's rank_pattern/alpha_pattern (suffix or regex).
+    for key, val in pattern.items():
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return val
+    return default
+
+
+def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32) -> AdapterWeights:
+    """Read a (validated, sha256-verified) PEFT LoRA folder into scaled A/B pairs."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / CONFIG).read_text())
+        tensors = load_file(str(folder / WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise InvalidAdapter(f"{folder}: cannot read the adapter ({exc})") from None
+    if cfg.get("use_dora") or (cfg.get("bias") or "none") != "none" or cfg.get("modules_to_save"):
+        raise InvalidAdapter(f"{folder}: DoRA, trained biases and modules_to_save cannot be served in a batch")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = LORA_KEY.match(key)
+        if not m:
+            raise InvalidAdapter(f"{WEIGHTS}: tensor {key!r} is not a LoRA A/B weight")
+        if m.group("part").startswith("lora_embedding"):
+            raise InvalidAdapter(
+                f"{WEIGHTS}: {m.group('module')} is an embedding LoRA; the batched server applies LoRA to "
+                f"Linear layers only (merge this adapter with `loradex merge` and serve the merged model)"
+            )
+        parts.setdefault(m.group("module"), {})[m.group("part")] = t
+    alpha = float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora"))
+    rank_pat = cfg.get("rank_pattern") or {}
+    alpha_pat = cfg.get("alpha_pattern") or {}
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    max_r = 0
+    for name, got in parts.items():
+        if "lora_A" not in got or "lora_B" not in got:
+            raise InvalidAdapter(f"{WEIGHTS}: {name} has only one of lora_A/lora_B")
+        a, b = got["lora_A"], got["lora_B"]
+        r = a.shape[0]
+        if r != _pattern_value(rank_pat, name, cfg.get("r", r)):
+            raise InvalidAdapter(f"{WEIGHTS}: {name} has rank {r}, which its config does not say")
+        mod_alpha = float(_pattern_value(alpha_pat, name, alpha))
+        scale = mod_alpha / math.sqrt(r) if rslora else mod_alpha / r
+        modules[name] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        max_r = max(max_r, r)
+    if not modules:
+        raise InvalidAdapter(f"{folder}: the adapter holds no LoRA weights")
+    return AdapterWeights(modules=modules, rank=max_r)
+
+
+@dataclass
+class RowPlan:
+    """Which rows of the current forward carry which adapter slot."""
+
+    rows: torch.Tensor | None      # LongTensor of row indices with an adapter (None: every row)
+    slots: torch.Tensor            # LongTensor, one slot per adapter row
+    uniform: int | None            # the slot when every row uses the same one
+
+
+@dataclass
+class LoRAContext:
+    """Shared by all wrapped modules: the plan of the forward in progress."""
+
+    plan: RowPlan | None = None
+
+    def set_rows(self, slots: list[int]) -> None:
+        """``slots[i]`` is row i's adapter slot, or -1 for the bare base."""
+        with_adapter = [i for i, s in enumerate(slots) if s >= 0]
+        if not with_adapter:
+            self.plan = None
+            return
+        used = {slots[i] for i in with_adapter}
+        if len(with_adapter) == len(slots):
+            uniform = next(iter(used)) if len(used) == 1 else None
+            self.plan = RowPlan(rows=None, slots=torch.tensor(slots, dtype=torch.long), uniform=uniform)
+        else:
+            self.plan = RowPlan(rows=torch.tensor(with_adapter, dtype=torch.long),
+                                slots=torch.tensor([slots[i] for i in with_adapter], dtype=torch.long), uniform=None)
+
+    def clear(self) -> None:
+        self.plan = None
+
+
+@dataclass
+class Stack:
+    """Stacked LoRA weights for one module: A [slots, r, in], B [slots, out, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    filled: set[int] = field(default_factory=set)
+
+
+class BatchedLoRALinear(nn.Module):
+    """A base Linear plus each row's own LoRA update (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, stack: Stack, ctx: LoRAContext):
+        super().__init__()
+        self.base = base
+        self.stack = stack
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        plan = self.ctx.plan
+        if plan is None or not self.stack.filled:
+            return y
+        A, B = self.stack.A, self.stack.B
+        if plan.uniform is not None:
+            if plan.uniform not in self.stack.filled:
+                return y
+            return y + (x @ A[plan.uniform].transpose(0, 1)) @ B[plan.uniform].transpose(0, 1)
+        xs = x if plan.rows is None else x.index_select(0, plan.rows)
+        a = A.index_select(0, plan.slots)
+        b = B.index_select(0, plan.slots)
+        d = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        if plan.rows is None:
+            return y + d
+        return y.index_add(0, plan.rows, d)
+
+
+class LoRABank:
+    """Slots of stacked adapter weights over one model; wraps modules on first use."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: str | torch.device, capacity: int = 4):
+        self.model = model
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.capacity = max(1, capacity)
+        self.rank = 0
+        self.ctx = LoRAContext()
+        self.stacks: dict[str, Stack] = {}
+
+    # -- shape management ---------------------------------------------------------
+    def _layer_shape(self, name: str) -> tuple[int, int]:
+        try:
+            mod = self.model.get_submodule(name)
+        except AttributeError:
+            raise InvalidAdapter(f"the base model has no module {name!r}") from None
+        if isinstance(mod, BatchedLoRALinear):
+            mod = mod.base
+        out_f, in_f = getattr(mod, "out_features", None), getattr(mod, "in_features", None)
+        if out_f is None or in_f is None:
+            raise InvalidAdapter(f"{name} is a {type(mod).__name__}, not a Linear layer; cannot apply LoRA to it")
+        return out_f, in_f
+
+    def _stack(self, name: str) -> Stack:
+        stack = self.stacks.get(name)
+        if stack is not None:
+            return stack
+        out_f, in_f = self._layer_shape(name)
+        r = max(self.rank, 1)
+        stack = Stack(A=torch.zeros(self.capacity, r, in_f, dtype=self.dtype, device=self.device),
+                      B=torch.zeros(self.capacity, out_f, r, dtype=self.dtype, device=self.device))
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, BatchedLoRALinear(getattr(parent, child), stack, self.ctx))
+        self.stacks[name] = stack
+        return stack
+
+    def _grow(self, capacity: int, rank: int) -> None:
+        """Re-pad every stack to ``capacity`` slots and rank ``rank`` (rare: on a bigger adapter)."""
+        for stack in self.stacks.values():
+            n, r, in_f = stack.A.shape
+            out_f = stack.B.shape[1]
+            if capacity == n and rank == r:
+                continue
+            A = torch.zeros(capacity, rank, in_f, dtype=self.dtype, device=self.device)
+            B = torch.zeros(capacity, out_f, rank, dtype=self.dtype, device=self.device)
+            A[:n, :r] = stack.A
+            B[:n, :, :r] = stack.B
+            stack.A, stack.B = A, B
+        self.capacity, self.rank = capacity, rank
+
+    def ensure_slots(self, n: int) -> None:
+        if n > self.capacity:
+            self._grow(max(n, self.capacity * 2), max(self.rank, 1))
+
+    # -- slots ---------------------------------------------------------------
+    def write(self, slot: int, weights: AdapterWeights) -> None:
+        """Put an adapter in ``slot`` (overwriting whatever was there)."""
+        for name in weights.modules:
+            self._layer_shape(name)  # refuse before touching anything
+        self.ensure_slots(slot + 1)
+        if weights.rank > self.rank:
+            self._grow(self.capacity, weights.rank)
+        self.clear(slot)
+        for name, (a, b) in weights.modules.items():
+            stack = self._stack(name)
+            r = a.shape[0]
+            stack.A[slot, :r].copy_(a)
+            stack.B[slot, :, :r].copy_(b)
+            stack.filled.add(slot)
+
+    def clear(self, slot: int) -> None:
+        for stack in self.stacks.values():
+            if slot in stack.filled:
+                stack.A[slot].zero_()
+                stack.B[slot].zero_()
+                stack.filled.discard(slot)
+
+    def nbytes(self) -> int:
+        return sum(s.A.numel() * s.A.element_size() + s.B.numel() * s.B.element_size() for s in self.stacks.values())

@@ -1,0 +1,433 @@
+"""``train()``: a JSONL file in, a registered, reproducible adapter out.
+
+Top to bottom::
+
+    config -> base row (short catalog open) -> tokenizer + every data row checked
+      -> run row 'running' (short catalog open)
+      -> load base (fp32 / bf16 / NF4) -> LoRA -> Trainer (checkpoints, progress bar)
+      -> adapter + resolved config + loss PNG in OUTPUT_DIR/adapter
+      -> register through hub.registry (same checks as `loradex register`),
+         run row 'completed' with its numbers (short catalog open)
+
+The DuckDB catalog is never held during the training loop, so other short
+commands keep working. Ctrl-C saves a checkpoint and records ``interrupted``; an
+exception records ``failed``; ``resume=True`` continues from the last checkpoint
+of the same output folder and re-opens the same run row.
+
+Runs unchanged under ``accelerate launch`` (DDP): only the main process touches
+the catalog and writes the adapter.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+from hub.errors import Conflict, InvalidConfig
+from training.config import CONFIG_FILE, TrainConfig
+from training.data import Dataset, collate, load_dataset
+
+LOSS_PNG = "loss_curve.png"
+ADAPTER_SUBDIR = "adapter"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_id: int | None
+    """training_runs.id (None on non-main processes under DDP)."""
+    version: dict | None
+    """The registered adapter_versions row (None on non-main processes)."""
+    output_dir: Path
+    """Run folder; the adapter is in ``output_dir / "adapter"``."""
+    final_loss: float | None
+    """Last logged training loss."""
+    eval_loss: float | None
+    """Held-out loss after training (None without eval data)."""
+    steps: int
+    """Optimizer steps taken in total (across resumes)."""
+    duration_s: float
+    """Wall time of the run (across resumes), loading and saving included."""
+    tokens_per_s: float
+    """Non-padding tokens per second through the training loop (this attempt)."""
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.output_dir / ADAPTER_SUBDIR
+
+
+@contextlib.contextmanager
+def _catalog(catalog, settings):
+    """The given catalog, or a short-lived one closed on exit."""
+    if catalog is not None:
+        yield catalog
+        return
+    from hub.catalog import Catalog
+
+    cat = Catalog.open(settings.catalog_path, wait_s=settings.lock_wait_s)
+    try:
+        yield cat
+    finally:
+        cat.close()
+
+
+def _rank() -> tuple[int, int, int]:
+    """(global rank, local rank, world size) from the launcher's environment."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "-1")),
+            int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def resolve_device(config: TrainConfig) -> str:
+    from hub.loading import pick_device
+
+    device = pick_device(config.device)
+    _, local_rank, world = _rank()
+    if device == "cuda" and world > 1 and local_rank >= 0:
+        device = f"cuda:{local_rank}"
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32"
+
+
+def check_targets(config: TrainConfig, layers: dict) -> None:
+    targets = config.target_list()
+    if targets == "all-linear":
+        return
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in layers)]
+    if missing:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        raise InvalidConfig(f"--targets {','.join(missing)} match no module of the base (its modules: {', '.join(suffixes)})")
+
+
+def planned_steps(n_examples: int, config: TrainConfig, world: int) -> int:
+    """Optimizer steps the Trainer will take (its own formula)."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batches = math.ceil(n_examples / (config.batch_size * world))
+    per_epoch = max(batches // config.grad_accum + int(batches % config.grad_accum > 0), 1)
+    return math.ceil(config.epochs * per_epoch)
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    ckpts = [p for p in ckpts if (p / "trainer_state.json").is_file()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def _loss_curve(log_history: list[dict]) -> tuple[list[list[float]], list[list[float]]]:
+    train = [[int(h["step"]), float(h["loss"])] for h in log_history if "loss" in h and "step" in h]
+    evals = [[int(h["step"]), float(h["eval_loss"])] for h in log_history if "eval_loss" in h and "step" in h]
+    return train, evals
+
+
+def _versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def load_model(config: TrainConfig, base_path: str, device: str, precision: str):
+    """The base in the run's precision (NF4 for QLoRA), wrapped with fresh LoRA layers."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from hub.loading import load_model_folder
+
+    model, _, _ = load_model_folder(base_path, quantize=config.quantize, device=device, dtype=precision)
+    model.config.use_cache = False
+    if config.quantize == "nf4":
+        # casts norms/embeddings to fp32 and enables input grads; checkpointing is the Trainer's job
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=config.target_list(), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def training_args(config: TrainConfig, output_dir: Path, device: str, precision: str, warmup_steps: int,
+                  grad_ckpt: bool):
+    """Every Trainer value loradex relies on, set explicitly (defaults move between releases)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=warmup_steps,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=1.0,
+        bf16=precision == "bf16",
+        fp16=False,
+        activation_checkpointing=grad_ckpt,
+        activation_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        save_only_model=False,
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        log_level="warning",
+    )
+
+
+def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callbacks=None) -> TrainResult:
+    """Fine-tune ``config.base`` on ``config.data``, record the run, register the adapter.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use one to
+    deliver a real SIGINT mid-run).
+    """
+    from hub.bases import get_base
+    from hub.loading import load_tokenizer
+    from hub.settings import Settings, apply_threads
+    from hub.store import Store
+    from training import records
+
+    t0 = time.monotonic()
+    settings = settings or Settings()
+    store = store or Store(settings.store)
+    rank, _, world = _rank()
+    main = rank == 0
+    threads = config.threads or settings.threads
+    apply_threads(threads)
+
+    # -- 1. base and data: every check before anything is recorded or loaded -----------
+    with _catalog(catalog, settings) as cat:
+        base_row = get_base(cat, config.base, store=store)
+    check_targets(config, base_row["layers"])
+    tokenizer = load_tokenizer(base_row["path"], base_row["config"].get("max_position_embeddings"))
+    train_ds = load_dataset(config.data, tokenizer, config.max_length, chat_template=config.chat_template)
+    eval_ds = (load_dataset(config.eval_data, tokenizer, config.max_length, chat_template=config.chat_template)
+               if config.eval_data else None)
+
+    output_dir = Path(config.output_dir or settings.home / "runs" / config.name).absolute()
+    checkpoint = last_checkpoint(output_dir) if output_dir.exists() else None
+    if config.resume and checkpoint is None:
+        raise InvalidConfig(f"--resume: no checkpoint in {output_dir} to continue from")
+    if not config.resume and checkpoint is not None:
+        raise Conflict(f"{output_dir} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                       f"or delete the folder / choose another --output-dir")
+    device = resolve_device(config)
+    precision = resolve_precision(config.precision, device)
+    if precision == "bf16" and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise InvalidConfig("--precision bf16: this GPU does not support bfloat16; use fp32")
+    grad_ckpt = (config.gradient_checkpointing if config.gradient_checkpointing is not None
+                 else config.quantize == "nf4" and device.startswith("cuda"))
+    steps_planned = planned_steps(len(train_ds), config, world)
+    warmup_steps = math.ceil(config.warmup_ratio * steps_planned)
+    resolved = replace(
+        config,
+        data=str(train_ds.path),
+        eval_data=str(eval_ds.path) if eval_ds else None,
+        output_dir=str(output_dir),
+        threads=threads,
+        resume=False,
+        gradient_checkpointing=grad_ckpt,
+    ).to_dict()
+    resolved["resolved"] = {
+        "device": device, "precision": precision, "quantization": config.quantize,
+        "warmup_steps": warmup_steps, "planned_steps": steps_planned, "world_size": world,
+        "effective_batch_size": config.batch_size * config.grad_accum * world,
+        "base_path": str(base_row["path"]), "base_files": base_row["files"], "versions": _versions(),
+    }
+    counts = {
+        "train": len(train_ds), "eval": len(eval_ds) if eval_ds else 0, "format": train_ds.format,
+        "truncated": train_ds.truncated + (eval_ds.truncated if eval_ds else 0),
+        "train_file": train_ds.counts(), "eval_file": eval_ds.counts() if eval_ds else None,
+    }
+    if train_ds.truncated and main:
+        print(f"loradex: {train_ds.truncated} of {len(train_ds)} training examples are longer than "
+              f"--max-length {config.max_length} and were truncated (lines {train_ds.truncated_lines[:10]})",
+              file=__import__("sys").stderr)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / CONFIG_FILE
+    run_id = None
+    previous_duration = 0.0
+    if main:
+        config_path.write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        with _catalog(catalog, settings) as cat:
+            records.reap_dead_runs(cat)
+            prior = records.resumable_run(cat, str(output_dir)) if config.resume else None
+            previous_duration = float(prior["duration_s"] or 0.0) if prior else 0.0
+            run_id = records.start_run(
+                cat, config=resolved, base=config.base, output_dir=str(output_dir), config_path=str(config_path),
+                data_path=str(train_ds.path), data_sha256=train_ds.sha256, data_counts=counts, device=device,
+                precision=precision, quantization=config.quantize, resume_id=prior["id"] if prior else None,
+            )
+
+    # -- 2. train -------------------------------------------------------------------
+    state = {"trainer": None, "loop_s": 0.0, "tokens_before": 0}
+
+    def record_outcome(status: str, error: str | None) -> None:
+        if not main:
+            return
+        trainer = state["trainer"]
+        history = trainer.state.log_history if trainer is not None else []
+        curve, evals = _loss_curve(history)
+        png = None
+        if curve:
+            png = str(_plot(curve, evals, output_dir / LOSS_PNG, config, status))
+        ckpt = last_checkpoint(output_dir)
+        duration = previous_duration + time.monotonic() - t0
+        from hub.catalog import utcnow
+        from training.cost import estimate_cost
+
+        cost, basis = estimate_cost(duration, device, config.gpu_type, settings.home)
+        with _catalog(catalog, settings) as cat:
+            records.update_run(
+                cat, run_id, status=status, error=error, ended_at=utcnow(), duration_s=duration,
+                steps=trainer.state.global_step if trainer is not None else 0,
+                tokens_seen=int(trainer.state.num_input_tokens_seen) if trainer is not None else 0,
+                loss_curve=curve, final_loss=curve[-1][1] if curve else None, loss_png=png,
+                checkpoint=str(ckpt) if ckpt else None, cost_usd=cost, cost_basis=basis,
+            )
+
+    from training.callbacks import GracefulStop, ProgressBar
+
+    stop = GracefulStop()
+    try:
+        trainer = _build_trainer(config, base_row, output_dir, device, precision, warmup_steps, grad_ckpt,
+                                 train_ds, eval_ds, tokenizer,
+                                 # caller callbacks run before the stop check, so a stop they trigger
+                                 # takes effect at the step they saw
+                                 [ProgressBar(f"train {config.name}"), *(callbacks or []), stop])
+        state["trainer"] = trainer
+        eval_before = None
+        if eval_ds is not None and checkpoint is None:
+            eval_before = float(trainer.evaluate()["eval_loss"])
+            if main:
+                with _catalog(catalog, settings) as cat:
+                    records.update_run(cat, run_id, eval_loss_before=eval_before)
+        tokens_before = 0
+        if checkpoint is not None:
+            saved = json.loads((checkpoint / "trainer_state.json").read_text())
+            tokens_before = int(saved.get("num_input_tokens_seen") or 0)
+        stop.install()
+        loop_t0 = time.monotonic()
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            stop.uninstall()
+        loop_s = time.monotonic() - loop_t0
+        if stop.requested:
+            record_outcome("interrupted", "stopped by Ctrl-C; continue with --resume")
+            raise KeyboardInterrupt
+        eval_loss = float(trainer.evaluate()["eval_loss"]) if eval_ds is not None else None
+    except KeyboardInterrupt:
+        if not stop.requested:
+            record_outcome("interrupted", "interrupted (KeyboardInterrupt); continue with --resume")
+        raise
+    except BaseException as exc:
+        record_outcome("failed", f"{type(exc).__name__}: {exc}")
+        raise
+
+    tokens_seen = int(trainer.state.num_input_tokens_seen)
+    tokens_per_s = (tokens_seen - tokens_before) / loop_s if loop_s > 0 else 0.0
+    curve, evals = _loss_curve(trainer.state.log_history)
+    if eval_ds is not None:
+        evals = ([[0, eval_before]] if eval_before is not None else []) + evals + [[trainer.state.global_step, eval_loss]]
+    final_loss = curve[-1][1] if curve else None
+    if not main:
+        return TrainResult(None, None, output_dir, final_loss, eval_loss, trainer.state.global_step,
+                           time.monotonic() - t0, tokens_per_s)
+
+    # -- 3. save the adapter with its config and loss curve, register, record ------------
+    try:
+        adapter_dir = output_dir / ADAPTER_SUBDIR
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        # record the base by its catalog name, not this machine's folder (registry resolves it)
+        trainer.model.peft_config["default"].base_model_name_or_path = config.base
+        trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False)
+        (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
+        shutil.copy(config_path, adapter_dir / CONFIG_FILE)
+        png = _plot(curve, evals, adapter_dir / LOSS_PNG, config, "completed")
+        shutil.copy(png, output_dir / LOSS_PNG)
+        duration = previous_duration + time.monotonic() - t0
+        from hub.catalog import utcnow
+        from hub.registry import register_adapter
+        from training.cost import estimate_cost
+
+        cost, basis = estimate_cost(duration, device, config.gpu_type, settings.home)
+        with _catalog(catalog, settings) as cat:
+            version = register_adapter(
+                cat, store, adapter_dir, config.name, base=config.base, training_run_id=run_id,
+                quantization=config.quantize, description=config.description,
+                source=f"loradex train (run {run_id})",
+            )
+            records.update_run(
+                cat, run_id, status="completed", error=None, ended_at=utcnow(), duration_s=duration,
+                steps=trainer.state.global_step, tokens_seen=tokens_seen, tokens_per_s=tokens_per_s,
+                loss_curve=curve, final_loss=final_loss, eval_loss=eval_loss, cost_usd=cost,
+                cost_basis=basis, loss_png=str(output_dir / LOSS_PNG), adapter_version_id=version["id"],
+                checkpoint=None,
+            )
+    except BaseException as exc:
+        record_outcome("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    for ckpt in output_dir.glob("checkpoint-*"):  # the adapter is registered: checkpoints are spent
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return TrainResult(run_id, version, output_dir, final_loss, eval_loss, trainer.state.global_step,
+                       duration, tokens_per_s)
+
+
+def _plot(curve, evals, path: Path, config: TrainConfig, status: str) -> Path:
+    from training.plot import loss_png
+
+    title = f"{config.name} on {config.base} (r={config.r}, {config.quantize}, {status})"
+    return loss_png(curve, path, title=title, eval_points=evals)
+
+
+def _build_trainer(config, base_row, output_dir, device, precision, warmup_steps, grad_ckpt,
+                   train_ds: Dataset, eval_ds: Dataset | None, tokenizer, callbacks):
+    from transformers import PrinterCallback, Trainer
+
+    model = load_model(config, base_row["path"], device, precision)
+    args = training_args(config, output_dir, device, precision, warmup_steps, grad_ckpt)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds.rows,
+        eval_dataset=eval_ds.rows if eval_ds is not None else None,
+        data_collator=partial(collate, pad_id=tokenizer.pad_token_id),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # our ProgressBar reports instead of printing log dicts
+    return trainer
