@@ -85,7 +85,9 @@ class Catalog:
                     raise
                 holder = _holder(path, exc)
                 if holder.get("role") == "server" or time.monotonic() >= deadline:
-                    raise CatalogLocked(_locked_message(path, holder, wait_s)) from None
+                    err = CatalogLocked(_locked_message(path, holder, wait_s))
+                    err.holder = holder
+                    raise err from None
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
         owner_file = None

@@ -95,11 +95,32 @@ def cmd_base_list(ctx: Context) -> int:
     return 0
 
 
+def _via_server(ctx: Context, method: str, path: str, body: dict | None = None):
+    """Open the catalog; if a server owns it, return the server's answer instead (else None)."""
+    from hub import remote
+    from hub.errors import CatalogLocked
+
+    try:
+        ctx.catalog
+    except CatalogLocked as exc:
+        url = remote.server_url(exc)
+        if url is None:
+            raise
+        return remote.call(url, method, path, body)
+    return None
+
+
 def cmd_register(ctx: Context) -> int:
+    from pathlib import Path
+
     from hub.registry import register_adapter
 
-    row = register_adapter(ctx.catalog, ctx.store, ctx.args.path, ctx.args.name, base=ctx.args.base,
-                           allow_noop=ctx.args.allow_noop, description=ctx.args.description)
+    path = ctx.args.path if ctx.args.path.startswith("hf:") else str(Path(ctx.args.path).absolute())
+    row = _via_server(ctx, "POST", "/adapters", {"path": path, "name": ctx.args.name, "base": ctx.args.base,
+                                                 "allow_noop": ctx.args.allow_noop, "description": ctx.args.description})
+    if row is None:
+        row = register_adapter(ctx.catalog, ctx.store, path, ctx.args.name, base=ctx.args.base,
+                               allow_noop=ctx.args.allow_noop, description=ctx.args.description)
     ctx.emit(row, lambda: f"registered {row['adapter']}@{row['version']} (base {row['base']}, r={row['rank']}, "
              f"alpha={row['alpha']:g}, targets {','.join(row['target_modules'])}, "
              f"{row['param_count']:,} params, {human_bytes(row['size_bytes'])}, digest {row['digest'][:12]})")
@@ -107,9 +128,12 @@ def cmd_register(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
+    from urllib.parse import quote
+
     from hub.registry import list_adapters
 
-    rows = list_adapters(ctx.catalog, base=ctx.args.base)
+    remote_rows = _via_server(ctx, "GET", "/adapters" + (f"?base={quote(ctx.args.base)}" if ctx.args.base else ""))
+    rows = remote_rows["adapters"] if remote_rows is not None else list_adapters(ctx.catalog, base=ctx.args.base)
     ctx.emit(rows, lambda: table(
         [dict(r, ref=f"{r['adapter']}@{r['version']}", size=human_bytes(r["size_bytes"]),
               targets=",".join(r["target_modules"]), sha=r["digest"][:12]) for r in rows],
@@ -221,9 +245,13 @@ def cmd_alias_rm(ctx: Context) -> int:
 
 
 def cmd_delete(ctx: Context) -> int:
+    from urllib.parse import quote
+
     from hub.registry import delete_version
 
-    row = delete_version(ctx.catalog, ctx.store, ctx.args.ref, force=ctx.args.force)
+    row = _via_server(ctx, "DELETE", f"/adapters/{quote(ctx.args.ref)}" + ("?force=true" if ctx.args.force else ""))
+    if row is None:
+        row = delete_version(ctx.catalog, ctx.store, ctx.args.ref, force=ctx.args.force)
     ctx.emit({"adapter": row["adapter"], "version": row["version"], "deleted": True}, f"deleted {row['adapter']}@{row['version']}")
     return 0
 

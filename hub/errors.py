@@ -65,6 +65,7 @@ class CatalogLocked(LoradexError):
     """The catalog file is held read-write by another process."""
 
     exit_code = 7
+    holder: dict = {}  # {"pid", "role", "url"} of the holder, when known
 
 
 class IntegrityError(LoradexError):
