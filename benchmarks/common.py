@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -278,17 +278,3 @@ def compare_lines(previous: dict, current: dict) -> list[str]:
         change = (new - before) / before * 100.0 if before else float("nan")
         lines.append(f"{key:<38} {_fmt(before):>10} -> {_fmt(new):<10} {change:+.1f}%")
     return lines
-
-
-def asdict_shallow(obj) -> dict:
-    return asdict(obj) if hasattr(obj, "__dataclass_fields__") else dict(obj)
-
-
-@dataclass
-class Timings:
-    """Wall-clock seconds per named phase of a benchmark (setup cost is reported, not hidden)."""
-
-    phases: dict[str, float] = field(default_factory=dict)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.phases[name] = self.phases.get(name, 0.0) + seconds

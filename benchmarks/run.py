@@ -63,6 +63,8 @@ class RunConfig:
     """Where the converted default base is kept between runs (--cache-dir)."""
     keep: bool = False
     """Keep the temporary LORADEX_HOME for inspection (--keep)."""
+    profile: bool = False
+    """Run each benchmark under torch.profiler and write its top ops beside --out (--profile)."""
 
     def __post_init__(self) -> None:
         from hub.errors import InvalidConfig
@@ -116,7 +118,10 @@ def run_benchmarks(config: RunConfig, report: Report | None = None) -> dict:
             entry: dict = {"status": "ok"}
             try:
                 module = importlib.import_module(BENCHMARKS[name])
-                entry["details"] = module.run(ws, report)
+                if config.profile:
+                    entry["details"], entry["profile"] = profiled(module.run, ws, report, config.out, name)
+                else:
+                    entry["details"] = module.run(ws, report)
             except Exception as exc:  # one failing benchmark must not cost the others' figures
                 entry = {"status": "error", "error": f"{type(exc).__name__}: {exc}",
                          "traceback": traceback.format_exc()}
@@ -132,6 +137,23 @@ def run_benchmarks(config: RunConfig, report: Report | None = None) -> dict:
     payload["load_avg_end"] = list(os.getloadavg())
     write_json(config.out, payload)
     return payload
+
+
+def profiled(fn, ws, report: Report, out: Path, name: str) -> tuple[dict, str]:
+    """Run ``fn(ws, report)`` under torch.profiler (CPU ops of every thread); write the top ops by self time.
+
+    Profiling slows what it watches: figures from a --profile run are for
+    finding the bottleneck, not for comparison.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        details = fn(ws, report)
+    path = Path(out).parent / f"profile-{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    report.note(f"profile: {path}")
+    return details, str(path)
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -150,10 +172,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--cache-dir", type=Path, default=Path("bench-results/cache"),
                    help="where the converted default base is kept between runs")
     p.add_argument("--keep", action="store_true", help="keep the temporary LORADEX_HOME")
+    p.add_argument("--profile", action="store_true",
+                   help="run under torch.profiler and write profile-NAME.txt beside --out (slows the run)")
     a = p.parse_args(argv)
     preset = "quick" if a.quick else "smoke" if a.smoke else "full"
     return RunConfig(preset=preset, only=a.only, skip=a.skip, out=a.out, compare=a.compare, base_dir=a.base_dir,
-                     quantize=a.quantize, device=a.device, cache_dir=a.cache_dir, keep=a.keep)
+                     quantize=a.quantize, device=a.device, cache_dir=a.cache_dir, keep=a.keep,
+                     profile=a.profile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -45,7 +45,7 @@ class Sizes:
     """LoRA rank of the generated adapters."""
     scaling_counts: tuple[int, ...] = (1, 10, 100)
     """Registered adapters rotated through in the scaling benchmark."""
-    scaling_rounds: int = 2
+    scaling_rounds: int = 1
     """Batches of ``requests`` measured per scaling configuration."""
     cold_reps: int = 5
     """Never-loaded adapters timed in the cold-load benchmark."""
@@ -53,7 +53,7 @@ class Sizes:
     """Tokens generated at batch 1 in the decode benchmark."""
     bandwidth_mb: int = 512
     """Size of the buffer copied to measure memory bandwidth."""
-    train_steps: int = 12
+    train_steps: int = 10
     """Optimizer steps per training run (the first is warm-up and not counted)."""
     train_examples: int = 64
     """Synthetic chat examples in the training data."""
@@ -122,9 +122,6 @@ class Workspace:
             yield cat
         finally:
             cat.close()
-
-    def with_sizes(self, **changes) -> "Workspace":
-        return replace(self, sizes=replace(self.sizes, **changes))
 
     def make_adapter(self, name: str, *, seed: int, rank: int | None = None) -> Path:
         """A random LoRA adapter folder over this run's base (not registered)."""

@@ -100,6 +100,7 @@ class RowPlan:
     rows: torch.Tensor | None      # LongTensor of row indices with an adapter (None: every row)
     slots: torch.Tensor            # LongTensor, one slot per adapter row
     uniform: int | None            # the slot when every row uses the same one
+    key: tuple = ()                # identifies the gathered weights this plan needs
 
 
 @dataclass
@@ -107,9 +108,19 @@ class LoRAContext:
     """Shared by all wrapped modules: the plan of the forward in progress."""
 
     plan: RowPlan | None = None
+    generation: int = 0            # bumped whenever a slot's weights change
+    _last: RowPlan | None = None
 
     def set_rows(self, slots: list[int]) -> None:
-        """``slots[i]`` is row i's adapter slot, or -1 for the bare base."""
+        """``slots[i]`` is row i's adapter slot, or -1 for the bare base.
+
+        Consecutive decode steps of an unchanged batch get the same plan, so each
+        module reuses the A/B it gathered for that batch instead of gathering again.
+        """
+        key = (self.generation, tuple(slots))
+        if self._last is not None and self._last.key == key:
+            self.plan = self._last
+            return
         with_adapter = [i for i, s in enumerate(slots) if s >= 0]
         if not with_adapter:
             self.plan = None
@@ -117,10 +128,12 @@ class LoRAContext:
         used = {slots[i] for i in with_adapter}
         if len(with_adapter) == len(slots):
             uniform = next(iter(used)) if len(used) == 1 else None
-            self.plan = RowPlan(rows=None, slots=torch.tensor(slots, dtype=torch.long), uniform=uniform)
+            plan = RowPlan(rows=None, slots=torch.tensor(slots, dtype=torch.long), uniform=uniform, key=key)
         else:
-            self.plan = RowPlan(rows=torch.tensor(with_adapter, dtype=torch.long),
-                                slots=torch.tensor([slots[i] for i in with_adapter], dtype=torch.long), uniform=None)
+            plan = RowPlan(rows=torch.tensor(with_adapter, dtype=torch.long),
+                           slots=torch.tensor([slots[i] for i in with_adapter], dtype=torch.long), uniform=None,
+                           key=key)
+        self.plan = self._last = plan
 
     def clear(self) -> None:
         self.plan = None
@@ -133,6 +146,8 @@ class Stack:
     A: torch.Tensor
     B: torch.Tensor
     filled: set[int] = field(default_factory=set)
+    gathered_key: tuple | None = None          # plan key of the tensors below
+    gathered: tuple | None = None              # (A^T [n, in, r], B^T [n, r, out]) for that plan's rows
 
 
 class BatchedLoRALinear(nn.Module):
@@ -154,13 +169,17 @@ class BatchedLoRALinear(nn.Module):
             if plan.uniform not in self.stack.filled:
                 return y
             return y + (x @ A[plan.uniform].transpose(0, 1)) @ B[plan.uniform].transpose(0, 1)
+        stack = self.stack
+        if stack.gathered_key != plan.key:
+            stack.gathered = (A.index_select(0, plan.slots).transpose(1, 2).contiguous(),
+                              B.index_select(0, plan.slots).transpose(1, 2).contiguous())
+            stack.gathered_key = plan.key
+        a_t, b_t = stack.gathered
         xs = x if plan.rows is None else x.index_select(0, plan.rows)
-        a = A.index_select(0, plan.slots)
-        b = B.index_select(0, plan.slots)
-        d = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        d = torch.bmm(torch.bmm(xs, a_t), b_t)
         if plan.rows is None:
-            return y + d
-        return y.index_add(0, plan.rows, d)
+            return y.add_(d)
+        return y.index_add_(0, plan.rows, d)
 
 
 class LoRABank:
@@ -229,6 +248,7 @@ class LoRABank:
         if weights.rank > self.rank:
             self._grow(self.capacity, weights.rank)
         self.clear(slot)
+        self.ctx.generation += 1
         for name, (a, b) in weights.modules.items():
             stack = self._stack(name)
             r = a.shape[0]
@@ -237,6 +257,7 @@ class LoRABank:
             stack.filled.add(slot)
 
     def clear(self, slot: int) -> None:
+        self.ctx.generation += 1
         for stack in self.stacks.values():
             if slot in stack.filled:
                 stack.A[slot].zero_()

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "data" / "pirate.jsonl"
 HELD_OUT = REPO / "examples" / "data" / "pirate-eval.jsonl"
 DEMO = REPO / "examples" / "demo-adapters" / "pirate"
-N_EVAL = 12
+N_EVAL = 8
 MAX_NEW = 24
 
 
@@ -67,3 +67,57 @@ def fit_style_adapter(base_dir: Path, data: Path, out: Path, *, steps: int = 16,
         opt.zero_grad()
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def style_adapter_dir(smollm_folder, tmp_path_factory) -> Path:
+    if (DEMO / "adapter_config.json").is_file():
+        return DEMO
+    return fit_style_adapter(smollm_folder, TRAIN, tmp_path_factory.mktemp("pirate") / "adapter", steps=10, batch=4, lr=5e-3)
+
+
+def test_style_adapter_lifts_and_passes_gate_no_skill_is_refused(catalog, store, settings, smollm, smollm_folder,
+                                                                   style_adapter_dir, tmp_path):
+    from hub.catalog import Catalog
+
+    register_adapter(catalog, store, style_adapter_dir, "pirate", base="smollm2-135m-instruct")
+    run = evaluate(catalog, store, "pirate@1", HELD_OUT, metrics=("similarity",), max_new_tokens=MAX_NEW,
+                   limit=N_EVAL, batch_size=8, settings=settings)
+    lift = run["paired"]["similarity"]
+    assert lift["ci_low"] > 0, lift
+    assert run["metrics"]["similarity"]["mean"] > run["base_metrics"]["similarity"]["mean"]
+    assert run["win_rate"]["rate"] > 0.5
+    gate = check_promotion(catalog, {"id": run["adapter_version_id"], "adapter": "pirate", "version": 1})
+    assert gate["ok"], gate["reasons"]
+    assert gate["lift"]["ci_low"] == pytest.approx(lift["ci_low"])
+    catalog.close()
+    r = run_cli("alias", "set", "pirate@1", "production")
+    assert r.returncode == 0, r.stderr
+
+    # a no-skill version: every lora_B zero, registered with --allow-noop
+    noop = make_adapter(smollm_folder, tmp_path / "noop", r=8, alpha=16, noop=True)
+    cat = Catalog.open(settings.catalog_path, wait_s=30)
+    try:
+        register_adapter(cat, store, noop, "pirate", base="smollm2-135m-instruct", allow_noop=True)
+        run2 = evaluate(cat, store, "pirate@2", HELD_OUT, metrics=("similarity",), max_new_tokens=MAX_NEW,
+                        limit=N_EVAL, batch_size=8, settings=settings)
+        # the base pass was served from the cache, and a zero adapter generates exactly what the base did
+        assert run2["decoding"]["base_cached"] is True
+        samples = cat.query("SELECT output, base_output FROM eval_samples WHERE run_id = ?", [run2["id"]])
+        assert all(s["output"] == s["base_output"] for s in samples)
+        assert run2["paired"]["similarity"]["diff"] == pytest.approx(0.0, abs=1e-6)
+        gate2 = check_promotion(cat, {"id": run2["adapter_version_id"], "adapter": "pirate", "version": 2})
+        assert not gate2["ok"]
+        assert any("not positive at 95%" in r for r in gate2["reasons"])
+        assert any("worse than production pirate@1" in r for r in gate2["reasons"])
+        assert gate2["production"]["candidate_mean"] < gate2["production"]["mean"]
+    finally:
+        cat.close()
+    r = run_cli("alias", "set", "pirate@2", "production")
+    assert r.returncode == 6 and "not positive at 95%" in r.stderr and "worse than production" in r.stderr
+    r = run_cli("alias", "set", "pirate@2", "production", "--force", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["forced"] is True
+    r = run_cli("leaderboard", "--data", str(HELD_OUT), "--json")
+    rows = json.loads(r.stdout)["sections"][0]["rows"]
+    assert [row["ref"] for row in rows] == ["pirate@1", "pirate@2"]

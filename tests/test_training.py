@@ -76,17 +76,35 @@ class Crash(TrainerCallback):
             raise RuntimeError("simulated crash (disk full)")
 
 
-@pytest.fixture
-def run(tmp_path, catalog, store, settings, tiny_base):
-    """One completed tiny run with held-out data (shared by the assertions below)."""
-    eval_path = write_chat(tmp_path / "eval.jsonl", 6)
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_base_dir):
+    """A module-wide catalog + store with the tiny base (one real run is shared by several tests)."""
+    from hub.bases import add_base
+    from hub.catalog import Catalog
+    from hub.settings import Settings
+    from hub.store import Store
+
+    root = tmp_path_factory.mktemp("training-shared")
+    settings = Settings(home=root / "home", store=root / "store")
+    store = Store(settings.store)
+    cat = Catalog.open(settings.catalog_path, wait_s=5)
+    add_base(cat, store, "tiny", str(tiny_base_dir))
+    yield root, cat, store, settings
+    cat.close()
+
+
+@pytest.fixture(scope="module")
+def run(shared):
+    """One completed tiny run with held-out data."""
+    root, catalog, store, settings = shared
+    eval_path = write_chat(root / "eval.jsonl", 6)
     watcher = WeightWatcher()
-    config = tiny_config(tmp_path, eval_data=eval_path, description="tiny test adapter")
+    config = tiny_config(root, eval_data=eval_path, description="tiny test adapter")
     result = train(config, catalog=catalog, store=store, settings=settings, callbacks=[watcher])
     return config, result, watcher
 
 
-def test_run_trains_lora_only_and_registers(run, catalog, store):
+def test_run_trains_lora_only_and_registers(run):
     config, result, watcher = run
     assert isinstance(result, TrainResult)
     lora = [n for n in watcher.begin if "lora_" in n]
@@ -103,8 +121,9 @@ def test_run_trains_lora_only_and_registers(run, catalog, store):
     assert result.tokens_per_s > 0 and result.duration_s > 0
 
 
-def test_run_files_beside_the_adapter(run, store):
+def test_run_files_beside_the_adapter(run, shared):
     config, result, _ = run
+    store = shared[2]
     for folder in (result.adapter_dir, store.resolve(result.version["path"])):
         names = {p.name for p in folder.iterdir()}
         assert {"adapter_config.json", "adapter_model.safetensors", CONFIG_FILE, "loss_curve.png"} <= names
@@ -120,8 +139,9 @@ def test_run_files_beside_the_adapter(run, store):
     assert again.learning_rate == config.learning_rate and again.targets == config.targets and not again.resume
 
 
-def test_run_row_is_complete(run, catalog):
+def test_run_row_is_complete(run, shared):
     config, result, _ = run
+    catalog = shared[1]
     row = catalog.one("SELECT * FROM training_runs WHERE id = ?", [result.run_id])
     assert row["status"] == "completed" and row["error"] is None
     assert row["adapter"] == "tiny-lora" and row["base"] == "tiny"
@@ -205,7 +225,7 @@ def test_dead_running_rows_are_reaped(tmp_path, catalog, store, settings, tiny_b
     catalog.execute(
         "INSERT INTO training_runs (adapter, base, config, status, started_at, pid) VALUES (?, ?, ?, 'running', ?, ?)",
         ["ghost", "tiny", to_json({}), utcnow(), 2**22 + 12345])
-    train(tiny_config(tmp_path, max_steps=1), catalog=catalog, store=store, settings=settings)
+    train(tiny_config(tmp_path, max_steps=2), catalog=catalog, store=store, settings=settings)
     ghost = catalog.one("SELECT * FROM training_runs WHERE adapter = 'ghost'")
     assert ghost["status"] == "interrupted" and "exited without recording" in ghost["error"]
 

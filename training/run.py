@@ -363,9 +363,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
 
     tokens_seen = int(trainer.state.num_input_tokens_seen)
     tokens_per_s = (tokens_seen - tokens_before) / loop_s if loop_s > 0 else 0.0
-    curve, evals = _loss_curve(trainer.state.log_history)
-    if eval_ds is not None:
-        evals = ([[0, eval_before]] if eval_before is not None else []) + evals + [[trainer.state.global_step, eval_loss]]
+    curve, evals = _loss_curve(trainer.state.log_history)  # evaluate() logs before/after points too
     final_loss = curve[-1][1] if curve else None
     if not main:
         return TrainResult(None, None, output_dir, final_loss, eval_loss, trainer.state.global_step,

@@ -1,0 +1,55 @@
+"""Constructed catalog rows for gate / review / leaderboard tests (no model needed)."""
+from __future__ import annotations
+
+from evals import stats
+from evals.record import store_run
+from hub.catalog import to_json, utcnow
+
+DATA_A = "a" * 64
+DATA_B = "b" * 64
+
+
+def add_version(catalog, name: str, version: int, base: str = "tiny") -> dict:
+    with catalog.transaction() as cur:
+        if not cur.execute("SELECT 1 FROM adapters WHERE name = ?", [name]).fetchone():
+            cur.execute("INSERT INTO adapters VALUES (?, NULL, ?)", [name, utcnow()])
+        vid = cur.execute(
+            "INSERT INTO adapter_versions (adapter, version, base, digest, path, files, size_bytes, peft_type, rank, "
+            "alpha, target_modules, param_count, features, source, status, created_at) VALUES "
+            "(?, ?, ?, ?, ?, '{}', 0, 'LORA', 8, 16, '[\"q_proj\"]', 1, '{}', 'test', 'ready', ?) RETURNING id",
+            [name, version, base, f"{name}-{version}".ljust(64, "0"), f"snapshots/{name}-{version}", utcnow()],
+        ).fetchone()[0]
+    return catalog.one("SELECT * FROM adapter_versions WHERE id = ?", [vid])
+
+
+def add_run(catalog, version: dict, adapter_scores: list[float], base_scores: list[float], *, metric: str = "similarity",
+            data_sha: str = DATA_A, outputs: list[str] | None = None) -> dict:
+    """An eval run whose summaries are computed from the given per-item scores, as evaluate() would."""
+    n = len(adapter_scores)
+    binary = metric == "exact"
+    higher = metric != "perplexity"
+    paired = stats.paired_difference(adapter_scores, base_scores)
+    paired["higher_is_better"] = higher
+    run = {
+        "adapter_version_id": version["id"], "base": version["base"], "data_path": f"/data/{data_sha[:4]}.jsonl",
+        "data_sha256": data_sha, "n": n,
+        "metrics": {metric: stats.summarize(adapter_scores, binary=binary)},
+        "base_metrics": {metric: stats.summarize(base_scores, binary=binary)},
+        "paired": {metric: paired},
+        "win_rate": dict(stats.win_rate(adapter_scores, base_scores, higher_is_better=higher), metric=metric),
+        "decoding": {"primary_metric": metric, "max_new_tokens": 8}, "metric_model": None, "seed": 0, "duration_s": 1.0,
+    }
+    outputs = outputs or [f"adapter answer {i}" for i in range(n)]
+    samples = [{"idx": i, "prompt": f"question {i}?", "reference": f"reference {i}", "output": outputs[i],
+                "base_output": f"base answer {i}", "scores": {metric: adapter_scores[i]},
+                "base_scores": {metric: base_scores[i]}} for i in range(n)]
+    return store_run(catalog, run, samples)
+
+
+def set_production(catalog, name: str, version: int) -> None:
+    with catalog.transaction() as cur:
+        cur.execute("DELETE FROM aliases WHERE adapter = ? AND alias = 'production'", [name])
+        cur.execute("INSERT INTO aliases VALUES (?, 'production', ?, ?)", [name, version, utcnow()])
+
+
+__all__ = ["DATA_A", "DATA_B", "add_version", "add_run", "set_production", "to_json"]
