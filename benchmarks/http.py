@@ -114,7 +114,10 @@ def run(ws: Workspace, report: Report) -> dict:
     one = requests_for([names[0]], 1)
     server_home = ws.root / "server-home"
     server_home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ws.settings.catalog_path, server_home / "catalog.duckdb")  # our catalog is closed here
+    for suffix in ("", ".wal"):  # our handle is closed here; copy a WAL too if one was left
+        src = Path(str(ws.settings.catalog_path) + suffix)
+        if src.exists():
+            shutil.copy(src, server_home / ("catalog.duckdb" + suffix))
     port = free_port()
     log(f"http: starting `loradex serve` on port {port}")
     proc = start_server(ws, server_home, port, names, ws.root / "server.log")

@@ -31,7 +31,11 @@ def run(ws: Workspace, report: Report) -> dict:
     with ws.catalog() as cat:
         lru = open_engine(ws, cat, max_loaded=LRU_MAX_LOADED)
         log(f"scaling: loading {top} pinned adapters for the resident engine")
-        resident = open_engine(ws, cat, max_loaded=max(top, LRU_MAX_LOADED), pin=names)
+        try:
+            resident = open_engine(ws, cat, max_loaded=max(top, LRU_MAX_LOADED), pin=names)
+        except BaseException:
+            lru.shutdown()
+            raise
         engines = {"lru": lru, "resident": resident}
         loads_before = {mode: e.metrics.total("adapter_loads_total") for mode, e in engines.items()}
 
@@ -49,12 +53,14 @@ def run(ws: Workspace, report: Report) -> dict:
                 return {"tokens_per_s": tokens / wall, "loads": engines[mode].metrics.total("adapter_loads_total") - loads0}
             return run_case
 
-        cases = {(n, mode): case(n, mode) for n in counts for mode in engines}
-        results = interleave({f"{n}:{mode}": fn for (n, mode), fn in cases.items()},
-                             reps=sizes.reps, warmup=sizes.warmup)
-        loads_total = {mode: e.metrics.total("adapter_loads_total") - loads_before[mode] for mode, e in engines.items()}
-        for e in engines.values():
-            e.shutdown()
+        try:
+            cases = {f"{n}:{mode}": case(n, mode) for n in counts for mode in engines}
+            results = interleave(cases, reps=sizes.reps, warmup=sizes.warmup)
+            loads_total = {mode: e.metrics.total("adapter_loads_total") - loads_before[mode]
+                           for mode, e in engines.items()}
+        finally:
+            for e in engines.values():
+                e.shutdown()
 
     tps = {key: [r["tokens_per_s"] for r in rs] for key, rs in results.items()}
     loads = {key: [r["loads"] for r in rs] for key, rs in results.items()}

@@ -21,22 +21,21 @@ NAME = "serving_mixed"
 
 
 def run(ws: Workspace, report: Report) -> dict:
+    from hub.registry import adapter_folder
+
     sizes = ws.sizes
     names = ws.register_adapters("serve", sizes.adapters)
     adapters = [names[i % len(names)] for i in range(sizes.requests)]
     mixed_reqs = requests_for(adapters, sizes.new_tokens)
     base_reqs = requests_for([None] * sizes.requests, sizes.new_tokens)
     with ws.catalog() as cat:
-        folders = {}
-        from hub.registry import adapter_folder
-
-        for name in names:
-            _, folders[name] = adapter_folder(cat, ws.store, name)
+        folders = {name: adapter_folder(cat, ws.store, name)[1] for name in names}
         log("serving: loading the engines and the PEFT baseline")
-        loaded_engine = open_engine(ws, cat, max_loaded=max(8, len(names)), pin=names)
-        bare_engine = open_engine(ws, cat, max_loaded=max(8, len(names)))
-        peft = PeftBaseline(ws, cat, folders)
+        loaded_engine = bare_engine = None
         try:
+            loaded_engine = open_engine(ws, cat, max_loaded=max(8, len(names)), pin=names)
+            bare_engine = open_engine(ws, cat, max_loaded=max(8, len(names)))
+            peft = PeftBaseline(ws, cat, folders)
             rounds = interleave({
                 "a": lambda: engine_round(loaded_engine, mixed_reqs),
                 "b": lambda: peft.swap_round(mixed_reqs),
@@ -47,8 +46,9 @@ def run(ws: Workspace, report: Report) -> dict:
             loads = loaded_engine.metrics.total("adapter_loads_total")
             bare_loads = bare_engine.metrics.total("adapter_loads_total")
         finally:
-            loaded_engine.shutdown()
-            bare_engine.shutdown()
+            for engine in (loaded_engine, bare_engine):
+                if engine is not None:
+                    engine.shutdown()
     if bare_loads:
         raise RuntimeError(f"the base-only engine loaded {bare_loads} adapters; case (c) is not adapter-free")
 

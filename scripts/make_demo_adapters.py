@@ -208,6 +208,7 @@ def build(name: str, epochs: float, lr: float, threads: int) -> dict:
     dest.mkdir(parents=True)
     for fname in ("adapter_config.json", "adapter_model.safetensors", "loradex_train_config.json"):
         shutil.copy(result.adapter_dir / fname, dest / fname)
+        os.chmod(dest / fname, 0o644)
     _portable_config(dest / "loradex_train_config.json")
     check = _check(name, result.adapter_dir, settings)
     shutil.rmtree(home, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 from hub.bases import DEFAULT_BASE
 
@@ -61,6 +62,7 @@ def build_config(args):
 def cmd_serve(ctx) -> int:
     import uvicorn
 
+    from hub.bases import get_base
     from hub.catalog import Catalog
     from hub.errors import LoradexError
     from hub.registry import cleanup_stale
@@ -83,11 +85,16 @@ def cmd_serve(ctx) -> int:
                            url=f"http://{config.host}:{config.port}")
     try:
         cleanup_stale(catalog, ctx.store)
+        get_base(catalog, config.engine.base, store=ctx.store)  # unknown base: one line, before binding the port
         app = create_app(config, settings=ctx.settings, catalog=catalog, store=ctx.store, on_fatal=on_fatal)
         server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=ctx.args.log_level,
                                                timeout_graceful_shutdown=int(config.drain_s) or None,
                                                lifespan="on"))
         server_box.append(server)
+        # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal to the handler it found; make that
+        # handler a no-op so that the catalog below is closed (owner file removed) and the exit code is 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         server.run()
     finally:
         catalog.close()

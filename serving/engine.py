@@ -54,9 +54,12 @@ class Target:
     row: dict | None
     path: str                # base | adapter | merged
     model: str               # the name echoed back to the client
+    served_as: str | None = None  # NAME@V an adapter's merged model stands for (path "merged")
 
     @property
     def label(self) -> str:
+        if self.served_as is not None:
+            return self.served_as
         return ref_label(self.row) if self.row is not None else self.engine.base_name
 
 
@@ -253,7 +256,7 @@ class Engine:
         if self.config.route_merged:
             merged = self._merged_engine(row)
             if merged is not None:
-                return Target(merged, None, "merged", ref)
+                return Target(merged, None, "merged", ref, served_as=ref_label(row))
         return Target(self, row, "adapter", ref)
 
     def _merged_engine(self, row: dict) -> "Engine | None":

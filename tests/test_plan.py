@@ -78,11 +78,12 @@ def test_plan_registered_base_counts_tokens_with_its_tokenizer(tmp_path, catalog
     assert plan["total_params"] == tiny_base["num_parameters"]
 
 
-def test_cli_plan_prints_the_figures():
-    from tests.helpers import run_cli
+def test_cli_plan_prints_the_figures(capsys):
+    from hub.cli import main
 
-    res = run_cli("plan", "--base", "llama-3.1-8b", "--r", "16", "--targets", "q_proj,v_proj")
-    assert res.returncode == 0, res.stderr
-    assert "8,030,261,248" in res.stdout and "6,815,744" in res.stdout
-    bad = run_cli("plan", "--base", "llama-3.1-8b", "--quantize", "int3")
-    assert bad.returncode == 2 and "--quantize" in bad.stderr
+    assert main(["plan", "--base", "llama-3.1-8b", "--r", "16", "--targets", "q_proj,v_proj"]) == 0
+    out = capsys.readouterr().out
+    assert "8,030,261,248" in out and "6,815,744" in out
+    assert main(["plan", "--base", "llama-3.1-8b", "--quantize", "int3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quantize" in err[0]

@@ -238,21 +238,21 @@ def test_qlora_nf4_path_records_quantization(tmp_path, catalog, store, settings,
     assert row["quantization"] == "nf4" and row["precision"] == "fp32" and row["status"] == "completed"
 
 
-def test_cli_train_edge(tmp_path, tiny_base, catalog):
-    """`loradex train` end to end in a subprocess; bad data is one line and exit code 2."""
-    from tests.helpers import run_cli
+def test_cli_train_edge(tmp_path, tiny_base, catalog, capsys):
+    """`loradex train`: config file + overriding flag, --json output; bad data is one line and exit code 2."""
+    from hub.cli import main
 
-    catalog.close()  # the subprocess opens the same catalog file
+    catalog.close()  # the command opens the same catalog file itself
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"base: tiny\ndata: {write_chat(tmp_path / 'd.jsonl', 8)}\nmax_steps: 4\nbatch_size: 4\n"
                    f"max_length: 64\nlearning_rate: 0.005\nlogging_steps: 1\n")
-    ok = run_cli("train", "--config", str(cfg), "--name", "cli-lora", "--max-steps", "2", "--json")
-    assert ok.returncode == 0, ok.stderr
-    out = json.loads(ok.stdout)
+    assert main(["train", "--config", str(cfg), "--name", "cli-lora", "--max-steps", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["adapter"] == "cli-lora" and out["version"] == 1 and out["steps"] == 2  # the flag beat the file
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
-    res = run_cli("train", "--base", "tiny", "--data", str(bad), "--name", "x")
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
+    assert main(["train", "--base", "tiny", "--data", str(bad), "--name", "x"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "bad.jsonl:1:" in lines[0] and "unknown role 'robot'" in lines[0]
+    assert main(["train", "--base", "tiny", "--data", str(bad), "--name", "x", "--r", "0"]) == 2
+    assert "--r must be an integer >= 1" in capsys.readouterr().err

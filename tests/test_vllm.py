@@ -1,0 +1,217 @@
+"""Exports served by real vLLM (CPU build, own venv) through its OpenAI server, compared with transformers.
+
+Marker ``vllm`` (CI runs it after ``bash .ci/setup_vllm.sh``; the venv is found at
+``LORADEX_VLLM_VENV``, default /root/.cache/loradex/vllm-venv):
+
+* ``--format vllm``: the merged folder, served as a model; completions (prompt token ids
+  returned by the server must equal transformers') and chat completions give
+  transformers' greedy tokens / text;
+* ``--format vllm-lora``: the exported base + adapter started with the flags of the
+  printed ``vllm serve`` command; the adapter (OpenAI ``model`` field) gives base +
+  adapter's greedy tokens, the base gives the base's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+
+VENV = Path(os.environ.get("LORADEX_VLLM_VENV", "/root/.cache/loradex/vllm-venv"))
+N = 32
+PROMPTS = ["Write a long story about a dragon who learns to bake bread.",
+           "What is 17 times 23? Show your working."]
+
+if not (VENV / "bin" / "python").exists():
+    pytest.skip(f"no vLLM venv at {VENV}: run bash .ci/setup_vllm.sh", allow_module_level=True)
+
+from hub.catalog import Catalog  # noqa: E402
+from hub.settings import Settings  # noqa: E402
+from hub.store import Store  # noqa: E402
+from serving.export.run import export_adapter  # noqa: E402
+from serving.export.source import ExportOptions  # noqa: E402
+from tests.helpers import make_adapter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, smollm_folder):
+    from hub.bases import DEFAULT_BASE, add_base
+    from hub.registry import register_adapter
+    from serving.merge import MergeConfig, merge_adapter
+
+    root = tmp_path_factory.mktemp("vllm")
+    settings = Settings(home=root / "home", store=root / "store")
+    catalog = Catalog.open(settings.catalog_path, wait_s=5)
+    store = Store(settings.store)
+    add_base(catalog, store, DEFAULT_BASE, str(smollm_folder))
+    ad = make_adapter(smollm_folder, root / "ad", r=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                      scale=0.02, seed=7)
+    register_adapter(catalog, store, ad, "smolad", base=DEFAULT_BASE)
+    merge = merge_adapter(catalog, store, "smolad@1", MergeConfig(max_new_tokens=8), settings)
+    yield {"catalog": catalog, "store": store, "settings": settings, "adapter_dir": ad, "merge": merge,
+           "base_dir": smollm_folder, "root": root}
+    catalog.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A vLLM OpenAI server subprocess on loopback; always stopped by the test that starts it."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.port = _free_port()
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", VLLM_LOGGING_LEVEL="WARNING")
+        env.pop("LORADEX_HOME", None)
+        self.log = log
+        self.proc = subprocess.Popen(
+            [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", *args,
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def wait(self, timeout: float = 420) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vLLM exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/models", timeout=2) as r:
+                    if r.status == 200:
+                        return time.monotonic() - start
+            except OSError:
+                time.sleep(2)
+        raise AssertionError(f"vLLM did not start in {timeout}s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _hf(model, tok, prompt):
+    msgs = [{"role": "user", "content": prompt}]
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False, pad_token_id=tok.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id) + 1]
+    return msgs, tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), ids, new
+
+
+def _completion(client, model, text):
+    res = client.completions.create(model=model, prompt=text, max_tokens=N, temperature=0.0,
+                                    extra_body={"return_token_ids": True, "skip_special_tokens": False})
+    choice = res.choices[0]
+    extra = choice.model_extra or {}
+    return extra.get("prompt_token_ids") or (res.model_extra or {}).get("prompt_token_ids"), extra["token_ids"]
+
+
+def _strip_eos(tokens, eos):
+    return tokens[:-1] if tokens and tokens[-1] == eos else tokens
+
+
+def test_vllm_serves_merged_export_like_transformers(real, tmp_path):
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    row = export_adapter(real["catalog"], real["store"], "smolad@1", tmp_path / "v", ExportOptions(format="vllm"),
+                         real["settings"])
+    folder = tmp_path / "v" / "model"
+    assert json.loads((tmp_path / "v" / "vllm_compat.json").read_text())["ok"]
+    # the exported tokenizer loads in vLLM's transformers and renders the same prompt
+    code = ("import sys, json; from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+            "import transformers; print(json.dumps([transformers.__version__, t.apply_chat_template("
+            "[{'role': 'user', 'content': 'hi 12'}], add_generation_prompt=True, tokenize=False)]))")
+    out = subprocess.run([str(VENV / "bin" / "python"), "-c", code, str(folder)], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    version, rendered = json.loads(out.stdout.strip().splitlines()[-1])
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tuple(int(x) for x in version.split(".")[:2]) < (5, 20)  # the pin the export is written for
+    assert rendered == tok.apply_chat_template([{"role": "user", "content": "hi 12"}], add_generation_prompt=True,
+                                               tokenize=False)
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = [_hf(model, tok, p) for p in PROMPTS]
+    del model
+    server = Server(["--model", str(folder), "--served-model-name", "merged", "--max-model-len", "1024",
+                     "--dtype", "float32"], tmp_path / "server.log")
+    try:
+        started = server.wait()
+        print(f"\nvLLM (merged) started in {started:.0f}s")
+        client = OpenAI(base_url=server.url, api_key="x")
+        agree = 0
+        for msgs, text, ids, new in expected:
+            prompt_ids, got = _completion(client, "merged", text)
+            assert prompt_ids == ids
+            assert got == new, f"vLLM {got} != transformers {new}"
+            agree += len(new)
+            chat = client.chat.completions.create(model="merged", messages=msgs, max_tokens=N, temperature=0.0)
+            assert chat.choices[0].message.content == tok.decode(_strip_eos(new, tok.eos_token_id))
+        print(f"vLLM merged vs transformers: {len(expected)}/{len(expected)} prompts, {agree}/{agree} tokens equal")
+    finally:
+        server.stop()
+    assert row["format"] == "vllm"
+
+
+def test_vllm_serves_exported_lora_with_printed_command(real, tmp_path):
+    from openai import OpenAI
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    row = export_adapter(real["catalog"], real["store"], "smolad@1", tmp_path / "vl",
+                         ExportOptions(format="vllm-lora"), real["settings"])
+    argv = shlex.split(row["check_result"]["command"])
+    assert argv[:2] == ["vllm", "serve"] and "--enable-lora" in argv
+    base_folder = argv[2]
+    args = ["--model", base_folder, *argv[3:], "--dtype", "float32"]
+
+    base = AutoModelForCausalLM.from_pretrained(real["base_dir"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(real["base_dir"])
+    base_expected = [_hf(base, tok, p) for p in PROMPTS]
+    ad_model = PeftModel.from_pretrained(base, str(real["adapter_dir"])).eval()
+    ad_expected = [_hf(ad_model, tok, p) for p in PROMPTS]
+    del ad_model, base
+    assert any(a[3] != b[3] for a, b in zip(ad_expected, base_expected)), "adapter must change the output"
+
+    server = Server(args, tmp_path / "server.log")
+    try:
+        started = server.wait()
+        print(f"\nvLLM (base + LoRA) started in {started:.0f}s")
+        client = OpenAI(base_url=server.url, api_key="x")
+        assert "smolad" in {m.id for m in client.models.list().data}
+        total = 0
+        for (msgs, text, ids, new), (_, _, _, base_new) in zip(ad_expected, base_expected):
+            prompt_ids, got = _completion(client, "smolad", text)
+            assert prompt_ids == ids and got == new, f"vLLM+LoRA {got} != transformers+adapter {new}"
+            _, got_base = _completion(client, base_folder, text)
+            assert got_base == base_new
+            total += len(new)
+        chat = client.chat.completions.create(model="smolad", messages=ad_expected[0][0], max_tokens=N, temperature=0.0)
+        assert chat.choices[0].message.content == tok.decode(_strip_eos(ad_expected[0][3], tok.eos_token_id))
+        print(f"vLLM LoRA vs transformers base+adapter: {len(PROMPTS)}/{len(PROMPTS)} prompts, {total}/{total} tokens equal")
+    finally:
+        server.stop()
