@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from benchmarks.common import SCHEMA_VERSION, Report, compare_lines, log, machine_info, write_json
@@ -45,6 +45,8 @@ class RunConfig:
 
     preset: str = "full"
     """Size preset: full, quick or smoke (flags --quick / --smoke)."""
+    reps: int | None = None
+    """Timed repetitions per compared case, overriding the preset's (--reps)."""
     only: list[str] = field(default_factory=list)
     """Benchmarks to run (--only, repeatable); empty means all."""
     skip: list[str] = field(default_factory=list)
@@ -80,6 +82,8 @@ class RunConfig:
             raise InvalidConfig(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
         if self.base_dir is not None and not (Path(self.base_dir) / "config.json").is_file():
             raise InvalidConfig(f"--base-dir {self.base_dir}: not a model folder (no config.json)")
+        if self.reps is not None and self.reps < 1:
+            raise InvalidConfig(f"--reps must be >= 1, got {self.reps}")
         if self.compare is not None and not Path(self.compare).is_file():
             raise InvalidConfig(f"--compare {self.compare}: no such file")
 
@@ -90,7 +94,8 @@ class RunConfig:
 
     @property
     def sizes(self) -> Sizes:
-        return PRESETS[self.preset]
+        sizes = PRESETS[self.preset]
+        return sizes if self.reps is None else replace(sizes, reps=self.reps)
 
 
 def run_benchmarks(config: RunConfig, report: Report | None = None) -> dict:
@@ -103,7 +108,7 @@ def run_benchmarks(config: RunConfig, report: Report | None = None) -> dict:
     payload: dict = {
         "schema": SCHEMA_VERSION,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "config": {"preset": config.preset, "only": config.only, "skip": config.skip, "out": str(config.out)},
+        "config": {"preset": config.preset, "reps": config.reps, "only": config.only, "skip": config.skip, "out": str(config.out)},
         "machine": machine_info(),
         "settings": {"preset": config.preset, "sizes": asdict(config.sizes), "base": ws.base_name,
                      "base_dir": str(ws.base_folder), "quantize": config.quantize, "device": ws.device,
@@ -161,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes for development runs")
     size.add_argument("--smoke", action="store_true", help="tiny sizes that only prove each benchmark runs")
+    p.add_argument("--reps", type=int, help="timed repetitions per compared case (default: the preset's)")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
     p.add_argument("--skip", action="append", default=[], metavar="NAME", help="leave this benchmark out (repeatable)")
@@ -176,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="run under torch.profiler and write profile-NAME.txt beside --out (slows the run)")
     a = p.parse_args(argv)
     preset = "quick" if a.quick else "smoke" if a.smoke else "full"
-    return RunConfig(preset=preset, only=a.only, skip=a.skip, out=a.out, compare=a.compare, base_dir=a.base_dir,
+    return RunConfig(preset=preset, reps=a.reps, only=a.only, skip=a.skip, out=a.out, compare=a.compare, base_dir=a.base_dir,
                      quantize=a.quantize, device=a.device, cache_dir=a.cache_dir, keep=a.keep,
                      profile=a.profile)
 

@@ -120,6 +120,9 @@ def test_run_config_errors_name_the_flag(tmp_path):
         RunConfig(quantize="fp8")
     with pytest.raises(InvalidConfig, match="--base-dir"):
         RunConfig(base_dir=tmp_path)
+    with pytest.raises(InvalidConfig, match="--reps"):
+        RunConfig(reps=0)
+    assert RunConfig(preset="quick", reps=5).sizes.reps == 5
     with pytest.raises(InvalidConfig, match="--compare"):
         RunConfig(compare=tmp_path / "missing.json")
     assert main(["--only", "nope"]) == 2

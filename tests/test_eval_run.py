@@ -107,9 +107,26 @@ def test_cli_eval_show_and_leaderboard(catalog, store, tiny_adapter, data_file, 
     assert board["sections"][0]["rows"][0]["ref"] == "tiny-ad@1"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    r = run_cli("eval", "show", "999")
-    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "eval run 999 not found" in r.stderr
-    r = run_cli("eval", "tiny-ad")
-    assert r.returncode == 2 and "--data" in r.stderr
-    r = run_cli("eval", "tiny-ad", "--data", str(data_file), "--metrics", "bleu")
-    assert r.returncode == 2 and "unknown metric" in r.stderr
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["eval", "show", "999"], 3, "eval run 999 not found"),
+    (["eval", "show", "x1"], 2, "RUN must be an eval run id"),
+    (["eval", "tiny-ad"], 2, "--data FILE is required"),
+    (["eval", "tiny-ad", "--data", "{data}", "--metrics", "bleu"], 2, "unknown metric(s) bleu"),
+    (["eval", "tiny-ad", "--data", "{data}", "--max-new-tokens", "0"], 2, "--max-new-tokens must be >= 1"),
+    (["eval", "nope", "--data", "{data}"], 3, "adapter 'nope' not found"),
+    (["leaderboard", "--data", "zz"], 2, "no such file, and not a data sha256"),
+])
+def test_cli_errors_are_one_line(catalog, tiny_adapter, data_file, capsys, argv, code, message):
+    from hub.cli import main
+
+    catalog.close()
+    argv = [a.replace("{data}", str(data_file)) for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse rejects bad flag values itself
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == code and message in err, err
+    assert err.strip().count("\n") == 0

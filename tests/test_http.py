@@ -25,7 +25,7 @@ PROMPT = "The quick brown fox"
 class Server:
     """uvicorn running create_app(config) in a thread; .url, .client(), .http()."""
 
-    def __init__(self, config, settings, catalog, store):
+    def __init__(self, config, settings, catalog, store, wait_ready: bool = True):
         import uvicorn
 
         from serving.app import create_app
@@ -42,7 +42,7 @@ class Server:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.app.state.server.wait_loaded(60)
-        assert self.app.state.server.ready
+        assert self.app.state.server.ready or not wait_ready
 
     @property
     def engine(self):
@@ -374,3 +374,22 @@ def test_corrupted_adapter_refused_while_others_serve(srv, tiny_base_dir, tmp_pa
     assert c.completions.create(model="ad0", prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text == solo["ad0"]
     with srv.http() as h:
         assert 'loradex_adapter_load_failures_total{adapter="rot@1"} 2' in h.get("/metrics").text
+
+
+def test_not_ready_is_503_and_health_still_answers(tiny_base_dir, tmp_path_factory):
+    from serving.config import EngineConfig, ServerConfig
+
+    root, settings, cat, store = _home(tmp_path_factory, tiny_base_dir, {})
+    server = Server(ServerConfig(engine=EngineConfig(base="missing-base", quantize="none")), settings, cat, store,
+                    wait_ready=False)
+    try:
+        with server.http() as h:
+            assert h.get("/health").status_code == 200
+            r = h.get("/ready")
+            assert r.status_code == 503 and r.headers["retry-after"] and "missing-base" in r.json()["error"]["message"]
+        with pytest.raises(openai.InternalServerError) as e:
+            server.client().completions.create(model="x", prompt="x", max_tokens=2)
+        assert e.value.status_code == 503 and e.value.body["code"] == "not_ready"
+    finally:
+        server.stop()
+        cat.close()

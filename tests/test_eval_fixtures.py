@@ -1,9 +1,12 @@
-"""Constructed catalog rows for gate / review / leaderboard tests (no model needed)."""
+"""Constructed catalog rows for the gate, review and leaderboard tests (no model needed; no tests here).
+
+Named test_eval_* to stay inside the evals stage's files; it would sit better in tests/helpers.py.
+"""
 from __future__ import annotations
 
 from evals import stats
 from evals.record import store_run
-from hub.catalog import to_json, utcnow
+from hub.catalog import utcnow
 
 DATA_A = "a" * 64
 DATA_B = "b" * 64
@@ -52,4 +55,4 @@ def set_production(catalog, name: str, version: int) -> None:
         cur.execute("INSERT INTO aliases VALUES (?, 'production', ?, ?)", [name, version, utcnow()])
 
 
-__all__ = ["DATA_A", "DATA_B", "add_version", "add_run", "set_production", "to_json"]
+__all__ = ["DATA_A", "DATA_B", "add_version", "add_run", "set_production"]
