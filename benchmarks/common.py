@@ -121,12 +121,18 @@ class Metric:
             return None
         return value >= self.target if self.op == ">=" else value <= self.target
 
+    @property
+    def noisy(self) -> bool:
+        """The repetitions disagree by more than the figure itself: the verdict means little."""
+        stats = summarize(self.samples)
+        return stats["n"] > 1 and (stats["max"] - stats["min"]) > abs(stats["median"])
+
     def to_dict(self) -> dict:
         stats = summarize(self.samples)
         return {
             "value": stats["median"], "unit": self.unit, "min": stats["min"], "max": stats["max"],
             "n": stats["n"], "spread_pct": stats["spread_pct"], "samples": self.samples,
-            "target": self.target, "op": self.op, "pass": self.passed, "note": self.note,
+            "target": self.target, "op": self.op, "pass": self.passed, "noisy": self.noisy, "note": self.note,
         }
 
     def line(self) -> str:
@@ -142,7 +148,8 @@ class Metric:
             verdict = f"{'target -':<16} {'-':<4}"
         else:
             verdict = f"{'target ' + self.op + ' ' + _fmt(self.target):<16} {'PASS' if self.passed else 'MISS':<4}"
-        return f"{self.key:<38} {figure} {verdict}  {self.note}".rstrip()
+        note = f"{self.note} (NOISY: spread > value)" if self.noisy else self.note
+        return f"{self.key:<38} {figure} {verdict}  {note}".rstrip()
 
 
 def _fmt(x: float | None) -> str:

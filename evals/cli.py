@@ -173,7 +173,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--limit", type=_positive_int("--limit"), help="score only the first N items")
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="items per batch (default 8)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none", help="load the base quantized (default none)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="load the base quantized (default: as the adapter was trained, else none)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-cache", action="store_true", help="recompute the base's outputs even if cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

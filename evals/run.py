@@ -52,8 +52,8 @@ class EvalConfig:
     """Items per generation / perplexity batch (--batch-size)."""
     seed: int = 0
     """Seed of the bootstrap resampling (--seed); generation is greedy and needs none."""
-    quantize: str = "none"
-    """Load the base as none | nf4 | int8 (--quantize)."""
+    quantize: str | None = None
+    """Load the base as none | nf4 | int8 (--quantize); default: what the adapter was trained against, else none."""
     device: str = "auto"
     """auto | cpu | cuda[:N] (--device)."""
     use_cache: bool = True
@@ -71,7 +71,7 @@ class EvalConfig:
             raise InvalidConfig(f"--batch-size must be an integer in 1..1024, got {self.batch_size!r}")
         if not isinstance(self.seed, int):
             raise InvalidConfig(f"--seed must be an integer, got {self.seed!r}")
-        if self.quantize not in QUANTIZE_CHOICES:
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise InvalidConfig(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
 
 
@@ -90,7 +90,7 @@ def _catalog(catalog, settings):
         cat.close()
 
 
-def _decoding(cfg: EvalConfig, device: str, dtype, n: int) -> dict:
+def _decoding(cfg: EvalConfig, quantize: str, device: str, dtype, n: int) -> dict:
     needs_gen = any(METRICS[m].needs_generation for m in cfg.metrics)
     return {
         "strategy": "greedy" if needs_gen else "none (teacher-forced only)",
@@ -101,7 +101,7 @@ def _decoding(cfg: EvalConfig, device: str, dtype, n: int) -> dict:
         "padding_side": "left",
         "chat_template": "base tokenizer, add_generation_prompt=True",
         "skip_special_tokens": True,
-        "quantize": cfg.quantize,
+        "quantize": quantize,
         "device": device.split(":")[0],
         "dtype": str(dtype).replace("torch.", ""),
         "n": n,
@@ -140,7 +140,7 @@ def evaluate(
     seed: int = 0,
     settings=None,
     *,
-    quantize: str = "none",
+    quantize: str | None = None,
     device: str = "auto",
     use_cache: bool = True,
     progress: bool = False,
@@ -171,11 +171,13 @@ def evaluate(
     from evals.record import cache_key, cached_base, store_run
 
     dev = pick_device(cfg.device)
-    decoding = _decoding(cfg, dev, pick_dtype(dev), len(items))
     metric_model = similarity_model_info() if "similarity" in cfg.metrics else None
     with _catalog(catalog, settings) as cat:
         version = resolve(cat, ref) if not isinstance(ref, dict) else ref
         version, folder = adapter_folder(cat, store, version)
+        trained_on = version.get("quantization") if version.get("quantization") in QUANTIZE_CHOICES else "none"
+        quant = cfg.quantize or trained_on
+        decoding = _decoding(cfg, quant, dev, pick_dtype(dev), len(items))
         base_row = get_base(cat, version["base"], store=store)
         key = cache_key(base=base_row["name"], base_digest=manifest_digest(base_row["files"]),
                         data_sha256=eval_set.sha256, n=len(items), decoding=decoding, metrics=cfg.metrics,
@@ -186,7 +188,7 @@ def evaluate(
     t = time.perf_counter()
     from peft import PeftModel
 
-    loaded = load_base(base_row["name"], cfg.quantize, dev, catalog=catalog, store=store, settings=settings)
+    loaded = load_base(base_row["name"], quant, dev, catalog=catalog, store=store, settings=settings)
     model = PeftModel.from_pretrained(loaded.model, str(folder), is_trainable=False)
     model.eval()
     tokenizer = loaded.tokenizer

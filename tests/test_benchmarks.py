@@ -80,6 +80,9 @@ def test_metric_verdicts_and_line():
     info = Metric("z.tok", [1.0, 2.0], "tok/s")
     assert info.passed is None and "target -" in info.line()
     assert Metric("e.none", [], "x", 1.0, ">=").passed is None
+    noisy = Metric("n.ms", [-200.0, 10.0, 250.0], "ms", 50.0, "<=")
+    assert noisy.noisy and "NOISY" in noisy.line() and noisy.to_dict()["noisy"] is True
+    assert not ok.noisy
 
 
 def test_metric_refuses_bad_targets():

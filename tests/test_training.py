@@ -256,3 +256,14 @@ def test_cli_train_edge(tmp_path, tiny_base, catalog, capsys):
     assert len(lines) == 1 and "bad.jsonl:1:" in lines[0] and "unknown role 'robot'" in lines[0]
     assert main(["train", "--base", "tiny", "--data", str(bad), "--name", "x", "--r", "0"]) == 2
     assert "--r must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_live_run_in_the_same_folder_is_refused(tmp_path, catalog, store, settings, tiny_base):
+    from hub.catalog import to_json, utcnow
+
+    out = str((tmp_path / "run").absolute())
+    catalog.execute(
+        "INSERT INTO training_runs (adapter, base, config, status, started_at, pid, output_dir) "
+        "VALUES ('other', 'tiny', ?, 'running', ?, ?, ?)", [to_json({}), utcnow(), os.getpid(), out])
+    with pytest.raises(Conflict, match="is training in"):
+        train(tiny_config(tmp_path), catalog=catalog, store=store, settings=settings)

@@ -29,6 +29,9 @@ pytestmark = pytest.mark.vllm
 
 VENV = Path(os.environ.get("LORADEX_VLLM_VENV", "/root/.cache/loradex/vllm-venv"))
 N = 32
+# CPU test runs only: no torch.compile warm-up (minutes on 2 busy cores; it once killed the
+# worker during warm-up). Eager fp32 is also the closest to transformers' arithmetic.
+FAST_START = ("--optimization-level", "0", "--enforce-eager")
 PROMPTS = ["Write a long story about a dragon who learns to bake bread.",
            "What is 17 times 23? Show your working."]
 
@@ -79,7 +82,7 @@ class Server:
         env.pop("LORADEX_HOME", None)
         self.log = log
         self.proc = subprocess.Popen(
-            [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", *args,
+            [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", *args, *FAST_START,
              "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -89,6 +92,8 @@ class Server:
         while time.monotonic() - start < timeout:
             if self.proc.poll() is not None:
                 raise AssertionError(f"vLLM exited with {self.proc.returncode}:\n{self.tail()}")
+            if "Engine core initialization failed" in self.log.read_text(errors="replace"):
+                raise AssertionError(f"vLLM engine failed to start:\n{self.tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/models", timeout=2) as r:
                     if r.status == 200:

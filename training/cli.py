@@ -93,6 +93,8 @@ def cmd_train(ctx) -> int:
     config = load_config(a.config, **overrides)
     ctx.close_catalog()  # train() opens the catalog only for its short writes
     result = train(config, settings=ctx.settings, store=ctx.store)
+    if result.version is None:  # a non-main process under `accelerate launch`: rank 0 reports
+        return 0
     v = result.version
     data = {"run_id": result.run_id, "adapter": v["adapter"], "version": v["version"], "base": v["base"],
             "output_dir": str(result.output_dir), "steps": result.steps, "final_loss": result.final_loss,

@@ -30,6 +30,14 @@ def reap_dead_runs(catalog: Catalog) -> int:
     return len(dead)
 
 
+def running_in(catalog: Catalog, output_dir: str) -> dict | None:
+    """A live run (status running, process alive) writing to ``output_dir``."""
+    return catalog.one(
+        "SELECT id, pid FROM training_runs WHERE output_dir = ? AND status = 'running' ORDER BY id DESC LIMIT 1",
+        [output_dir],
+    )
+
+
 def resumable_run(catalog: Catalog, output_dir: str) -> dict | None:
     """The latest interrupted or failed run that used ``output_dir``."""
     return catalog.one(

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -277,7 +278,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     if train_ds.truncated and main:
         print(f"loradex: {train_ds.truncated} of {len(train_ds)} training examples are longer than "
               f"--max-length {config.max_length} and were truncated (lines {train_ds.truncated_lines[:10]})",
-              file=__import__("sys").stderr)
+              file=sys.stderr)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / CONFIG_FILE
@@ -287,6 +288,10 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         config_path.write_text(json.dumps(resolved, indent=2, sort_keys=True))
         with _catalog(catalog, settings) as cat:
             records.reap_dead_runs(cat)
+            busy = records.running_in(cat, str(output_dir))
+            if busy:
+                raise Conflict(f"run {busy['id']} (pid {busy['pid']}) is training in {output_dir} right now; "
+                               f"wait for it or choose another --output-dir")
             prior = records.resumable_run(cat, str(output_dir)) if config.resume else None
             previous_duration = float(prior["duration_s"] or 0.0) if prior else 0.0
             run_id = records.start_run(
@@ -296,7 +301,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
             )
 
     # -- 2. train -------------------------------------------------------------------
-    state = {"trainer": None, "loop_s": 0.0, "tokens_before": 0}
+    state: dict = {"trainer": None}
 
     def record_outcome(status: str, error: str | None) -> None:
         if not main:
