@@ -361,13 +361,15 @@ class Engine:
         Each dict holds ``prompt`` or ``messages``, optional ``adapter``/``model``,
         and SamplingParams fields (max_tokens, temperature, top_p, stop, seed).
         """
-        jobs = []
-        for req in requests:
+        prepared = []
+        for req in requests:  # resolve and check everything first, then submit together so they share a batch
             req = dict(req)
             target = self.resolve(model=req.pop("model", None), adapter=req.pop("adapter", None))
             messages = req.pop("messages", None)
             ids = self.encode(req.pop("prompt", None), messages)
-            params = self.params_for(len(ids), **req)
+            prepared.append((target, ids, self.params_for(len(ids), **req)))
+        jobs = []
+        for target, ids, params in prepared:
             box: list[Event] = []
             done = threading.Event()
 
@@ -376,7 +378,12 @@ class Engine:
                 if ev.done:
                     done.set()
 
-            handle = self.submit(ids, target, params, sink)
+            try:
+                handle = self.submit(ids, target, params, sink)
+            except BaseException:
+                for job in jobs:
+                    job[4].cancel()
+                raise
             jobs.append((target, ids, box, done, handle))
         results = []
         for target, ids, box, done, handle in jobs:

@@ -13,9 +13,17 @@ from hub.errors import CheckFailed, InvalidConfig
 from hub.render import human_bytes
 
 
+def _quiet_progress() -> None:
+    """transformers' per-load progress bars would bury the one-line results on a terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def cmd_merge(ctx) -> int:
     from serving.merge import MergeConfig, plan_merge, record_merge, run_merge
 
+    _quiet_progress()
     a = ctx.args
     config = MergeConfig(dtype=a.dtype, name=a.name, probes=a.probes, max_new_tokens=a.check_tokens,
                          min_agreement=a.min_agreement, device=a.device)
@@ -49,6 +57,7 @@ def cmd_export(ctx) -> int:
         return _check_vllm(ctx)
     if not a.ref or not a.format or not a.out:
         raise InvalidConfig("export needs NAME[@V] --format FORMAT --out DIR (or --check-vllm PATH)")
+    _quiet_progress()
     from serving.export.run import (attach_merge, merge_config, plan_export, record_export, write_export)
     from serving.export.source import ExportOptions
     from serving.merge import plan_merge, record_merge, run_merge

@@ -99,7 +99,7 @@ def run(shared):
     root, catalog, store, settings = shared
     eval_path = write_chat(root / "eval.jsonl", 6)
     watcher = WeightWatcher()
-    config = tiny_config(root, eval_data=eval_path, description="tiny test adapter")
+    config = tiny_config(root, eval_data=eval_path, description="tiny test adapter", eval_max_new_tokens=8)
     result = train(config, catalog=catalog, store=store, settings=settings, callbacks=[watcher])
     return config, result, watcher
 
@@ -162,6 +162,13 @@ def test_run_row_is_complete(run, shared):
     assert row["cost_usd"] == pytest.approx(row["duration_s"] / 3600 * row["cost_basis"]["usd_per_hour"])
     assert Path(row["loss_png"]).is_file()
     assert row["adapter_version_id"] == result.version["id"] and row["attempts"] == 1 and row["checkpoint"] is None
+
+
+def test_eval_data_is_scored_by_the_evals_stage(run, shared):
+    _, result, _ = run
+    ev = shared[1].one("SELECT * FROM eval_runs WHERE id = ?", [result.eval_run_id])
+    assert ev["adapter_version_id"] == result.version["id"] and ev["n"] == 6
+    assert "similarity" in ev["metrics"] and ev["data_sha256"] == file_sha256(run[0].eval_data)
 
 
 def test_bad_data_fails_before_any_run_is_recorded(tmp_path, catalog, store, settings, tiny_base):

@@ -37,6 +37,7 @@ TRAIN_FLAGS = [
     ("--gpu-type", "gpu_type", str, "price-table entry used for the cost estimate on GPU (default a10g)"),
     ("--output-dir", "output_dir", str, "run folder (default $LORADEX_HOME/runs/NAME)"),
     ("--eval-batch-size", "eval_batch_size", int, "batch size for the held-out loss (default 8)"),
+    ("--eval-max-new-tokens", "eval_max_new_tokens", int, "tokens generated per held-out item when scoring (default 64)"),
     ("--description", "description", str, "description stored with the adapter"),
 ]
 
@@ -54,6 +55,8 @@ def add_commands(sub, common) -> None:
                    help="continue the interrupted/failed run in the output folder from its last checkpoint")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false", default=None,
                    help="train string prompt/completion rows as raw text, without the base's chat template")
+    p.add_argument("--no-evals", dest="run_evals", action="store_false", default=None,
+                   help="with --eval-data, record the held-out loss only (skip scoring with the evals stage)")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
                    help="recompute activations to save memory (default: on for QLoRA on CUDA only)")
     for flag, dest, typ, help_text in TRAIN_FLAGS:
@@ -89,7 +92,8 @@ def cmd_train(ctx) -> int:
     a = ctx.args
     overrides = {dest: getattr(a, dest) for _, dest, _, _ in TRAIN_FLAGS}
     overrides.update(data=a.data, name=a.name, base=a.base, eval_data=a.eval_data, resume=a.resume,
-                     chat_template=a.chat_template, gradient_checkpointing=a.gradient_checkpointing)
+                     chat_template=a.chat_template, gradient_checkpointing=a.gradient_checkpointing,
+                     run_evals=a.run_evals)
     config = load_config(a.config, **overrides)
     ctx.close_catalog()  # train() opens the catalog only for its short writes
     result = train(config, settings=ctx.settings, store=ctx.store)
@@ -99,10 +103,12 @@ def cmd_train(ctx) -> int:
     data = {"run_id": result.run_id, "adapter": v["adapter"], "version": v["version"], "base": v["base"],
             "output_dir": str(result.output_dir), "steps": result.steps, "final_loss": result.final_loss,
             "eval_loss": result.eval_loss, "duration_s": result.duration_s, "tokens_per_s": result.tokens_per_s,
-            "digest": v["digest"], "quantization": v["quantization"]}
+            "digest": v["digest"], "quantization": v["quantization"], "eval_run_id": result.eval_run_id}
 
     def human() -> str:
         ev = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        if result.eval_run_id is not None:
+            ev += f" (scored: `loradex eval show {result.eval_run_id}`)"
         return (f"trained {v['adapter']}@{v['version']} on {v['base']} (run {result.run_id}): {result.steps} steps in "
                 f"{result.duration_s:.0f}s, {result.tokens_per_s:.0f} tok/s, final loss {result.final_loss:.4f}{ev}; "
                 f"{human_bytes(v['size_bytes'])}, digest {v['digest'][:12]}; loss curve {result.output_dir}/loss_curve.png")

@@ -86,6 +86,10 @@ class TrainConfig:
     """Recompute activations to save memory; None means on for QLoRA on CUDA only; flag --gradient-checkpointing."""
     eval_batch_size: int = 8
     """Examples per forward pass when computing the held-out loss; flag --eval-batch-size."""
+    run_evals: bool = True
+    """With --eval-data: score the registered adapter against its base with the evals stage; flag --no-evals."""
+    eval_max_new_tokens: int = 64
+    """Greedy tokens generated per held-out item by that evaluation; flag --eval-max-new-tokens."""
     description: str | None = None
     """Free-text description stored with the adapter; flag --description."""
     extra: dict = field(default_factory=dict)
@@ -114,7 +118,8 @@ class TrainConfig:
             raise InvalidConfig(f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise InvalidConfig(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("batch_size", "grad_accum", "r", "save_steps", "logging_steps", "eval_batch_size"):
+        for name in ("batch_size", "grad_accum", "r", "save_steps", "logging_steps", "eval_batch_size",
+                     "eval_max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidConfig(f"{_flag(name)} must be an integer >= 1, got {value!r}")

@@ -20,6 +20,7 @@ the catalog and writes the adapter.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -58,6 +59,8 @@ class TrainResult:
     """Wall time of the run (across resumes), loading and saving included."""
     tokens_per_s: float
     """Non-padding tokens per second through the training loop (this attempt)."""
+    eval_run_id: int | None = None
+    """eval_runs.id of the evals-stage scoring on --eval-data (None when not run)."""
 
     @property
     def adapter_dir(self) -> Path:
@@ -367,6 +370,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         raise
 
     tokens_seen = int(trainer.state.num_input_tokens_seen)
+    steps_done = trainer.state.global_step
     tokens_per_s = (tokens_seen - tokens_before) / loop_s if loop_s > 0 else 0.0
     curve, evals = _loss_curve(trainer.state.log_history)  # evaluate() logs before/after points too
     final_loss = curve[-1][1] if curve else None
@@ -409,8 +413,35 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         raise
     for ckpt in output_dir.glob("checkpoint-*"):  # the adapter is registered: checkpoints are spent
         shutil.rmtree(ckpt, ignore_errors=True)
-    return TrainResult(run_id, version, output_dir, final_loss, eval_loss, trainer.state.global_step,
-                       duration, tokens_per_s)
+    state["trainer"] = None  # free the model before the evals stage loads its own
+    del trainer
+    gc.collect()
+    eval_run_id = _run_evals(config, version, catalog, store, settings, run_id) if eval_ds is not None else None
+    return TrainResult(run_id, version, output_dir, final_loss, eval_loss, steps_done, duration, tokens_per_s,
+                       eval_run_id)
+
+
+def _run_evals(config: TrainConfig, version: dict, catalog, store, settings, run_id: int) -> int | None:
+    """Score the new version on the held-out file with the evals stage (its scores land in eval_runs).
+
+    Training has succeeded and the adapter is registered whatever happens here, so
+    a failure is reported and noted on the run row, not raised.
+    """
+    if not config.run_evals:
+        return None
+    from evals import evaluate
+    from hub.errors import LoradexError
+    from training import records
+
+    try:
+        run = evaluate(catalog, store, version, config.eval_data, max_new_tokens=config.eval_max_new_tokens,
+                       batch_size=config.eval_batch_size, seed=config.seed, settings=settings, device=config.device)
+    except LoradexError as exc:
+        print(f"loradex: the adapter is registered, but scoring it on --eval-data failed: {exc}", file=sys.stderr)
+        with _catalog(catalog, settings) as cat:
+            records.update_run(cat, run_id, error=f"evals failed: {exc}")
+        return None
+    return int(run["id"])
 
 
 def _plot(curve, evals, path: Path, config: TrainConfig, status: str) -> Path:

@@ -82,7 +82,8 @@ def compare(gguf: Path, hf_model, tokenizer, texts: list[str], *, mode: str, n_t
     import llama_cpp
 
     result["runtime_version"] = llama_cpp.__version__
-    with open_gguf(gguf, lora=lora, logits_all=(mode == "teacher_forced")) as llm:
+    n_ctx = min(1024, int(getattr(hf_model.config, "max_position_embeddings", 1024) or 1024))
+    with open_gguf(gguf, lora=lora, logits_all=(mode == "teacher_forced"), n_ctx=n_ctx) as llm:
         # add_bos=True lets the GGUF's own add_bos_token metadata decide, as llama.cpp's tools do
         ll_ids = [llm.tokenize(r.encode(), add_bos=True, special=True) for r in rendered]
         result["prompt_ids_equal"] = sum(int(a == b) for a, b in zip(ll_ids, hf_ids))
