@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{payload['total_seconds']:.0f}s; written to {config.out}")
     if previous is not None:
         print(f"\nchanges against {config.compare}:")
+        before, now = previous.get("settings", {}), payload["settings"]
+        for field_name in ("sizes", "base", "quantize", "device", "threads"):
+            if before.get(field_name) != now.get(field_name):
+                print(f"  (the runs differ in {field_name}: figures are not comparable one to one)")
         for line in compare_lines(previous, payload):
             print(f"  {line}")
     return 1 if failed else 0

@@ -38,7 +38,7 @@ def real(smollm_folder, tmp_path_factory):
     add_base(cat, store, DEFAULT_BASE, str(smollm_folder))
     folders = {}
     for name, (r, targets, seed) in SPECS.items():
-        folders[name] = make_adapter(smollm_folder, root / name, r=r, alpha=2 * r, targets=targets, seed=seed, scale=0.05)
+        folders[name] = make_adapter(smollm_folder, root / name, r=r, alpha=2 * r, targets=targets, seed=seed, scale=0.1)
         register_adapter(cat, store, folders[name], name, base=DEFAULT_BASE)
     engine = Engine.load(EngineConfig(quantize="nf4", max_loaded=4, batch_window_ms=50), catalog=cat, store=store)
     engine.generate("warm up", max_tokens=2, temperature=0)
@@ -57,8 +57,8 @@ def test_mixed_batch_on_nf4_base_equals_solo_runs(real):
                                 for p, a in specs])
     for (p, a), out in zip(specs, batch):
         assert out.token_ids == solo[p, a], (p, a)
-    for p in PROMPTS:  # each adapter changes the output, so equality above is not vacuous
-        assert len({tuple(solo[p, a]) for a in (None, *SPECS)}) == 4
+    for a in SPECS:  # each adapter changes the output, so the equality above is not vacuous
+        assert any(solo[p, a] != solo[p, None] for p in PROMPTS), a
 
 
 def test_engine_agrees_with_peft_on_the_nf4_base(real):

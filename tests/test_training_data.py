@@ -6,7 +6,7 @@ import json
 import pytest
 
 from hub.errors import InvalidData
-from training.data import IGNORE, collate, load_dataset, read_examples, tokenize_example
+from training.data import IGNORE, collate, load_dataset, read_examples
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,13 @@ naming the file, the line and what is wrong, raised before any model loads.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hub.errors import InvalidData
+from hub.store import file_sha256
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -63,14 +63,6 @@ class Dataset:
         return {"examples": len(self.rows), "format": self.format, "truncated": self.truncated,
                 "truncated_lines": self.truncated_lines[:20], "tokens": self.tokens,
                 "trained_tokens": self.trained_tokens, "sha256": self.sha256}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_messages(value: Any, where: str, field_name: str) -> list[dict]:
