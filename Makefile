@@ -24,12 +24,13 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not llamacpp and not vllm and not gpu" -q
+	$(BIN)/python -m pytest -q
 
 test-runtimes: $(STAMP)
 	bash .ci/setup_llamacpp.sh
 	bash .ci/setup_vllm.sh
-	$(BIN)/python -m pytest -m "llamacpp or vllm" -q
+	$(BIN)/python -m pytest -q -m llamacpp tests/test_llamacpp.py
+	$(BIN)/python -m pytest -q -m vllm tests/test_vllm.py
 
 test-all: test test-runtimes
 

@@ -166,18 +166,24 @@ def resolve(catalog: Catalog, ref: str | Ref) -> dict:
     return row
 
 
+LIST_COLUMNS = (
+    "v.id, v.adapter, v.version, v.base, v.digest, v.path, v.size_bytes, v.rank, v.alpha, v.target_modules, "
+    "v.param_count, v.quantization, v.status, v.training_run_id, v.created_at"
+)
+
+
 def list_adapters(catalog: Catalog, base: str | None = None) -> list[dict]:
-    """Every ready version, newest first within a name, with its aliases."""
+    """Every ready version, by name then newest first, with its aliases (listing columns only)."""
     sql = (
-        f"SELECT {VERSION_COLUMNS}, "
-        "(SELECT list(alias ORDER BY alias) FROM aliases a WHERE a.adapter = v.adapter AND a.version = v.version) AS aliases "
-        "FROM adapter_versions v WHERE status = 'ready'"
+        f"SELECT {LIST_COLUMNS}, a.aliases FROM adapter_versions v LEFT JOIN "
+        "(SELECT adapter, version, list(alias ORDER BY alias) AS aliases FROM aliases GROUP BY adapter, version) a "
+        "ON a.adapter = v.adapter AND a.version = v.version WHERE v.status = 'ready'"
     )
     params: list = []
     if base:
-        sql += " AND base = ?"
+        sql += " AND v.base = ?"
         params.append(base)
-    return catalog.query(sql + " ORDER BY adapter, version DESC", params)
+    return catalog.query(sql + " ORDER BY v.adapter, v.version DESC", params)
 
 
 def aliases_of(catalog: Catalog, name: str) -> dict[str, int]:

@@ -5,7 +5,7 @@ import pytest
 
 from evals.leaderboard import build, render_text, write_png
 from hub.errors import InvalidConfig, NotFound
-from tests.test_eval_fixtures import DATA_A, DATA_B, add_run, add_version
+from tests.catalog_rows import DATA_A, DATA_B, add_run, add_version
 
 BASE = [0.4, 0.5, 0.45, 0.35, 0.5, 0.42]
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from evals.gate import check_promotion
-from tests.test_eval_fixtures import DATA_A, DATA_B, add_run, add_version, set_production
+from tests.catalog_rows import DATA_A, DATA_B, add_run, add_version, set_production
 from tests.helpers import run_cli
 
 BASE = [0.40, 0.45, 0.50, 0.35, 0.42, 0.48, 0.38, 0.44]

@@ -8,7 +8,7 @@ import pytest
 
 from evals.review import export_sheet, import_sheet
 from hub.errors import Conflict, InvalidData, NotFound
-from tests.test_eval_fixtures import add_run, add_version
+from tests.catalog_rows import add_run, add_version
 from tests.helpers import run_cli
 
 N = 12

@@ -274,3 +274,11 @@ def test_a_live_run_in_the_same_folder_is_refused(tmp_path, catalog, store, sett
         "VALUES ('other', 'tiny', ?, 'running', ?, ?, ?)", [to_json({}), utcnow(), os.getpid(), out])
     with pytest.raises(Conflict, match="is training in"):
         train(tiny_config(tmp_path), catalog=catalog, store=store, settings=settings)
+
+
+def test_bf16_precision_on_cpu_is_recorded(tmp_path, catalog, store, settings, tiny_base):
+    result = train(tiny_config(tmp_path, precision="bf16", max_steps=2, name="tiny-bf16"), catalog=catalog,
+                   store=store, settings=settings)
+    row = catalog.one("SELECT * FROM training_runs WHERE id = ?", [result.run_id])
+    assert row["precision"] == "bf16" and row["quantization"] == "none" and math.isfinite(row["final_loss"])
+    assert row["config"]["resolved"]["precision"] == "bf16"
