@@ -18,7 +18,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=40)
     args = parser.parse_args()
     client = OpenAI(base_url=args.url, api_key=os.environ.get("LORADEX_API_KEY", "not-needed"))
-    models = [m.id for m in client.models.list().data]
+    # /v1/models lists each adapter as NAME, NAME@V and NAME@ALIAS: ask the base and each NAME once
+    models = [m.id for m in client.models.list().data if "@" not in m.id]
 
     def ask(model: str) -> tuple[str, str]:
         resp = client.chat.completions.create(
