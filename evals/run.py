@@ -24,12 +24,12 @@ processes can use the catalog while the model generates (what the CLI does).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hub.catalog import borrowed
 from hub.errors import InvalidConfig
 from hub.loading import QUANTIZE_CHOICES
 
@@ -73,21 +73,6 @@ class EvalConfig:
             raise InvalidConfig(f"--seed must be an integer, got {self.seed!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise InvalidConfig(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
-
-
-@contextlib.contextmanager
-def _catalog(catalog, settings):
-    """The caller's catalog, or a short-lived one opened (and closed) here."""
-    if catalog is not None:
-        yield catalog
-        return
-    from hub.catalog import Catalog
-
-    cat = Catalog.open(settings.catalog_path, wait_s=settings.lock_wait_s)
-    try:
-        yield cat
-    finally:
-        cat.close()
 
 
 def _decoding(cfg: EvalConfig, quantize: str, device: str, dtype, n: int) -> dict:
@@ -172,7 +157,7 @@ def evaluate(
 
     dev = pick_device(cfg.device)
     metric_model = similarity_model_info() if "similarity" in cfg.metrics else None
-    with _catalog(catalog, settings) as cat:
+    with borrowed(catalog, settings) as cat:
         version = resolve(cat, ref) if not isinstance(ref, dict) else ref
         version, folder = adapter_folder(cat, store, version)
         trained_on = version.get("quantization") if version.get("quantization") in QUANTIZE_CHOICES else "none"
@@ -257,5 +242,5 @@ def evaluate(
     cache_entry = None
     if cached is None and cfg.use_cache:
         cache_entry = (key, base_row["name"], {"outputs": base_outputs, "scores": base_scores})
-    with _catalog(catalog, settings) as cat:
+    with borrowed(catalog, settings) as cat:
         return store_run(cat, run, samples, cache_entry)

@@ -163,6 +163,23 @@ class Catalog:
         return self.cursor().execute(sql, list(params))
 
 
+@contextlib.contextmanager
+def borrowed(catalog: "Catalog | None", settings) -> Iterator["Catalog"]:
+    """The caller's open catalog, or a short-lived one from ``settings`` closed on exit.
+
+    Long jobs (training, evaluation) use this for each write so that the file is
+    never held during their loops.
+    """
+    if catalog is not None:
+        yield catalog
+        return
+    cat = Catalog.open(settings.catalog_path, wait_s=settings.lock_wait_s)
+    try:
+        yield cat
+    finally:
+        cat.close()
+
+
 def to_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 

@@ -19,7 +19,6 @@ the catalog and writes the adapter.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -31,6 +30,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from hub.catalog import borrowed
 from hub.errors import Conflict, InvalidConfig
 from training.config import CONFIG_FILE, TrainConfig
 from training.data import Dataset, collate, load_dataset
@@ -65,21 +65,6 @@ class TrainResult:
     @property
     def adapter_dir(self) -> Path:
         return self.output_dir / ADAPTER_SUBDIR
-
-
-@contextlib.contextmanager
-def _catalog(catalog, settings):
-    """The given catalog, or a short-lived one closed on exit."""
-    if catalog is not None:
-        yield catalog
-        return
-    from hub.catalog import Catalog
-
-    cat = Catalog.open(settings.catalog_path, wait_s=settings.lock_wait_s)
-    try:
-        yield cat
-    finally:
-        cat.close()
 
 
 def _rank() -> tuple[int, int, int]:
@@ -232,7 +217,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     apply_threads(threads)
 
     # -- 1. base and data: every check before anything is recorded or loaded -----------
-    with _catalog(catalog, settings) as cat:
+    with borrowed(catalog, settings) as cat:
         base_row = get_base(cat, config.base, store=store)
     check_targets(config, base_row["layers"])
     tokenizer = load_tokenizer(base_row["path"], base_row["config"].get("max_position_embeddings"))
@@ -289,7 +274,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     previous_duration = 0.0
     if main:
         config_path.write_text(json.dumps(resolved, indent=2, sort_keys=True))
-        with _catalog(catalog, settings) as cat:
+        with borrowed(catalog, settings) as cat:
             records.reap_dead_runs(cat)
             busy = records.running_in(cat, str(output_dir))
             if busy:
@@ -321,7 +306,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         from training.cost import estimate_cost
 
         cost, basis = estimate_cost(duration, device, config.gpu_type, settings.home)
-        with _catalog(catalog, settings) as cat:
+        with borrowed(catalog, settings) as cat:
             records.update_run(
                 cat, run_id, status=status, error=error, ended_at=utcnow(), duration_s=duration,
                 steps=trainer.state.global_step if trainer is not None else 0,
@@ -344,7 +329,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         if eval_ds is not None and checkpoint is None:
             eval_before = float(trainer.evaluate()["eval_loss"])
             if main:
-                with _catalog(catalog, settings) as cat:
+                with borrowed(catalog, settings) as cat:
                     records.update_run(cat, run_id, eval_loss_before=eval_before)
         tokens_before = 0
         if checkpoint is not None:
@@ -395,7 +380,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         from training.cost import estimate_cost
 
         cost, basis = estimate_cost(duration, device, config.gpu_type, settings.home)
-        with _catalog(catalog, settings) as cat:
+        with borrowed(catalog, settings) as cat:
             version = register_adapter(
                 cat, store, adapter_dir, config.name, base=config.base, training_run_id=run_id,
                 quantization=config.quantize, description=config.description,
@@ -438,7 +423,7 @@ def _run_evals(config: TrainConfig, version: dict, catalog, store, settings, run
                        batch_size=config.eval_batch_size, seed=config.seed, settings=settings, device=config.device)
     except LoradexError as exc:
         print(f"loradex: the adapter is registered, but scoring it on --eval-data failed: {exc}", file=sys.stderr)
-        with _catalog(catalog, settings) as cat:
+        with borrowed(catalog, settings) as cat:
             records.update_run(cat, run_id, error=f"evals failed: {exc}")
         return None
     return int(run["id"])
