@@ -80,13 +80,17 @@ def test_server_held_catalog_fails_fast_with_one_line(settings):
     proc = _hold(settings.catalog_path, "server", 60)
     try:
         t0 = time.monotonic()
-        res = run_cli("list")
+        res = run_cli("show", "anything")
         assert time.monotonic() - t0 < 30  # no waiting out the lock timeout
         assert res.returncode == CatalogLocked.exit_code
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1, res.stderr
         assert "loradex serve" in lines[0] and f"pid {proc.pid}" in lines[0] and "http://127.0.0.1:9999" in lines[0]
         assert "Traceback" not in res.stderr
+        # `list` goes through the server's API; this holder has none listening, which is said in one line
+        res = run_cli("list")
+        assert res.returncode == 1 and res.stderr.count("\n") == 1
+        assert "http://127.0.0.1:9999, which did not answer" in res.stderr
     finally:
         proc.kill()
         proc.wait()

@@ -35,8 +35,13 @@ FAST_START = ("--optimization-level", "0", "--enforce-eager")
 PROMPTS = ["Write a long story about a dragon who learns to bake bread.",
            "What is 17 times 23? Show your working."]
 
-if not (VENV / "bin" / "python").exists():
-    pytest.skip(f"no vLLM venv at {VENV}: run bash .ci/setup_vllm.sh", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _needs_vllm_venv():
+    if not (VENV / "bin" / "python").exists():
+        pytest.fail(f"no vLLM venv at {VENV}: run bash .ci/setup_vllm.sh")
+
 
 from hub.catalog import Catalog  # noqa: E402
 from hub.settings import Settings  # noqa: E402
