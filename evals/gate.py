@@ -20,6 +20,7 @@ unless ``--force`` (the override and these numbers land in ``alias_events``).
 from __future__ import annotations
 
 from hub.catalog import Catalog
+from hub.ops import op
 
 from evals import stats
 from evals.metrics import METRICS, PRIMARY_ORDER
@@ -104,6 +105,7 @@ def _compare_production(catalog: Catalog, version_row: dict, runs: list[dict], p
     return info, None
 
 
+@op("gate.check")
 def check_promotion(catalog: Catalog, version_row: dict) -> dict:
     """{ok, reasons, adapter, version, eval_run_id, metric, lift, production}: may ``version_row`` become production?"""
     name, version = version_row["adapter"], version_row["version"]

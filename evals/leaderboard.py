@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hub.catalog import Catalog
 from hub.errors import InvalidConfig, NotFound
+from hub.ops import op
 
 from evals.data import file_sha256
 from evals.metrics import METRICS, PRIMARY_ORDER
@@ -42,6 +43,7 @@ def _section_metric(runs: list[dict]) -> str | None:
     return next((m for m in PRIMARY_ORDER if counts[m] == best and best > 0), None)
 
 
+@op("leaderboard.build")
 def build(catalog: Catalog, data: str | None = None) -> list[dict]:
     """Sections ``{data_sha256, data_path, metric, rows}``, newest data set first; rows best first."""
     sha = resolve_data(catalog, data) if data else None

@@ -13,6 +13,7 @@ import json
 
 from hub.catalog import Catalog, to_json, utcnow
 from hub.errors import NotFound
+from hub.ops import op
 
 RUN_COLUMNS = ("id, adapter_version_id, base, data_path, data_sha256, n, metrics, base_metrics, paired, win_rate, "
                "decoding, metric_model, seed, duration_s, created_at")
@@ -25,11 +26,13 @@ def cache_key(*, base: str, base_digest: str, data_sha256: str, n: int, decoding
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@op("evals.cached_base")
 def cached_base(catalog: Catalog, key: str) -> dict | None:
     row = catalog.one("SELECT payload FROM base_eval_cache WHERE key = ?", [key])
     return row["payload"] if row else None
 
 
+@op("evals.store", write=True)
 def store_run(catalog: Catalog, run: dict, samples: list[dict], cache: tuple[str, str, dict] | None = None) -> dict:
     """Insert the run, its samples and (optionally) a base-cache entry in one transaction."""
     with catalog.transaction() as cur:
@@ -54,6 +57,7 @@ def store_run(catalog: Catalog, run: dict, samples: list[dict], cache: tuple[str
     return get_run(catalog, rid)
 
 
+@op("evals.get")
 def get_run(catalog: Catalog, run_id: int) -> dict:
     row = catalog.one(
         f"SELECT {', '.join('r.' + c.strip() for c in RUN_COLUMNS.split(','))}, v.adapter, v.version "
@@ -63,10 +67,12 @@ def get_run(catalog: Catalog, run_id: int) -> dict:
     return row
 
 
+@op("evals.samples")
 def get_samples(catalog: Catalog, run_id: int) -> list[dict]:
     return catalog.query("SELECT * FROM eval_samples WHERE run_id = ? ORDER BY idx", [run_id])
 
 
+@op("evals.for_version")
 def runs_for_version(catalog: Catalog, version_id: int, data_sha256: str | None = None) -> list[dict]:
     """Eval runs of one adapter version, newest first (optionally on one data set)."""
     sql = f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE adapter_version_id = ?"

@@ -266,12 +266,38 @@ def m005_training_runs_extra(cur) -> None:
     cur.execute("ALTER TABLE training_runs ADD COLUMN eval_loss_before DOUBLE")  # held-out loss of the base
 
 
+def m006_service(cur) -> None:
+    """The hub as a service: who moved an alias and why; background jobs run by the server."""
+    cur.execute("ALTER TABLE alias_events ADD COLUMN reason VARCHAR")  # required when the gate is forced
+    cur.execute("ALTER TABLE alias_events ADD COLUMN actor VARCHAR")   # USER@HOST of the caller
+    cur.execute("CREATE SEQUENCE job_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE jobs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('job_ids'),
+            kind VARCHAR NOT NULL,            -- merge | export | eval
+            params JSON NOT NULL,
+            state VARCHAR NOT NULL,           -- queued | running | succeeded | failed
+            progress JSON,                    -- {"phase": ..., "fraction": ...}
+            result JSON,
+            error VARCHAR,
+            error_type VARCHAR,
+            actor VARCHAR,
+            created_at TIMESTAMP NOT NULL,
+            started_at TIMESTAMP,
+            finished_at TIMESTAMP
+        )
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable]] = [
     ("001_core", m001_core),
     ("002_training", m002_training),
     ("003_evals", m003_evals),
     ("004_merges_exports", m004_merges_exports),
     ("005_training_runs_extra", m005_training_runs_extra),
+    ("006_service", m006_service),
 ]
 
 

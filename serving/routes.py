@@ -212,37 +212,15 @@ def install(app: FastAPI) -> None:
         state = get_state(request)
         return {"adapters": await run_in_threadpool(_adapter_listing, state, base)}
 
-    @router.post("/adapters", status_code=201)
+    @router.post("/adapters", status_code=201, summary="Register an adapter (same as POST /v1/adapters)")
     async def register(request: Request):
-        state = get_state(request)
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            row = await _register_upload(state, request)
-        else:
-            try:
-                data = await request.json()
-            except ValueError:
-                raise BadRequest("POST /adapters takes JSON {path, name[, base, description]} or a multipart "
-                                 "upload with an archive in 'file' and a 'name' field", param=None) from None
-            try:
-                req = RegisterRequest.model_validate(data)
-            except Exception as exc:
-                raise RequestValidationError(getattr(exc, "errors", lambda: [])()) from None
-            from hub.registry import register_adapter
+        return JSONResponse(_jsonable(await register_from_request(get_state(request), request)), status_code=201)
 
-            row = await run_in_threadpool(register_adapter, state.catalog, state.store, req.path, req.name,
-                                          base=req.base, allow_noop=req.allow_noop, description=req.description,
-                                          source=f"server-path:{req.path}")
-        return JSONResponse(_jsonable(row), status_code=201)
-
-    @router.delete("/adapters/{ref}")
+    @router.delete("/adapters/{ref}", summary="Delete NAME@VERSION (same as DELETE /v1/adapters/{ref})")
     async def delete(ref: str, request: Request, force: bool = Query(False)):
-        state = get_state(request)
-        from hub.registry import delete_version
+        from serving.hub_routes import _delete
 
-        row = await run_in_threadpool(delete_version, state.catalog, state.store, ref, force=force)
-        if state.engine is not None:
-            await run_in_threadpool(state.engine.forget, row)
+        row = await run_in_threadpool(_delete, get_state(request), ref, force)
         return {"adapter": row["adapter"], "version": row["version"], "deleted": True}
 
     app.include_router(open_router)
@@ -424,6 +402,27 @@ def _adapter_listing(state, base: str | None) -> list[dict]:
         item["loaded"] = (row["adapter"], row["version"]) in loaded
         out.append(item)
     return out
+
+
+async def register_from_request(state, request: Request) -> dict:
+    """Register from JSON ``{path, name[, base, description, allow_noop]}`` (a path on this machine) or an upload."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        return await _register_upload(state, request)
+    try:
+        data = await request.json()
+    except ValueError:
+        raise BadRequest("POST /adapters takes JSON {path, name[, base, description]} or a multipart "
+                         "upload with an archive in 'file' and a 'name' field", param=None) from None
+    try:
+        req = RegisterRequest.model_validate(data)
+    except Exception as exc:
+        raise RequestValidationError(getattr(exc, "errors", lambda: [])()) from None
+    from hub.registry import register_adapter
+
+    return await run_in_threadpool(register_adapter, state.catalog, state.store, req.path, req.name,
+                                   base=req.base, allow_noop=req.allow_noop, description=req.description,
+                                   source=f"server-path:{req.path}")
 
 
 async def _register_upload(state, request: Request) -> dict:
