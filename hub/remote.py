@@ -62,8 +62,10 @@ def raise_remote(status: int, headers, body: bytes, url: str) -> None:
 class RemoteCatalog:
     """The catalog of the server at ``url``, reached through its ops API."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = OP_TIMEOUT_S):
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = OP_TIMEOUT_S, *,
+                 owner: str | None = None):
         self.url = url.rstrip("/")
+        self.owner = owner or f"the loradex server at {self.url}"
         self.path = self.url
         self.api_key = api_key if api_key is not None else os.environ.get("LORADEX_API_KEY") or None
         self.timeout = timeout
@@ -82,8 +84,8 @@ class RemoteCatalog:
         except urllib.error.HTTPError as exc:
             raise_remote(exc.code, exc.headers, exc.read(), self.url)
         except (urllib.error.URLError, OSError) as exc:
-            raise CatalogLocked(f"the catalog is owned by a server at {self.url}, which did not answer: "
-                                f"{getattr(exc, 'reason', exc)}") from None
+            raise CatalogLocked(f"{self.owner} did not answer ({getattr(exc, 'reason', exc)}); "
+                                f"wait for it to start, or stop it to use the catalog file directly") from None
 
     def call_op(self, name: str, payload: dict, *, write: bool = False):
         from hub.ops import encode
@@ -132,7 +134,8 @@ def connect(settings, *, wait_s: float | None = None):
     except CatalogLocked as exc:
         holder = getattr(exc, "holder", None) or {}
         if holder.get("role") == "server" and holder.get("url"):
-            return RemoteCatalog(holder["url"])
+            return RemoteCatalog(holder["url"], owner=f"catalog {settings.catalog_path} is owned by `loradex serve` "
+                                                      f"(pid {holder.get('pid', '?')}) at {holder['url']}, which")
         raise
 
 
