@@ -329,3 +329,55 @@ def test_a_replica_serves_from_the_registry_over_http(worlds, tmp_path):
             == body["text"]
     finally:
         stop_server(proc)
+
+
+def test_many_clients_at_once(worlds, tiny_base_dir, tmp_path):
+    """8 CLI processes register, 2 evals record, an alias moves while 32 requests are in flight."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    roots, url, _ = worlds
+    root = roots["served"]
+    env = dict(os.environ, **_env(root))
+    folders = [make_adapter(tiny_base_dir, tmp_path / f"c{i}", r=2, alpha=4, seed=100 + i) for i in range(8)]
+    assert http(url + "/v1/adapters/first/aliases/live", "PUT", {"version": 1})[0] == 200
+    evals_before = len(http(url + "/v1/evals")[1])
+
+    def cli_proc(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "hub.cli", *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    stop = threading.Event()
+    moves = []
+
+    def move_alias() -> None:
+        version = 1
+        while not stop.is_set():
+            version = 3 - version
+            status, body = http(url + "/v1/adapters/first/aliases/live", "PUT", {"version": version})
+            moves.append(status)
+            time.sleep(0.05)
+
+    def ask(i: int) -> tuple[int, dict]:
+        return http(url + "/generate", "POST", {"adapter": "first@live", "prompt": f"Question {i}?", "max_tokens": 8})
+
+    procs = [cli_proc("register", str(f), "--name", f"conc{i}", "--base", "tiny", "--json") for i, f in enumerate(folders)]
+    procs += [cli_proc("eval", "first@1", "--data", str(root / "eval.jsonl"), "--max-new-tokens", "4",
+                       "--no-progress", "--no-cache", "--json") for _ in range(2)]
+    mover = threading.Thread(target=move_alias)
+    mover.start()
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(ask, range(32)))
+        outcomes = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
+    finally:
+        stop.set()
+        mover.join()
+    for code, out, err in outcomes:
+        assert code == 0, err
+    assert moves and all(s == 200 for s in moves)
+    assert all(status == 200 for status, _ in answers), [b for s, b in answers if s != 200]
+    assert {body["adapter"] for _, body in answers} <= {"first@1", "first@2"}
+    listed = {r["adapter"] for r in http(url + "/v1/adapters")[1]}
+    assert {f"conc{i}" for i in range(8)} <= listed
+    assert len(http(url + "/v1/evals")[1]) == evals_before + 2
