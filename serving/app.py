@@ -58,7 +58,7 @@ class ServerState:
         eng = self.engine
         if eng is None:
             return 0
-        return len(eng._active) if key == "active" else eng._pending
+        return eng.counts()[key]
 
     def start(self) -> None:
         self._thread.start()
