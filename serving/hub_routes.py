@@ -24,6 +24,7 @@ from pydantic import ConfigDict, create_model
 
 from hub.errors import NotFound
 from hub.ops import OPS, encode, load_all
+from serving.deps import get_state
 from serving.errors import BadRequest
 from serving.hub_protocol import (
     AddBaseRequest,
@@ -39,10 +40,6 @@ from serving.hub_protocol import (
     SetAliasRequest,
     VerifyResult,
 )
-
-
-def get_state(request: Request):
-    return request.app.state.server
 
 
 def _json(value: Any, status: int = 200) -> Response:
