@@ -149,17 +149,32 @@ def cmd_leaderboard(ctx) -> int:
     if args.config and args.quantize and args.config != args.quantize:
         raise InvalidConfig(f"--config {args.config} and --quantize {args.quantize} disagree: give one of them")
     config = args.config or args.quantize
-    sections = build(ctx.catalog, args.data, config=config)
+    sections = build(ctx.catalog, _data_key(args.data), config=config)
     png = str(write_png(sections, args.png)) if args.png and sections else None
     text = render_text(sections, config=config) + (f"\nchart written to {png}" if png else "")
     ctx.emit({"sections": sections, "png": png, "config": config}, text)
     return 0
 
 
+def _data_key(data: str | None) -> str | None:
+    """A data file is named by its sha256, which means the same on this machine and on a server."""
+    from pathlib import Path
+
+    from hub.store import file_sha256
+
+    return file_sha256(data) if data and Path(data).is_file() else data
+
+
+def _absolute(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path).expanduser().absolute())
+
+
 def cmd_review_export(ctx) -> int:
     from evals.review import export_sheet
 
-    res = export_sheet(ctx.catalog, ctx.args.ref, ctx.args.out, n=ctx.args.n, seed=ctx.args.seed)
+    res = export_sheet(ctx.catalog, ctx.args.ref, _absolute(ctx.args.out), n=ctx.args.n, seed=ctx.args.seed)
     short = f" (only {res['n']} items in eval run {res['eval_run_id']})" if res["n"] < ctx.args.n else ""
     ctx.emit(res, f"review {res['review_id']}: wrote {res['n']} blinded rows for {res['adapter']}@{res['version']} "
                   f"to {res['sheet']}{short}\nfill the rating column ({res['scale']}), "
@@ -170,7 +185,7 @@ def cmd_review_export(ctx) -> int:
 def cmd_review_import(ctx) -> int:
     from evals.review import import_sheet
 
-    res = import_sheet(ctx.catalog, ctx.args.sheet)
+    res = import_sheet(ctx.catalog, _absolute(ctx.args.sheet))
     ctx.emit(res, f"review {res['review_id']} of {res['adapter']}@{res['version']}: {res['n']} ratings stored; "
                   f"adapter preferred on {res['adapter_preferred']}, base on {res['base_preferred']}, {res['ties']} ties; "
                   f"human preference rate for the adapter {res['preference_rate']:.0%} "

@@ -114,7 +114,7 @@ def from_decoding(base_row: dict | None, base: str, decoding: dict | None, engin
         return None
     row = base_row if base_row is not None else {"name": base, "files": None}
     cfg = serving_config(row, quantize, dtype, device, engine)
-    cfg["derived_from"] = "decoding"  # rebuilt by the 006 migration, digest = the base's files at that time
+    cfg["derived_from"] = "decoding"  # rebuilt by the 007 migration, digest = the base's files at that time
     return cfg
 
 

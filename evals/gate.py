@@ -27,6 +27,7 @@ unless ``--force`` (the override and these numbers land in ``alias_events``).
 from __future__ import annotations
 
 from hub.catalog import Catalog
+from hub.ops import op
 
 from evals import stats
 from evals.config import config_label, eval_command
@@ -115,6 +116,7 @@ def _compare_production(catalog: Catalog, version_row: dict, runs: list[dict], p
     return info, None
 
 
+@op("gate.check")
 def check_promotion(catalog: Catalog, version_row: dict, config: dict | str | None = None) -> dict:
     """{ok, reasons, adapter, version, eval_run_id, metric, lift, production, config_key}: may ``version_row`` become production?
 

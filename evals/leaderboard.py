@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hub.catalog import Catalog
 from hub.errors import InvalidConfig, NotFound
+from hub.ops import op
 
 from evals.config import config_filter, config_label, is_served_default
 from evals.data import file_sha256
@@ -47,6 +48,7 @@ def _section_metric(runs: list[dict]) -> str | None:
     return next((m for m in PRIMARY_ORDER if counts[m] == best and best > 0), None)
 
 
+@op("leaderboard.build")
 def build(catalog: Catalog, data: str | None = None, *, config: str | None = None) -> list[dict]:
     """Sections ``{data_sha256, data_path, config_key, config, serving_config, as_served, metric, rows}``.
 

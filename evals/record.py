@@ -17,6 +17,7 @@ import json
 
 from hub.catalog import Catalog, to_json, utcnow
 from hub.errors import InvalidConfig, NotFound
+from hub.ops import op
 
 from evals.config import config_key as make_config_key, config_label, eval_command
 
@@ -31,11 +32,13 @@ def cache_key(*, base: str, base_digest: str, data_sha256: str, n: int, decoding
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@op("evals.cached_base")
 def cached_base(catalog: Catalog, key: str) -> dict | None:
     row = catalog.one("SELECT payload FROM base_eval_cache WHERE key = ?", [key])
     return row["payload"] if row else None
 
 
+@op("evals.store", write=True)
 def store_run(catalog: Catalog, run: dict, samples: list[dict], cache: tuple[str, str, dict] | None = None) -> dict:
     """Insert the run, its samples and (optionally) a base-cache entry in one transaction.
 
@@ -66,6 +69,7 @@ def store_run(catalog: Catalog, run: dict, samples: list[dict], cache: tuple[str
     return get_run(catalog, rid)
 
 
+@op("evals.get")
 def get_run(catalog: Catalog, run_id: int) -> dict:
     row = catalog.one(
         f"SELECT {', '.join('r.' + c.strip() for c in RUN_COLUMNS.split(','))}, v.adapter, v.version "
@@ -75,10 +79,12 @@ def get_run(catalog: Catalog, run_id: int) -> dict:
     return row
 
 
+@op("evals.samples")
 def get_samples(catalog: Catalog, run_id: int) -> list[dict]:
     return catalog.query("SELECT * FROM eval_samples WHERE run_id = ? ORDER BY idx", [run_id])
 
 
+@op("evals.for_version")
 def runs_for_version(catalog: Catalog, version_id: int, data_sha256: str | None = None, *,
                      config_key: str | None = None) -> list[dict]:
     """Eval runs of one adapter version, newest first (optionally on one data set, under one config key)."""
@@ -122,7 +128,8 @@ def score_of(run: dict) -> dict:
             "created_at": run["created_at"]}
 
 
-def scores_for_config(catalog: Catalog, cfg: dict | str, *, version_ids=None,
+@op("evals.scores_for_config")
+def scores_for_config(catalog: Catalog, cfg: dict | str, *, version_ids: list[int] | None = None,
                       data_sha256: str | None = None) -> dict[int, dict | None]:
     """{adapter version id: its latest score under ``cfg``, or None when it has none} for every ready version.
 

@@ -266,7 +266,32 @@ def m005_training_runs_extra(cur) -> None:
     cur.execute("ALTER TABLE training_runs ADD COLUMN eval_loss_before DOUBLE")  # held-out loss of the base
 
 
-def m006_eval_runs_serving_config(cur) -> None:
+def m006_service(cur) -> None:
+    """The hub as a service: who moved an alias and why; background jobs run by the server."""
+    cur.execute("ALTER TABLE alias_events ADD COLUMN reason VARCHAR")  # required when the gate is forced
+    cur.execute("ALTER TABLE alias_events ADD COLUMN actor VARCHAR")   # USER@HOST of the caller
+    cur.execute("CREATE SEQUENCE job_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE jobs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('job_ids'),
+            kind VARCHAR NOT NULL,            -- merge | export | eval
+            params JSON NOT NULL,
+            state VARCHAR NOT NULL,           -- queued | running | succeeded | failed
+            progress JSON,                    -- {"phase": ..., "fraction": ...}
+            result JSON,
+            error VARCHAR,
+            error_type VARCHAR,
+            actor VARCHAR,
+            created_at TIMESTAMP NOT NULL,
+            started_at TIMESTAMP,
+            finished_at TIMESTAMP
+        )
+        """
+    )
+
+
+def m007_eval_runs_serving_config(cur) -> None:
     """Evals: the serving configuration each run measured (base + digest, quantize, dtype, device, engine).
 
     Existing runs get it rebuilt from what they recorded in ``decoding`` (quantize,
@@ -295,7 +320,8 @@ MIGRATIONS: list[tuple[str, Callable]] = [
     ("003_evals", m003_evals),
     ("004_merges_exports", m004_merges_exports),
     ("005_training_runs_extra", m005_training_runs_extra),
-    ("006_eval_runs_serving_config", m006_eval_runs_serving_config),
+    ("006_service", m006_service),
+    ("007_eval_runs_serving_config", m007_eval_runs_serving_config),
 ]
 
 

@@ -2,7 +2,7 @@
 
 Real evals on the tiny random Llama record {base, digest, quantize, dtype, device,
 engine}; constructed rows check that the leaderboard, the gate and
-``scores_for_config`` never mix configurations; the 006 migration backfills old rows.
+``scores_for_config`` never mix configurations; the 007 migration backfills old rows.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def test_migration_backfills_config_from_decoding(tmp_path):
     path = str(tmp_path / "old.duckdb")
     conn = duckdb.connect(path)
     cur = conn.cursor()
-    before = [m for m in migrations.MIGRATIONS if m[0] != "006_eval_runs_serving_config"]
+    before = [m for m in migrations.MIGRATIONS if m[0] != "007_eval_runs_serving_config"]
     migrations.apply(cur, before)
     files = {"model.safetensors": "f" * 64}
     cur.execute("INSERT INTO bases (name, source, kind, path, architecture, config, layers, files, created_at) "
@@ -241,7 +241,7 @@ def test_migration_backfills_config_from_decoding(tmp_path):
         applied = [r["name"] for r in cat.query("SELECT name FROM _migrations")]
     finally:
         cat.close()
-    assert "006_eval_runs_serving_config" in applied
+    assert "007_eval_runs_serving_config" in applied
     want = from_decoding({"name": "tiny", "files": files}, "tiny", {"quantize": "nf4", "dtype": "float32", "device": "cpu"})
     assert rows[0]["serving_config"] == want and want["base_digest"] == manifest_digest(files)
     assert rows[0]["config_key"] == config_key(want) == f"tiny@{manifest_digest(files)[:12]}/nf4/fp32/cpu"
