@@ -247,3 +247,15 @@ def test_migration_backfills_config_from_decoding(tmp_path):
     assert rows[0]["config_key"] == config_key(want) == f"tiny@{manifest_digest(files)[:12]}/nf4/fp32/cpu"
     assert rows[1]["config_key"] == "gone@unknown/none/bf16/cuda"  # base deleted since: digest unknown
     assert rows[2]["serving_config"] is None and rows[2]["config_key"] is None  # nothing recorded: unknown
+
+
+def test_scores_for_config_survives_the_op_wire(catalog):
+    """Through a server (`@op`), the result comes back as it left: int version ids, None for no score."""
+    a, b = add_version(catalog, "alpha", 1), add_version(catalog, "beta", 1)
+    add_run(catalog, a, GOOD, BASE, serving_config=NF4)
+    local = scores_for_config(catalog, NF4)
+    entry = scores_for_config.op
+    wire = json.loads(json.dumps(entry.dump_result(local)))
+    assert entry.load_result(wire) == local and local[b["id"]] is None
+    args = json.loads(json.dumps(entry.dump_args((NF4,), {"version_ids": [a["id"]]})))
+    assert entry.load_args(args) == {"cfg": NF4, "version_ids": [a["id"]]}
