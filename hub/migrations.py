@@ -302,11 +302,12 @@ def m007_eval_runs_serving_config(cur) -> None:
 
     from evals.config import config_key, from_decoding
 
-    cur.execute("ALTER TABLE eval_runs ADD COLUMN serving_config JSON")
-    cur.execute("ALTER TABLE eval_runs ADD COLUMN config_key VARCHAR")  # evals.config.config_key(serving_config)
+    # IF NOT EXISTS: development catalogs of the eval-config branch recorded this as 006_eval_runs_serving_config
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS serving_config JSON")
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS config_key VARCHAR")  # evals.config.config_key(serving_config)
     bases = {name: {"name": name, "files": json.loads(files) if isinstance(files, str) else files}
              for name, files in cur.execute("SELECT name, files FROM bases").fetchall()}
-    for rid, base, decoding in cur.execute("SELECT id, base, decoding FROM eval_runs").fetchall():
+    for rid, base, decoding in cur.execute("SELECT id, base, decoding FROM eval_runs WHERE config_key IS NULL").fetchall():
         decoding = json.loads(decoding) if isinstance(decoding, str) else decoding
         cfg = from_decoding(bases.get(base), base, decoding)
         if cfg is not None:
