@@ -89,6 +89,21 @@ def served_default() -> dict:
     return {"quantize": EngineConfig.quantize, "dtype": EngineConfig.dtype}
 
 
+def default_served_config(base_row: dict, device: str | None = None) -> dict:
+    """The configuration ``loradex serve --base BASE`` runs with no other flags on ``device`` (default: this machine's).
+
+    For listings without a running server (``loradex show``, the promotion gate):
+    ``scores_for_config(catalog, default_served_config(base_row))`` gives each version's
+    score as the default server would serve it.
+    """
+    if device is None:
+        from hub.loading import pick_device
+
+        device = pick_device("auto")
+    d = served_default()
+    return serving_config(base_row, d["quantize"], d["dtype"] or default_dtype(device), device, SERVE_ENGINE)
+
+
 def is_served_default(cfg: dict | None) -> bool:
     """Whether ``cfg`` is what ``loradex serve --base cfg.base`` runs with no other flags on its device."""
     if not cfg or not cfg.get("quantize"):

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from evals import evaluate
-from evals.config import (EVAL_ENGINE, config_key, config_label, from_decoding, is_served_default, served_default,
+from evals.config import (EVAL_ENGINE, config_key, default_served_config, config_label, from_decoding, is_served_default, served_default,
                           served_warning, serving_config)
 from evals.gate import check_promotion
 from evals.leaderboard import build, render_text
@@ -53,6 +53,10 @@ def test_served_default_is_the_servers():
     assert is_served_default(NF4) and not is_served_default(NONE)
     assert not is_served_default(config("nf4", dtype="bf16"))  # CPU server computes in fp32 by default
     assert is_served_default(config("nf4", dtype="bf16", device="cuda"))
+    base = {"name": "tiny", "files": {"model.safetensors": "0" * 64}}
+    served = default_served_config(base, "cpu")
+    assert served["engine"] == "loradex-engine" and config_key(served) == config_key(NF4) and is_served_default(served)
+    assert config_key(default_served_config(base, "cuda:0")).endswith("/nf4/bf16/cuda")
 
 
 # -- real evals on the tiny model ----------------------------------------------------
