@@ -85,9 +85,9 @@ class EvalConfig:
             if self.quantize is not None and self.quantize != served["quantize"]:
                 raise InvalidConfig(f"--as-served scores under the default server's --quantize {served['quantize']}; "
                                     f"drop --quantize {self.quantize} or --as-served")
-            if self.dtype is not None and served["dtype"] is not None and self.dtype != normalize_dtype(served["dtype"]):
-                raise InvalidConfig(f"--as-served scores under the default server's dtype {served['dtype']}; "
-                                    f"drop --dtype {self.dtype} or --as-served")
+            if self.dtype is not None and self.dtype != (normalize_dtype(served["dtype"]) if served["dtype"] else None):
+                raise InvalidConfig(f"--as-served scores under the default server's dtype "
+                                    f"({served['dtype'] or 'fp32 on CPU, bf16 on CUDA'}); drop --dtype {self.dtype} or --as-served")
 
 
 def _decoding(cfg: EvalConfig, quantize: str, device: str, dtype, n: int) -> dict:

@@ -103,6 +103,10 @@ def test_eval_run_records_its_serving_config(catalog, store, settings, tiny_base
 
     with pytest.raises(InvalidConfig, match="--as-served .* --quantize none"):
         evaluate(catalog, store, "tiny-ad", data_file, as_served=True, quantize="none", settings=settings)
+    with pytest.raises(InvalidConfig, match="--as-served .* drop --dtype bf16"):
+        evaluate(catalog, store, "tiny-ad", data_file, as_served=True, dtype="bf16", settings=settings)
+    with pytest.raises(InvalidConfig, match="--dtype must be one of"):
+        evaluate(catalog, store, "tiny-ad", data_file, dtype="fp64", settings=settings)
 
 
 def test_cli_eval_warns_and_leaderboard_filters(catalog, tiny_adapter, data_file):
