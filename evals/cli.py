@@ -84,21 +84,45 @@ def cmd_eval(ctx) -> int:
     from evals.run import evaluate
     from evals.gate import check_promotion
 
+    quantize, dtype, as_served = args.quantize, args.dtype, args.as_served
+    if args.as_trained and (quantize or as_served):
+        raise InvalidConfig("--as-trained chooses the quantization itself: drop --quantize / --as-served")
+    chosen = quantize is not None or dtype is not None or args.as_trained
+    server = _running_server(ctx, args.ref) if not chosen else None
+    if server is not None:  # a server owns the catalog: score the adapter as that server serves it
+        quantize, dtype, as_served = server["quantize"], server["dtype"], False
+        print(f"loradex: scoring as the running server serves it ({server['config_label']}); "
+              f"pass --quantize or --as-trained for another configuration", file=sys.stderr)
+    elif not chosen:
+        as_served = True  # the default: as `loradex serve` serves it by default
     ctx.close_catalog()  # evaluate opens short-lived catalogs around the model work
     run = evaluate(None, ctx.store, args.ref, args.data, metrics=args.metrics, max_new_tokens=args.max_new_tokens,
                    limit=args.limit, batch_size=args.batch_size, seed=args.seed, settings=ctx.settings,
-                   quantize=args.quantize, device=args.device, use_cache=not args.no_cache,
-                   progress=not args.no_progress and not ctx.as_json, as_served=args.as_served, dtype=args.dtype)
+                   quantize=quantize, device=args.device, use_cache=not args.no_cache,
+                   progress=not args.no_progress and not ctx.as_json, as_served=as_served, dtype=dtype)
     from hub.registry import get_version_by_id
 
     # the gate's verdict for the configuration just measured: these numbers say nothing about others
     gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]),
                            config=run.get("serving_config"))
-    warning = served_warning(run, data=args.data)
+    warning = None if server is not None else served_warning(run, data=args.data)
     if warning:
         print(f"loradex: warning: {warning}", file=sys.stderr)
     ctx.emit(dict(run, gate=gate, warning=warning), lambda: _run_text(run, gate))
     return 0
+
+
+def _running_server(ctx, ref: str) -> dict | None:
+    """What the server that owns the catalog runs ({quantize, dtype, config_label}), if it serves ``ref``'s base."""
+    from hub.registry import resolve
+    from hub.remote import is_remote
+
+    if not is_remote(ctx.catalog):
+        return None
+    info = ctx.catalog.get_json("/v1/server")
+    if not info.get("config") or info.get("base") != resolve(ctx.catalog, ref)["base"]:
+        return None
+    return info
 
 
 def cmd_eval_show(ctx) -> int:
@@ -207,10 +231,13 @@ def add_commands(sub, common) -> None:
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="items per batch (default 8)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                   help="load the base quantized (default: as the adapter was trained, else none; "
-                        "a warning says when that is not what `loradex serve` runs)")
+                   help="load the base quantized so (default: as served, see --as-served; a warning says when the "
+                        "configuration is not what `loradex serve` runs)")
     p.add_argument("--as-served", action="store_true",
-                   help="score under what `loradex serve` runs by default (its quantization, nf4, and dtype)")
+                   help="the default: score as the adapter is served: as the running server serves it when one owns "
+                        "the catalog, else as `loradex serve` does by default (nf4, the device's dtype)")
+    p.add_argument("--as-trained", action="store_true",
+                   help="score under the quantization the adapter was trained with (none or nf4)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
                    help="compute dtype (default as the server's: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")

@@ -160,6 +160,8 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
             loss = f"{tr['final_loss']:.4f}" if tr["final_loss"] is not None else "-"
             out.append(f"    training     run {tr['id']} {tr['status']}, {tr['steps']} steps, final loss {loss}, "
                        f"{tr['device']}/{tr['precision']}, est. cost {cost}, data {str(tr['data_sha256'])[:12]}")
+        if v.get("served"):
+            out.append(f"    as served    {v['served']['note']}")
         for ev in v["evals"]:
             parts = []
             for metric, m in sorted((ev["metrics"] or {}).items()):
@@ -168,7 +170,10 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
                 if lift:
                     txt += f" lift {lift['diff']:+.3f} [{lift['ci_low']:+.3f}, {lift['ci_high']:+.3f}]"
                 parts.append(txt)
-            out.append(f"    eval run {ev['id']} n={ev['n']} data {ev['data_sha256'][:12]}: " + "; ".join(parts))
+            from evals.config import config_label
+
+            out.append(f"    eval run {ev['id']} n={ev['n']} data {ev['data_sha256'][:12]} "
+                       f"({config_label(ev.get('serving_config'))}): " + "; ".join(parts))
         for m in v["merges"]:
             out.append(f"    merge {m['id']} {m['dtype']} into {m['merged_into']} -> base {m['base_name']}")
         for e in v["exports"]:

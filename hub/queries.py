@@ -14,8 +14,12 @@ from hub.registry import aliases_of, resolve
 
 
 @op("adapters.show")
-def adapter_detail(catalog: Catalog, ref: str) -> dict:
-    """An adapter with its versions, files, training run, eval scores, reviews, merges and exports."""
+def adapter_detail(catalog: Catalog, ref: str, served_config: dict | None = None) -> dict:
+    """An adapter with its versions, files, training run, eval scores, reviews, merges and exports.
+
+    ``served`` on each version is its score under the configuration it is served with
+    (``served_config``, a running server's; else the default server's), or None with a note.
+    """
     parsed = parse_ref(ref)
     if parsed.version is None and parsed.alias is None:
         resolve(catalog, parsed)  # raises NotFound
@@ -33,8 +37,8 @@ def adapter_detail(catalog: Catalog, ref: str) -> dict:
             "SELECT id, status, duration_s, steps, final_loss, eval_loss, cost_usd, device, precision, data_sha256, "
             "loss_png FROM training_runs WHERE id = ?", [row["training_run_id"]]) if row["training_run_id"] else None
         item["evals"] = catalog.query(
-            "SELECT id, data_sha256, n, metrics, paired, win_rate, created_at FROM eval_runs "
-            "WHERE adapter_version_id = ? ORDER BY id", [row["id"]])
+            "SELECT id, data_sha256, n, metrics, paired, win_rate, config_key, serving_config, created_at "
+            "FROM eval_runs WHERE adapter_version_id = ? ORDER BY id", [row["id"]])
         item["reviews"] = catalog.query(
             "SELECT id, eval_run_id, n, status, result, created_at, imported_at FROM reviews "
             "WHERE adapter_version_id = ? ORDER BY id", [row["id"]])
@@ -43,8 +47,23 @@ def adapter_detail(catalog: Catalog, ref: str) -> dict:
             [row["id"]])
         item["exports"] = catalog.query(
             "SELECT id, format, path, size_bytes FROM exports WHERE adapter_version_id = ? ORDER BY id", [row["id"]])
+        item["served"] = _served(catalog, row, served_config)
         versions.append(item)
     return {"adapter": parsed.name, "aliases": aliases, "versions": versions}
+
+
+def _served(catalog: Catalog, row: dict, served_config: dict | None) -> dict:
+    from evals.config import config_key, config_label
+    from evals.record import describe_score, scores_for_config
+    from hub.registry import served_config_for
+
+    cfg = served_config_for(catalog, row, served_config)
+    if cfg is None:
+        return {"config_key": None, "config_label": None, "score": None,
+                "note": f"base {row['base']!r} is not registered: nothing serves this version"}
+    score = scores_for_config(catalog, cfg, version_ids=[row["id"]]).get(row["id"])
+    return {"config_key": config_key(cfg), "config_label": config_label(cfg), "score": score,
+            "note": describe_score(f"{row['adapter']}@{row['version']}", score, cfg)}
 
 
 @op("aliases.events")

@@ -200,6 +200,22 @@ def aliases_of(catalog: Catalog, name: str) -> dict[str, int]:
 GATED_ALIASES = ("production",)
 
 
+def served_config_for(catalog: Catalog, row: dict, served_config: dict | None = None) -> dict | None:
+    """The configuration ``row`` is served with: the given server's, when it serves that base, else the default's.
+
+    None when the adapter's base is not registered (nothing can serve it, so no configuration applies).
+    """
+    if served_config and served_config.get("base") == row["base"]:
+        return served_config
+    from evals.config import default_served_config
+
+    try:
+        base_row = get_base(catalog, row["base"], provision=False)
+    except NotFound:
+        return None
+    return default_served_config(base_row)
+
+
 def current_actor() -> str:
     """Who is acting, as recorded with alias moves: USER@HOST."""
     import getpass
@@ -214,7 +230,7 @@ def current_actor() -> str:
 
 @op("aliases.set", write=True)
 def set_alias(catalog: Catalog, ref: str, alias: str, *, force: bool = False, reason: str | None = None,
-              actor: str | None = None) -> dict:
+              actor: str | None = None, served_config: dict | None = None) -> dict:
     """Point ``alias`` at the version ``ref`` names, and record who moved it and why.
 
     ``production`` is gated: ``evals.gate.check_promotion`` must pass, else
@@ -222,6 +238,10 @@ def set_alias(catalog: Catalog, ref: str, alias: str, *, force: bool = False, re
     and needs a ``reason``; the override, the reason, the actor and the gate's
     numbers land in ``alias_events``. This is the one path for the CLI, the
     HTTP API and Python alike.
+
+    The gate counts only scores measured under the configuration the version will
+    be served with: ``served_config`` (a running server passes its own), else what
+    ``loradex serve`` runs by default for the adapter's base on this machine.
     """
     check_name(alias, "alias")
     if alias.isdigit() or (alias[:1] in "vV" and alias[1:].isdigit()):
@@ -235,7 +255,7 @@ def set_alias(catalog: Catalog, ref: str, alias: str, *, force: bool = False, re
     if alias in GATED_ALIASES:
         from evals.gate import check_promotion
 
-        gate = check_promotion(catalog, row)
+        gate = check_promotion(catalog, row, config=served_config_for(catalog, row, served_config))
         if not gate["ok"]:
             if not force:
                 raise GateRefused(

@@ -197,7 +197,7 @@ def build(name: str, epochs: float, lr: float, threads: int) -> dict:
         base=DEFAULT_BASE, data=str(train_path), eval_data=str(eval_path), name=f"demo-{name}",
         epochs=epochs, learning_rate=lr, r=8, alpha=16, dropout=0.0, targets="q_proj,v_proj",
         batch_size=8, grad_accum=1, max_length=256, save_steps=1000, logging_steps=2, seed=0,
-        warmup_ratio=0.05, lr_scheduler="cosine", threads=threads, run_evals=False,
+        warmup_ratio=0.05, lr_scheduler="cosine", threads=threads, run_evals=False, quantize="none",
         description=f"demo adapter: {name} style (scripts/make_demo_adapters.py)",
     )
     t0 = time.monotonic()

@@ -81,6 +81,19 @@ class ServerState:
         self._thread.join(timeout)
 
     @property
+    def served_config(self) -> dict | None:
+        """The serving configuration scores are looked up by (base + digest, quantize, dtype, device), once loaded."""
+        eng = self.engine
+        if eng is None:
+            return None
+        if getattr(self, "_served_config", None) is None:
+            from evals.config import SERVE_ENGINE, serving_config
+
+            loaded = eng.loaded
+            self._served_config = serving_config(loaded.record, loaded.quantize, loaded.dtype, eng.device, SERVE_ENGINE)
+        return self._served_config
+
+    @property
     def ready(self) -> bool:
         return self.engine is not None and self.engine.ready
 

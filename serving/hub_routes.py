@@ -88,9 +88,49 @@ adapters = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 @adapters.get("", response_model=list[AdapterVersion], summary="List adapter versions")
 async def list_adapters(state=Depends(get_state), base: Optional[str] = Query(None)):
     """Every ready version with its aliases, its score under this server's configuration and whether it is loaded."""
-    from serving.routes import _adapter_listing
+    return _json(await _run(adapter_listing, state, base))
 
-    return _json(await _run(_adapter_listing, state, base))
+
+def adapter_listing(state, base: Optional[str]) -> list[dict]:
+    """Ready versions with aliases, whether loaded, and their score under the configuration this server runs.
+
+    ``score`` is None when a version has no eval under this server's configuration
+    (``score_note`` then says so and which command scores it as served).
+    """
+    from evals.config import config_key, config_label
+    from evals.record import describe_score, scores_for_config
+    from hub.registry import list_adapters
+    from hub.render import to_jsonable
+
+    rows = list_adapters(state.catalog, base=base)
+    cfg = state.served_config
+    scores = scores_for_config(state.catalog, cfg, version_ids=[r["id"] for r in rows]) if cfg and rows else {}
+    loaded = set()
+    if state.engine is not None:
+        loaded = {(e["adapter"], e["version"]) for e in state.engine.cache.loaded()}
+    out = []
+    for row in rows:
+        item = to_jsonable({k: row[k] for k in ("adapter", "version", "base", "aliases", "rank", "alpha",
+                                                 "target_modules", "param_count", "size_bytes", "digest",
+                                                 "quantization", "created_at")})
+        ref = f"{row['adapter']}@{row['version']}"
+        item["ref"] = ref
+        score = scores.get(row["id"])
+        item["score"] = to_jsonable(score)
+        item["served_config"] = {"key": config_key(cfg), "label": config_label(cfg)} if cfg else None
+        item["score_note"] = describe_score(ref, score, cfg) if cfg else "the base is still loading"
+        item["loaded"] = (row["adapter"], row["version"]) in loaded
+        out.append(item)
+    return out
+
+
+@adapters.get("/{ref}/score", summary="A version's score under this server's configuration (or why there is none)")
+async def served_score(ref: str, state=Depends(get_state)):
+    from hub.registry import resolve
+
+    row = await _run(resolve, state.catalog, ref)
+    listing = await _run(adapter_listing, state, row["base"])
+    return _json(next(i for i in listing if i["ref"] == f"{row['adapter']}@{row['version']}"))
 
 
 @adapters.post("", status_code=201, summary="Register an adapter (server path as JSON, or a multipart upload)")
@@ -104,7 +144,7 @@ async def register(request: Request, state=Depends(get_state)):
 async def show(ref: str, state=Depends(get_state)):
     from hub.queries import adapter_detail
 
-    return _json(await _run(adapter_detail, state.catalog, ref))
+    return _json(await _run(adapter_detail, state.catalog, ref, served_config=state.served_config))
 
 
 @adapters.delete("/{ref}", summary="Delete NAME@VERSION (refused while aliased unless force)")
@@ -141,7 +181,8 @@ async def set_alias(name: str, alias: str, body: SetAliasRequest, request: Reque
     from hub.registry import set_alias as fn
 
     return _json(await _run(fn, state.catalog, f"{name}@{body.version}", alias, force=body.force,
-                            reason=body.reason, actor=actor_of(request, body.actor)))
+                            reason=body.reason, actor=actor_of(request, body.actor),
+                            served_config=state.served_config))
 
 
 @adapters.delete("/{name}/aliases/{alias}", summary="Remove an alias")
@@ -285,6 +326,22 @@ async def get_object(sha256: str, state=Depends(get_state)):
     return FileResponse(path, media_type="application/octet-stream")
 
 
+server = APIRouter(prefix="/v1", tags=["server"])
+
+
+@server.get("/server", summary="What this server runs: base, quantization, dtype, device, and its config key")
+async def server_info(state=Depends(get_state)):
+    """Scores shown by this server (``/v1/models``, ``/v1/adapters``, the gate) are those measured under ``config``."""
+    from evals.config import config_key, config_label
+
+    cfg = state.served_config
+    eng = state.engine
+    return _json({"base": state.config.engine.base, "ready": state.ready, "config": cfg, "config_key": config_key(cfg),
+                  "config_label": config_label(cfg) if cfg else None,
+                  "quantize": eng.loaded.quantize if eng else state.config.engine.quantize,
+                  "dtype": cfg["dtype"] if cfg else None, "device": cfg["device"] if cfg else None})
+
+
 # -- every catalog operation, one route each ------------------------------------------------------
 AFTER_OP = {"adapters.delete": forget}  # what the server does besides the catalog write
 
@@ -322,6 +379,8 @@ def _op_endpoint(entry):
         if not isinstance(payload, dict):
             raise BadRequest(f"{entry.name}: the body must be a JSON object of arguments")
         kwargs = entry.load_args(payload)
+        if "served_config" in entry.signature.parameters and kwargs.get("served_config") is None:
+            kwargs["served_config"] = state.served_config  # ops that judge "as served" judge as this server serves
         result = await _run(entry.call_local, state.catalog, state.store, kwargs)
         after = AFTER_OP.get(entry.name)
         if after is not None:
@@ -336,4 +395,4 @@ def _op_endpoint(entry):
 
 
 def routers() -> list[APIRouter]:
-    return [bases, adapters, scores, jobs, store, ops_router()]
+    return [bases, adapters, scores, jobs, store, server, ops_router()]

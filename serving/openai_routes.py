@@ -179,11 +179,20 @@ def _usage_chunk(body, head: dict):
 def _model_cards(state, eng) -> ModelList:
     from hub.registry import list_adapters
 
+    from evals.config import config_label
+    from evals.record import describe_score, scores_for_config
+
     created = now()
     base = eng.base_name
-    cards = [ModelCard(id=base, created=created, root=base)]
+    cfg = state.served_config
+    cards = [ModelCard(id=base, created=created, root=base, served_as=config_label(cfg))]
     seen: set[str] = set()
-    for row in list_adapters(state.catalog, base=base):
+    rows = list_adapters(state.catalog, base=base)
+    scores = scores_for_config(state.catalog, cfg, version_ids=[r["id"] for r in rows]) if rows else {}
+    for row in rows:
+        score = scores.get(row["id"])
+        extra = {"version": row["version"], "served_as": config_label(cfg), "score": score,
+                 "score_note": describe_score(f"{row['adapter']}@{row['version']}", score, cfg)}
         ids = []
         if row["adapter"] not in seen:
             seen.add(row["adapter"])
@@ -191,5 +200,5 @@ def _model_cards(state, eng) -> ModelList:
         ids.append(f"{row['adapter']}@{row['version']}")
         ids += [f"{row['adapter']}@{a}" for a in (row.get("aliases") or [])]
         ts = int(row["created_at"].timestamp()) if row.get("created_at") else created
-        cards += [ModelCard(id=i, created=ts, root=base, parent=base) for i in ids]
+        cards += [ModelCard(id=i, created=ts, root=base, parent=base, **extra) for i in ids]
     return ModelList(data=cards)

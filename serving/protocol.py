@@ -248,6 +248,12 @@ class ModelCard(BaseModel):
     owned_by: str = "loradex"
     root: str
     parent: Optional[str] = None
+    # loradex's additions (OpenAI clients ignore them): which version a name serves, and its score
+    # under the configuration this server runs, or a note saying there is none
+    version: Optional[int] = None
+    served_as: Optional[str] = None
+    score: Optional[dict] = None
+    score_note: Optional[str] = None
 
 
 class ModelList(BaseModel):

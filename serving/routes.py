@@ -73,7 +73,9 @@ def install(app: FastAPI) -> None:
     @router.get("/adapters")
     async def list_adapters(request: Request, base: str | None = Query(None)):
         state = get_state(request)
-        return {"adapters": await run_in_threadpool(_adapter_listing, state, base)}
+        from serving.hub_routes import adapter_listing
+
+        return {"adapters": await run_in_threadpool(adapter_listing, state, base)}
 
     @router.post("/adapters", status_code=201, summary="Register an adapter (same as POST /v1/adapters)")
     async def register(request: Request):
@@ -92,30 +94,6 @@ def install(app: FastAPI) -> None:
 
 
 # -- helpers of the /adapters routes ----------------------------------------------------
-
-def _adapter_listing(state, base: str | None) -> list[dict]:
-    from hub.registry import list_adapters
-
-    rows = list_adapters(state.catalog, base=base)
-    scores: dict[int, dict] = {}
-    for ev in state.catalog.query(
-            "SELECT id, adapter_version_id, metrics, paired, win_rate, n, created_at FROM eval_runs "
-            "WHERE adapter_version_id IS NOT NULL ORDER BY id"):
-        scores[ev["adapter_version_id"]] = {"eval_run": ev["id"], "n": ev["n"], "metrics": ev["metrics"],
-                                            "lift": ev["paired"], "win_rate": ev["win_rate"]}
-    loaded = set()
-    if state.engine is not None:
-        loaded = {(e["adapter"], e["version"]) for e in state.engine.cache.loaded()}
-    out = []
-    for row in rows:
-        item = _jsonable({k: row[k] for k in ("adapter", "version", "base", "aliases", "rank", "alpha", "target_modules",
-                                              "param_count", "size_bytes", "digest", "quantization", "created_at")})
-        item["ref"] = f"{row['adapter']}@{row['version']}"
-        item["scores"] = scores.get(row["id"])
-        item["loaded"] = (row["adapter"], row["version"]) in loaded
-        out.append(item)
-    return out
-
 
 async def register_from_request(state, request: Request) -> dict:
     """Register from JSON ``{path, name[, base, description, allow_noop]}`` (a path on this machine) or an upload."""

@@ -112,13 +112,14 @@ def test_eval_run_records_its_serving_config(catalog, store, settings, tiny_base
 def test_cli_eval_warns_and_leaderboard_filters(catalog, tiny_adapter, data_file):
     catalog.close()
     r = run_cli("eval", "tiny-ad", "--data", str(data_file), "--metrics", "exact", "--max-new-tokens", "3",
-                "--device", "cpu", "--no-progress")
+                "--device", "cpu", "--no-progress", "--as-trained")
     assert r.returncode == 0, r.stderr
     assert "loradex: warning: tiny-ad@1 was scored as trained, under none/fp32 cpu" in r.stderr
     assert f"--data {data_file} --as-served" in r.stderr
     assert "scores describe: none/fp32 cpu (not the default server's configuration)" in r.stdout
+    # the default is as served: nf4 here (no server owns this catalog), no warning
     r = run_cli("eval", "tiny-ad", "--data", str(data_file), "--metrics", "exact", "--max-new-tokens", "3",
-                "--device", "cpu", "--no-progress", "--as-served", "--json")
+                "--device", "cpu", "--no-progress", "--json")
     assert r.returncode == 0, r.stderr
     assert "loradex: warning" not in r.stderr
     out = json.loads(r.stdout)

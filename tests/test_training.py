@@ -31,7 +31,7 @@ def write_chat(path: Path, n: int, style=str.upper) -> str:
 def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
     values = dict(base="tiny", data=write_chat(tmp_path / "train.jsonl", 16), name="tiny-lora", max_steps=4,
                   batch_size=4, max_length=64, learning_rate=5e-3, save_steps=2, logging_steps=1, seed=1,
-                  output_dir=str(tmp_path / "run"))
+                  output_dir=str(tmp_path / "run"), quantize="none")
     values.update(kw)
     return TrainConfig(**values)
 

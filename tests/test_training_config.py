@@ -17,7 +17,7 @@ def test_defaults_follow_the_seed():
     c = TrainConfig(**OK)
     assert (c.base, c.r, c.alpha, c.dropout, c.targets) == ("smollm2-135m-instruct", 16, 32.0, 0.05, "q_proj,v_proj")
     assert (c.learning_rate, c.lr_scheduler, c.warmup_ratio, c.epochs, c.max_steps) == (2e-4, "cosine", 0.05, 1.0, -1)
-    assert (c.quantize, c.precision, c.device, c.gpu_type, c.resume) == ("none", "auto", "auto", "a10g", False)
+    assert (c.quantize, c.precision, c.device, c.gpu_type, c.resume) == ("nf4", "auto", "auto", "a10g", False)
     assert c.target_list() == ["q_proj", "v_proj"]
     assert TrainConfig(**OK, targets="all-linear").target_list() == "all-linear"
 

@@ -42,7 +42,7 @@ def test_real_base_learns_and_registers_with_lineage(tmp_path, catalog, store, s
     config = TrainConfig(base=DEFAULT_BASE, data=str(data), eval_data=str(held_out), name="pirate-it",
                          max_steps=12, batch_size=4, r=8, alpha=16, dropout=0.0, learning_rate=2e-3,
                          logging_steps=2, max_length=128, seed=0, output_dir=str(tmp_path / "run"),
-                         run_evals=False)  # held-out loss only: scoring is the evals stage's tests' job
+                         quantize="none", run_evals=False)  # held-out loss only: scoring is the evals stage's tests' job
     result = train(config, catalog=catalog, store=store, settings=settings)
 
     run = catalog.one("SELECT * FROM training_runs WHERE id = ?", [result.run_id])

@@ -27,7 +27,7 @@ TRAIN_FLAGS = [
     ("--alpha", "alpha", float, "LoRA alpha (default 32)"),
     ("--dropout", "dropout", float, "LoRA dropout (default 0.05)"),
     ("--targets", "targets", str, "modules to adapt, comma-separated, or all-linear (default q_proj,v_proj)"),
-    ("--quantize", "quantize", str, "none (LoRA) | nf4 (QLoRA) (default none)"),
+    ("--quantize", "quantize", str, "nf4 (QLoRA, default: matches the NF4 server) | none (LoRA on full-precision weights)"),
     ("--precision", "precision", str, "auto | fp32 | bf16 (default auto: bf16 on CUDA, fp32 on CPU)"),
     ("--threads", "threads", int, "torch CPU threads (default LORADEX_THREADS, 1)"),
     ("--seed", "seed", int, "random seed (default 42)"),
@@ -70,7 +70,7 @@ def add_commands(sub, common) -> None:
     src.add_argument("--config-json", dest="config_json", help="a model config.json file")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--targets", default="q_proj,v_proj", help="modules to adapt or all-linear (default q_proj,v_proj)")
-    p.add_argument("--quantize", default="none", help="none | nf4 (default none)")
+    p.add_argument("--quantize", default="nf4", help="nf4 | none (default nf4, as `loradex train`)")
     p.add_argument("--data", help="training JSONL: adds a time and dollar estimate")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over --data (default 1)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=4, help="examples per step (default 4)")
