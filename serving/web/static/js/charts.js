@@ -33,14 +33,14 @@ export function ciChart(rows, opts = {}) {
   const labelW = 170;
   const valueW = 190;
   const rowH = 26;
-  const top = 22;
+  const top = 36;
   const height = top + rowH * rows.length + 26;
   const vals = rows.flatMap((r) => [r.lo, r.hi, r.mean, r.baseLo, r.baseHi, r.base]);
   if (opts.zero) vals.push(0);
   const [lo, hi] = niceRange(vals);
   const x = scale(lo, hi, labelW, width - valueW);
   const f = opts.signed ? signed : fmt;
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", class: "chart",
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", class: "chart",
     "aria-label": opts.title || "scores with 95% confidence intervals" },
   s("title", {}, opts.title || "scores with 95% confidence intervals"));
   for (const t of ticks(lo, hi)) {
@@ -49,7 +49,7 @@ export function ciChart(rows, opts = {}) {
   }
   if (opts.zero && lo < 0 && hi > 0) {
     svg.append(s("line", { class: "zero", x1: x(0), x2: x(0), y1: top - 8, y2: height - 22 }),
-      s("text", { x: x(0) + 3, y: top - 10 }, "0 = no lift"));
+      s("text", { x: x(0) + 3, y: top - 4, class: "small" }, "0 = no lift"));
   }
   rows.forEach((r, i) => {
     const y = top + i * rowH + rowH / 2;
@@ -89,7 +89,7 @@ export function lossChart(curve, { heldOut = null, baseHeldOut = null, title = "
   const height = 240;
   const m = { l: 48, r: 150, t: 16, b: 30 };
   const pts = (curve || []).map((p) => (Array.isArray(p) ? p : [p.step, p.loss])).filter((p) => Number.isFinite(p[1]));
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", class: "chart", "aria-label": title },
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", class: "chart", "aria-label": title },
     s("title", {}, title));
   if (!pts.length) {
     svg.append(s("text", { x: 20, y: 40 }, "no loss curve recorded"));
@@ -107,7 +107,7 @@ export function lossChart(curve, { heldOut = null, baseHeldOut = null, title = "
     svg.append(s("text", { x: x(t), y: height - 10, "text-anchor": "middle" }, String(Math.round(t))));
   }
   svg.append(s("line", { class: "axis", x1: m.l, x2: width - m.r, y1: height - m.b, y2: height - m.b }),
-    s("text", { x: width - m.r, y: height - 10, "text-anchor": "end" }, "step"));
+    s("text", { x: width - m.r + 8, y: height - 10 }, "step"));
   svg.append(s("polyline", { class: "loss", points: pts.map((p) => `${x(p[0])},${y(p[1])}`).join(" ") }));
   if (pts.length <= 60) pts.forEach((p) => svg.append(s("circle", { cx: x(p[0]), cy: y(p[1]), r: 2.5, class: "pt-adapter" })));
   const last = pts[pts.length - 1];
@@ -136,7 +136,7 @@ export function lineageGraph(columns, edges) {
   const width = columns.length * colW + (columns.length - 1) * gap + 8;
   const height = top + rows * (boxH + vgap) + 4;
   const pos = {};
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", class: "chart lineage",
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", class: "chart lineage",
     "aria-label": "lineage: training run, version, evals, merges, exports" },
   s("title", {}, "lineage: training run → version → evals → merges → exports"),
   s("defs", {}, s("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" },
