@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -261,7 +262,22 @@ def test_compare_highlights_the_known_difference(page, server, shots):
     assert page.watch.take_errors() == []
 
 
+def _get(server: str, path: str) -> bytes:
+    req = urllib.request.Request(server + path, headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+
+
+def _decode_batches(server: str) -> tuple[float, float]:
+    """(decode steps, decode steps with one row) from the server's batch_size histogram."""
+    text = _get(server, "/metrics").decode()
+    count = re.search(r'batch_size_count\{phase="decode"\} (\S+)', text)
+    one = re.search(r'batch_size_bucket\{phase="decode",le="1"\} (\S+)', text)
+    return (float(count.group(1)) if count else 0.0), (float(one.group(1)) if one else 0.0)
+
+
 def test_playground_streams_three_adapters(page, server, shots):
+    steps0, single0 = _decode_batches(server)
     _show(page, server, "#/playground?models=alpha@1,beta@1,gamma@1", "playground")
     assert page.locator("input[name=model]:checked").count() == 4  # the base and 3 adapters
     page.fill("#max-tokens", "12")
@@ -277,6 +293,8 @@ def test_playground_streams_three_adapters(page, server, shots):
         assert "tok/s" in card.locator(".stat").inner_text()
     assert all(answers[m].strip() for m in ("alpha@1", "beta@1", "gamma@1")), answers
     assert len(set(answers.values())) > 1, answers  # scaled adapters answer differently
+    steps, single = _decode_batches(server)
+    assert steps - steps0 > single - single0, "the 4 streams never shared a decode step"  # one mixed batch
     page.screenshot(path=str(shots / "playground.png"), full_page=True)
     assert page.watch.take_errors() == []
 
@@ -302,4 +320,27 @@ def test_review_in_the_browser(page, server, shots):
     _show(page, server, "#/adapter/beta", "adapter")
     assert "rated" in page.inner_text("table.reviews")
     page.screenshot(path=str(shots / "review-on-adapter.png"), full_page=True)
+    assert page.watch.take_errors() == []
+
+
+def test_keyboard_reaches_every_control(page, server):
+    """Tab alone walks the header, the filters, the sort buttons and the adapter links, in order."""
+    _show(page, server, "#/adapters", "adapters")
+    page.locator("body").focus()
+    seen = []
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        seen.append(page.evaluate("""() => { const e = document.activeElement;
+            return e.id || e.dataset.sort || e.dataset.page || e.textContent.trim().slice(0, 20); }"""))
+    for want in ("adapters", "leaderboard", "review", "key-button", "adapter-search", "filter-base", "filter-alias",
+                 "name", "score", "lift", "alpha", "beta", "gamma"):
+        assert want in seen, (want, seen)
+    page.focus('button[data-sort="versions"]')
+    page.keyboard.press("Enter")
+    assert page.get_attribute('th:has(button[data-sort="versions"])', "aria-sort") == "ascending"
+    page.goto(f"{server}/#/adapter/gamma")
+    page.wait_for_selector('#view[data-ready="adapter"]')
+    page.focus("#gate-check")
+    page.keyboard.press("Enter")
+    assert "passes" in page.wait_for_selector("#promote-result .gate").inner_text()
     assert page.watch.take_errors() == []

@@ -29,7 +29,7 @@ function ticks(lo, hi, n = 5) {
  * opts: {title, zero: draw x=0 (for lifts), signed: format with a sign, width}
  */
 export function ciChart(rows, opts = {}) {
-  const width = opts.width || 640;
+  const width = opts.width || 820;
   const labelW = 170;
   const valueW = 190;
   const rowH = 26;
