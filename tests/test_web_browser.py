@@ -185,8 +185,16 @@ def page(browser, server):
 
 
 def _show(page, server, hash_: str, ready: str):
-    page.goto(f"{server}/{hash_}")
-    page.wait_for_selector(f'#view[data-ready="{ready}"]')
+    """Go to a route and wait until the page has rendered it (not the view that was there before)."""
+    page.evaluate("() => { const v = document.getElementById('view'); if (v) v.dataset.shown = 'stale'; }")
+    target = f"{server}/{hash_}"
+    if page.url == target:
+        page.reload()  # the same hash fires no hashchange
+    else:
+        page.goto(target)
+    page.wait_for_function("(ready) => { const v = document.getElementById('view');"
+                           " return v && v.dataset.shown && v.dataset.shown !== 'stale' && v.dataset.ready === ready; }",
+                           arg=ready)
 
 
 def test_adapters_page_search_sort_filter(page, server, shots):
@@ -228,6 +236,7 @@ def test_adapter_page_and_promotion_gate(page, server, shots):
     assert "production → alpha@1" in page.inner_text("#promote-result")
     assert "passes" in page.inner_text("#promote-result .gate")
     page.wait_for_selector("#alias-events td:text('production')")
+    assert "production→1" in page.inner_text("#aliases")
     page.screenshot(path=str(shots / "adapter.png"), full_page=True)
     assert page.watch.take_errors() == []
 
@@ -305,7 +314,6 @@ def test_review_in_the_browser(page, server, shots):
     page.fill("#review-seed", "3")
     page.click("#review-start button[type=submit]")
     page.wait_for_selector("#review-rate")
-    _show(page, server, page.url.split("/", 3)[3], "review")
     rows = page.locator("#review-rate article")
     assert rows.count() == 4
     page.click("#review-submit")  # nothing rated: refused, naming the rows
@@ -323,7 +331,7 @@ def test_review_in_the_browser(page, server, shots):
     assert page.watch.take_errors() == []
 
 
-def test_keyboard_reaches_every_control(page, server):
+def test_keyboard_reaches_every_control(page, server, shots):
     """Tab alone walks the header, the filters, the sort buttons and the adapter links, in order."""
     _show(page, server, "#/adapters", "adapters")
     page.locator("body").focus()
@@ -338,9 +346,12 @@ def test_keyboard_reaches_every_control(page, server):
     page.focus('button[data-sort="versions"]')
     page.keyboard.press("Enter")
     assert page.get_attribute('th:has(button[data-sort="versions"])', "aria-sort") == "ascending"
-    page.goto(f"{server}/#/adapter/gamma")
-    page.wait_for_selector('#view[data-ready="adapter"]')
+    _show(page, server, "#/adapter/gamma", "adapter")
     page.focus("#gate-check")
     page.keyboard.press("Enter")
     assert "passes" in page.wait_for_selector("#promote-result .gate").inner_text()
+    page.set_viewport_size({"width": 1024, "height": 768})  # a small laptop: panels stack, nothing is cut off
+    page.screenshot(path=str(shots / "adapter-1024.png"), full_page=True)
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 1024
+    page.set_viewport_size({"width": 1366, "height": 900})
     assert page.watch.take_errors() == []

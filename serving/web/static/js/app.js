@@ -24,6 +24,7 @@ async function route() {
   }
   if (cleanup) { try { cleanup(); } catch { /* a page's own teardown */ } cleanup = null; }
   const mine = ++shown;
+  delete view.dataset.ready; // tests (and scripts) wait for data-ready and data-shown of the new view
   const root = h("div", { class: "page", "data-page": r.page });
   view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
   try {
@@ -36,7 +37,7 @@ async function route() {
     view.replaceChildren(h("h1", {}, "Could not load this page"), notice(err.message || String(err), "error"));
   }
   document.title = `loradex · ${r.page}${r.arg ? " · " + r.arg : ""}`;
-  root.dataset.ready = "1";
+  view.dataset.shown = String(mine);
   view.dataset.ready = r.page;
 }
 

@@ -45,9 +45,9 @@ function promotePanel(name, v, onChange) {
       const body = { version: v.version };
       if (force.checked) Object.assign(body, { force: true, reason: reason.value });
       const move = await api(`/v1/adapters/${encodeURIComponent(name)}/aliases/production`, { method: "PUT", body });
-      out.replaceChildren(notice(`production → ${move.adapter}@${move.version}${move.forced ? " (forced: " + move.reason + ")" : ""}; `
-        + "requests for " + `${move.adapter}@production get this version from now on.`, "ok"), gateView(move.gate));
-      onChange(await api(`/v1/adapters/${encodeURIComponent(name)}/aliases`));
+      out.replaceChildren(...[notice(`production → ${move.adapter}@${move.version}${move.forced ? " (forced: " + move.reason + ")" : ""}; `
+        + "requests for " + `${move.adapter}@production get this version from now on.`, "ok"), gateView(move.gate)].filter(Boolean));
+      onChange(await api(`/v1/adapters/${encodeURIComponent(name)}/aliases`), await api(`/v1/adapters/${encodeURIComponent(name)}`));
     } catch (err) {
       out.replaceChildren(h("div", { class: "notice error", role: "alert", "data-status": err.status },
         h("strong", {}, `Refused (HTTP ${err.status}${err.code ? ", " + err.code : ""})`), h("pre", { class: "refusal" }, err.message)));
@@ -167,6 +167,10 @@ export async function render(root, route) {
     card = r instanceof Error ? notice(r.message, "error") : renderMarkdown(await r.text());
   }
 
+  const aliasBox = h("span", { id: "aliases" });
+  const showAliases = (aliases) => aliasBox.replaceChildren("Aliases: ",
+    ...(Object.keys(aliases).length ? Object.entries(aliases).map(([a, n]) => h("span", { class: "tag alias" }, `${a}→${n}`)) : ["none"]));
+  showAliases(detail.aliases);
   const eventsBox = h("div", { id: "alias-events" });
   function showEvents(list) {
     eventsBox.replaceChildren(list.length ? h("table", { class: "alias-events" }, h("thead", {}, h("tr", {}, ["When", "Alias", "Version", "Forced", "Reason", "Who"].map((c) => h("th", {}, c)))),
@@ -180,7 +184,7 @@ export async function render(root, route) {
     h("p", { class: "small" }, h("a", { href: "#/adapters" }, "← Adapters")),
     h("h1", {}, name, " ", h("span", { class: "muted" }, `@${v.version}`)),
     h("div", { class: "row" }, h("label", {}, "Version", picker),
-      h("span", {}, "Aliases: ", Object.keys(detail.aliases).length ? Object.entries(detail.aliases).map(([a, n]) => h("span", { class: "tag alias" }, `${a}→${n}`)) : "none"),
+      aliasBox,
       h("a", { href: `#/playground?models=${encodeURIComponent(ref)}` }, "Try in the playground")),
     section("Version",
       h("div", { class: "grid2" },
@@ -192,7 +196,7 @@ export async function render(root, route) {
           h("thead", {}, h("tr", {}, h("th", {}, "File"), h("th", {}, "sha256"), h("th", { class: "num" }, "Size"))),
           h("tbody", {}, files.files.map((f) => h("tr", {}, h("td", { class: "mono small" }, f.file),
             h("td", { class: "mono small", title: f.sha256 }, short(f.sha256, 16)), h("td", { class: "num" }, bytes(f.size_bytes)))))))),
-    section("Aliases and promotion", promotePanel(name, v, showEvents), h("h3", {}, "Alias moves"), eventsBox),
+    section("Aliases and promotion", promotePanel(name, v, (list, fresh) => { showEvents(list); showAliases(fresh.aliases); }), h("h3", {}, "Alias moves"), eventsBox),
     section("Lineage", lineage(name, v, [...runs].reverse())),
     section("Eval runs",
       runs.length ? [
