@@ -64,6 +64,7 @@ async function stream(model, prompt, opts, card, signal) {
     const tokens = usage ? usage.completion_tokens : chunks;
     const genSecs = first === null ? 0 : (end - first) / 1000;
     stat.textContent = `${tokens} tokens in ${fmt((end - t0) / 1000, 2)} s · ${genSecs > 0 ? fmt(tokens / genSecs, 1) : "–"} tok/s after the first token · first token ${first === null ? "–" : Math.round(first - t0) + " ms"} · ${card.dataset.finish || ""}`;
+    if (!out.textContent.trim()) out.textContent = "(only whitespace or special tokens)";
     card.dataset.state = "done";
   } catch (err) {
     card.dataset.state = "error";
