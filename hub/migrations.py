@@ -291,6 +291,30 @@ def m006_service(cur) -> None:
     )
 
 
+def m007_eval_runs_serving_config(cur) -> None:
+    """Evals: the serving configuration each run measured (base + digest, quantize, dtype, device, engine).
+
+    Existing runs get it rebuilt from what they recorded in ``decoding`` (quantize,
+    dtype, device) and the base's files as the catalog knows them now; runs that
+    did not record a quantization keep NULL (an unknown configuration matches none).
+    """
+    import json
+
+    from evals.config import config_key, from_decoding
+
+    # IF NOT EXISTS: development catalogs of the eval-config branch recorded this as 006_eval_runs_serving_config
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS serving_config JSON")
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS config_key VARCHAR")  # evals.config.config_key(serving_config)
+    bases = {name: {"name": name, "files": json.loads(files) if isinstance(files, str) else files}
+             for name, files in cur.execute("SELECT name, files FROM bases").fetchall()}
+    for rid, base, decoding in cur.execute("SELECT id, base, decoding FROM eval_runs WHERE config_key IS NULL").fetchall():
+        decoding = json.loads(decoding) if isinstance(decoding, str) else decoding
+        cfg = from_decoding(bases.get(base), base, decoding)
+        if cfg is not None:
+            cur.execute("UPDATE eval_runs SET serving_config = ?, config_key = ? WHERE id = ?",
+                        [json.dumps(cfg, sort_keys=True), config_key(cfg), rid])
+
+
 MIGRATIONS: list[tuple[str, Callable]] = [
     ("001_core", m001_core),
     ("002_training", m002_training),
@@ -298,6 +322,7 @@ MIGRATIONS: list[tuple[str, Callable]] = [
     ("004_merges_exports", m004_merges_exports),
     ("005_training_runs_extra", m005_training_runs_extra),
     ("006_service", m006_service),
+    ("007_eval_runs_serving_config", m007_eval_runs_serving_config),
 ]
 
 
