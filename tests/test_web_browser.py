@@ -33,7 +33,7 @@ from hub.catalog import Catalog, to_json, utcnow
 from hub.registry import register_adapter
 from hub.settings import Settings
 from hub.store import Store
-from tests.catalog_rows import DATA_A, DATA_B, add_run
+from tests.catalog_rows import DATA_A, DATA_B, add_run, config
 from tests.helpers import make_adapter
 
 pytestmark = pytest.mark.browser
@@ -65,10 +65,12 @@ def _build(root: Path, base_dir: Path) -> None:
             folder = make_adapter(base_dir, root / "src" / ref.replace("@", "-"), seed=i + 1, scale=0.2)
             (folder / "README.md").write_text(f"# {ref}\n\nA **test** adapter.\n\n- rank 8\n- <script>alert(1)</script>\n")
             vs[ref] = register_adapter(cat, store, folder, ref.split("@")[0], base="tiny")
-        add_run(cat, vs["alpha@1"], *ALPHA1, outputs=["arr, the capital be Brasilia"] + [f"alpha answer {i}" for i in range(1, N)])
-        add_run(cat, vs["alpha@2"], *ALPHA2)
-        add_run(cat, vs["beta@1"], *BETA1, outputs=[f"beta answer {i}" for i in range(N)])
-        add_run(cat, vs["gamma@1"], *GAMMA1, data_sha=DATA_B)
+        fp32, nf4 = config("none"), config("nf4")
+        add_run(cat, vs["alpha@1"], *ALPHA1, outputs=["arr, the capital be Brasilia"] + [f"alpha answer {i}" for i in range(1, N)],
+                serving_config=fp32)
+        add_run(cat, vs["alpha@2"], *ALPHA2, serving_config=fp32)
+        add_run(cat, vs["beta@1"], *BETA1, outputs=[f"beta answer {i}" for i in range(N)], serving_config=fp32)
+        add_run(cat, vs["gamma@1"], *GAMMA1, data_sha=DATA_B, serving_config=nf4)
         with cat.transaction() as cur:
             rid = cur.execute(
                 "INSERT INTO training_runs (adapter, base, config, data_path, data_sha256, device, precision, status, "
@@ -248,6 +250,8 @@ def test_leaderboard(page, server, shots):
     a = page.locator(f'section.board[data-data="{DATA_A}"]')
     assert a.locator("tbody tr").count() == 3 and a.locator("svg circle.pt-adapter").count() >= 3
     assert "alpha@1" in a.locator("tbody tr").first.inner_text()
+    assert "Served as none/fp32 cpu" in a.inner_text()  # each section names its serving configuration
+    assert "Served as nf4/fp32 cpu" in page.inner_text(f'section.board[data-data="{DATA_B}"]')
     page.screenshot(path=str(shots / "leaderboard.png"), full_page=True)
     assert page.watch.take_errors() == []
 

@@ -98,3 +98,9 @@ export function setParams(page, params) {
   const hash = `#/${page}${q.toString() ? "?" + q.toString() : ""}`;
   if (location.hash !== hash) history.replaceState(null, "", hash);
 }
+
+/** A serving configuration's short label (as evals/config.py's config_label): "nf4/fp32 cpu", or "unknown". */
+export function configLabel(cfg) {
+  if (!cfg || !cfg.quantize) return "unknown";
+  return `${cfg.quantize}/${cfg.dtype || "?"} ${cfg.device || "?"}`;
+}

@@ -2,7 +2,7 @@
 // curve, eval runs with CIs and lift, human reviews, aliases with the gated Promote button.
 import { api, getAll } from "../api.js";
 import { ciChart, lineageGraph, lossChart } from "../charts.js";
-import { bytes, ci, fmt, h, higherIsBetter, kv, notice, primary, setParams, short, signed, when } from "../dom.js";
+import { bytes, ci, configLabel, fmt, h, higherIsBetter, kv, notice, primary, setParams, short, signed, when } from "../dom.js";
 import { renderMarkdown } from "../markdown.js";
 
 function section(title, ...body) {
@@ -74,7 +74,7 @@ function promotePanel(name, v, onChange) {
 
 function evalTable(runs) {
   return h("div", { class: "scroll" }, h("table", { class: "evals" },
-    h("thead", {}, h("tr", {}, ["Run", "Data", "n", "Metric", "Score (95% CI)", "Base (95% CI)", "Lift (95% CI)", "Win rate", "Decoding", ""].map((c) => h("th", {}, c)))),
+    h("thead", {}, h("tr", {}, ["Run", "Data", "Served as", "n", "Metric", "Score (95% CI)", "Base (95% CI)", "Lift (95% CI)", "Win rate", "Decoding", ""].map((c) => h("th", {}, c)))),
     h("tbody", {}, runs.map((r) => {
       const metric = primary(r.metrics);
       const m = (r.metrics || {})[metric] || {};
@@ -82,6 +82,7 @@ function evalTable(runs) {
       const p = (r.paired || {})[metric];
       return h("tr", { "data-run": r.id },
         h("td", {}, String(r.id)), h("td", { class: "small" }, h("span", { class: "mono" }, short(r.data_sha256)), h("div", { class: "muted" }, r.data_path || "")),
+        h("td", { class: "small", title: r.config_key || "" }, configLabel(r.serving_config)),
         h("td", { class: "num" }, r.n), h("td", {}, `${metric}${higherIsBetter(metric) ? " ↑" : " ↓"}`),
         h("td", { class: "num mono" }, ci(m.mean, m.ci_low, m.ci_high)), h("td", { class: "num mono" }, ci(b.mean, b.ci_low, b.ci_high)),
         h("td", { class: "num mono" }, p ? ci(p.diff, p.ci_low, p.ci_high, true) : "–"),
@@ -203,7 +204,7 @@ export async function render(root, route) {
         ciChart(runs.map((r) => {
           const m = primary(r.metrics);
           const p = (r.paired || {})[m] || {};
-          return { label: `run ${r.id} (${m}, n=${r.n})`, mean: p.diff ?? null, lo: p.ci_low, hi: p.ci_high };
+          return { label: `run ${r.id} (${configLabel(r.serving_config)})`, mean: p.diff ?? null, lo: p.ci_low, hi: p.ci_high };
         }), { title: "lift over the base per eval run, 95% CI", zero: true, signed: true, adapterLabel: "lift adapter − base, 95% CI" }),
         evalTable(runs)] : h("p", { class: "muted" }, `No eval yet: loradex eval ${ref} --data FILE`)),
     section("Human review", reviewTable(v.reviews || []), h("p", {}, h("a", { href: `#/review?ref=${encodeURIComponent(ref)}` }, `Review ${ref} against the base`))),

@@ -2,10 +2,11 @@
 // outputs, reference, scores, wins and losses marked with words and arrows as well as colour,
 // sorted by the largest difference first.
 import { api } from "../api.js";
-import { fmt, h, higherIsBetter, notice, primary, setParams, short, signed } from "../dom.js";
+import { configLabel, fmt, h, higherIsBetter, notice, primary, setParams, short, signed } from "../dom.js";
 
 function runLabel(r) {
-  return `${r.ref || "base"} · run ${r.id} · data ${short(r.data_sha256, 8)} · n=${r.n}`;
+  const served = "serving_config" in r ? ` · ${configLabel(r.serving_config)}` : "";
+  return `${r.ref || "base"} · run ${r.id} · data ${short(r.data_sha256, 8)} · n=${r.n}${served}`;
 }
 
 export async function render(root, route) {
@@ -53,6 +54,10 @@ export async function render(root, route) {
   const losses = rows.filter((r) => r.diff < -eps).length;
   const ties = rows.length - wins - losses;
   const meanDiff = rows.reduce((t, r) => t + (r.diff ?? 0), 0) / (rows.length || 1);
+  if (rb && (ra.run.config_key || null) !== (rb.run.config_key || null)) {
+    root.append(notice(`A was scored served as ${configLabel(ra.run.serving_config)}, B as ${configLabel(rb.run.serving_config)}: `
+      + "part of any difference may be the serving configuration, not the adapter.", "error"));
+  }
   if (mismatched) root.append(notice(`${mismatched} sample(s) of run ${b.id} do not match run ${a.id}'s items (different reference): compare runs on the same data only.`, "error"));
   root.append(
     h("p", { id: "compare-summary" }, `Metric ${metric} (${higher ? "higher" : "lower"} is better). A = ${a.ref}, B = ${bName}. `,

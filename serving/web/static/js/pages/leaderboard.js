@@ -2,16 +2,23 @@
 // ranked with 95% CI bars and the base on the same items; never mixes sections.
 import { api } from "../api.js";
 import { ciChart } from "../charts.js";
-import { ci, h, refLink, short, when } from "../dom.js";
+import { ci, configLabel, h, refLink, short, when } from "../dom.js";
 
-const KNOWN = new Set(["data_sha256", "data_path", "metric", "higher_is_better", "rows", "latest"]);
+const KNOWN = new Set(["data_sha256", "data_path", "metric", "higher_is_better", "rows", "latest",
+  "config_key", "config", "serving_config", "as_served"]);
 
-function settingsText(sec) {
-  // whatever else a section is keyed by (n, decoding, serving config ...), shown as it comes
-  const label = sec.serving_config_label || sec.serving_label || sec.label || null;
-  const rest = Object.entries(sec).filter(([k]) => !KNOWN.has(k) && !["serving_config_label", "serving_label", "label"].includes(k));
-  const parts = rest.map(([k, v]) => `${k}: ${typeof v === "object" && v !== null ? JSON.stringify(v) : v}`);
-  return { label, parts };
+function servedAs(sec) {
+  // sections are per data set and serving configuration (evals/config.py); older servers send no config
+  if (!("config" in sec) && !("serving_config" in sec)) return null;
+  const note = sec.as_served ? " = what loradex serve runs by default"
+    : sec.serving_config ? " (not the default server's configuration)" : " (recorded before configurations were)";
+  return [" Served as ", h("span", { class: "tag config" }, sec.config || configLabel(sec.serving_config)), note, "."];
+}
+
+function otherSettings(sec) {
+  // anything else a section is keyed by, shown as it comes
+  return Object.entries(sec).filter(([k]) => !KNOWN.has(k))
+    .map(([k, v]) => `${k}: ${typeof v === "object" && v !== null ? JSON.stringify(v) : v}`);
 }
 
 export async function render(root) {
@@ -23,16 +30,16 @@ export async function render(root) {
     return;
   }
   sections.forEach((sec, i) => {
-    const { label, parts } = settingsText(sec);
+    const parts = otherSettings(sec);
     const better = sec.higher_is_better ? "higher is better" : "lower is better";
     const rows = sec.rows;
-    root.append(h("section", { class: "board", "data-data": sec.data_sha256, "aria-labelledby": `board-${i}` },
+    root.append(h("section", { class: "board", "data-data": sec.data_sha256, "data-config": sec.config || "", "aria-labelledby": `board-${i}` },
       h("h2", { id: `board-${i}` }, `Data ${short(sec.data_sha256)} `, h("span", { class: "muted small" }, sec.data_path || "")),
-      h("p", {}, `Ranked by ${sec.metric || "?"} (${better}), 95% CIs; latest run ${when(sec.latest)}.`,
-        label ? [" Serving config: ", h("span", { class: "tag" }, label)] : "",
+      h("p", {}, `Ranked by ${sec.metric || "?"} (${better}), 95% CIs; latest run ${when(sec.latest)}.`, servedAs(sec),
+        sec.config_key ? h("span", { class: "small muted mono" }, ` config ${sec.config_key}`) : "",
         parts.length ? h("span", { class: "small muted" }, " Settings: " + parts.join("; ")) : ""),
       ciChart(rows.map((r) => ({ label: `#${r.rank} ${r.ref}`, mean: r.mean, lo: r.ci_low, hi: r.ci_high, base: r.base_mean, baseLo: r.base_ci_low, baseHi: r.base_ci_high })),
-        { title: `${sec.metric} per version on data ${short(sec.data_sha256)}, 95% CI` }),
+        { title: `${sec.metric} per version on data ${short(sec.data_sha256)}${sec.config ? ", served as " + sec.config : ""}, 95% CI` }),
       h("div", { class: "scroll" }, h("table", {},
         h("thead", {}, h("tr", {}, ["#", "Adapter", "Aliases", "n", `${sec.metric || "score"}`, "Base", "Lift over base", "Win", "Run"].map((c) => h("th", {}, c)))),
         h("tbody", {}, rows.map((r) => h("tr", {},
