@@ -24,7 +24,7 @@ function otherSettings(sec) {
 export async function render(root) {
   const { sections } = await api("/v1/leaderboard");
   root.append(h("h1", {}, "Leaderboard"),
-    h("p", { class: "muted" }, "One section per data set and settings: scores from different data, n or decoding are never ranked together. Each version appears once, with its latest run on that data."));
+    h("p", { class: "muted" }, "One section per data set and serving configuration (and whatever else the server keys sections by): scores from different data or settings are never ranked together. Each version appears once, with its latest run there."));
   if (!sections.length) {
     root.append(h("p", {}, "No eval runs yet: loradex eval NAME --data FILE"));
     return;
