@@ -13,6 +13,7 @@ Run: `make test-browser` (installs chromium via .ci/setup_browser.sh), or
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -93,20 +94,21 @@ def _build(root: Path, base_dir: Path) -> None:
                                                    for r in review["rows"]])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_base_dir):
-    root = tmp_path_factory.mktemp("web")
-    _build(root, tiny_base_dir)
+@contextlib.contextmanager
+def serve(root: Path, key: str | None):
+    """`loradex serve` on loopback over the workspace at ``root``; yields its URL, stops it after."""
     port = _free_port()
     env = dict(os.environ, LORADEX_HOME=str(root / "home"), LORADEX_STORE=str(root / "store"))
+    env.pop("LORADEX_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--base", "tiny", "--quantize", "none",
-                             "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--log-level", "warning"],
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                             *(["--api-key", key] if key else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
         try:
-            req = urllib.request.Request(url + "/ready", headers={"Authorization": f"Bearer {KEY}"})
+            req = urllib.request.Request(url + "/ready", headers={"Authorization": f"Bearer {key}"} if key else {})
             with urllib.request.urlopen(req, timeout=2) as r:
                 if r.status == 200:
                     break
@@ -118,13 +120,28 @@ def server(tmp_path_factory, tiny_base_dir):
             proc.kill()
             pytest.fail("server did not become ready")
         time.sleep(0.3)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_base_dir) -> Path:
+    root = tmp_path_factory.mktemp("web")
+    _build(root, tiny_base_dir)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    with serve(workspace, KEY) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +376,19 @@ def test_keyboard_reaches_every_control(page, server, shots):
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 1024
     page.set_viewport_size({"width": 1366, "height": 900})
     assert page.watch.take_errors() == []
+
+
+def test_without_a_key_nothing_is_asked(browser, tmp_path, tiny_base_dir):
+    """A server without a key (what `make demo` runs), over its own workspace: the page never asks for one."""
+    _build(tmp_path, tiny_base_dir)
+    with serve(tmp_path, None) as url:
+        context = browser.new_context(viewport={"width": 1366, "height": 900})
+        fresh = context.new_page()
+        watch = Watch(fresh)
+        fresh.goto(url + "/#/adapters")
+        fresh.wait_for_selector("#adapters-table tbody tr")
+        assert not fresh.is_visible("#key-dialog")
+        assert fresh.get_attribute("#server-health", "class") == "badge ok"
+        assert fresh.inner_text("#server-base").startswith("base: tiny (none, cpu)")
+        assert watch.take_errors() == [] and all(urlparse(u).hostname == "127.0.0.1" for u in watch.urls)
+        context.close()
