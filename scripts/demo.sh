@@ -42,5 +42,6 @@ if [ "${DEMO_EXIT:-0}" = "1" ]; then
   exit 0
 fi
 echo "demo: server running at http://127.0.0.1:$PORT/v1 (OpenAI-compatible); Ctrl-C to stop"
+echo "demo: open http://127.0.0.1:$PORT/ in a browser: adapters, scores, compare, playground, review, promote"
 trap - EXIT
 wait $server

@@ -223,8 +223,9 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
             if owned:
                 cat.close()
 
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN (the schema stays at /openapi.json)
     app = FastAPI(title="loradex", description="One quantized base, many LoRA adapters, OpenAI-compatible.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     if config is not None:
         app.dependency_overrides[get_config] = lambda: config
 
@@ -244,6 +245,10 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
 
         for router in routers():
             app.include_router(router, dependencies=[Depends(require_key)])
+        from serving.web import api_routes, routes as web
+
+        app.include_router(api_routes.router, dependencies=[Depends(require_key)])
+        app.include_router(web.router)  # the page's shell and assets: open, like /health; its data calls need the key
 
     app.add_middleware(CountRequests)
     return app
