@@ -116,7 +116,7 @@ def loss_curve(catalog: Catalog, run_id: int) -> dict:
 def eval_runs(catalog: Catalog, adapter: str | None = None) -> list[dict]:
     """Eval runs, newest first, with the adapter version they scored."""
     rows = _for(catalog, "eval_runs", "id, adapter_version_id, base, data_path, data_sha256, n, metrics, paired, "
-                "win_rate, duration_s, created_at", adapter)
+                "win_rate, config_key, serving_config, duration_s, created_at", adapter)
     refs = {r["id"]: f"{r['adapter']}@{r['version']}" for r in catalog.query(
         "SELECT id, adapter, version FROM adapter_versions")}
     for r in rows:
