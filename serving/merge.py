@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hub import quiet
 from hub.catalog import Catalog, to_json, utcnow
 from hub.chat import encode_chat, has_chat_template
 from hub.errors import CheckFailed, Conflict, InvalidConfig
@@ -244,6 +245,8 @@ def compare(reference: list[list[int]], merged: list[list[int]], dtype: str, tf:
 def run_merge(plan: MergePlan, store: Store, settings=None) -> MergeResult:
     """Merge, save into a store temp dir and check; raises CheckFailed (nothing kept) on disagreement."""
     import torch
+
+    quiet.install()
     from peft import PeftModel
 
     from hub.loading import load_model_folder, load_tokenizer, pick_dtype

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from hub import quiet
 from hub.catalog import borrowed
 from hub.errors import Conflict, InvalidConfig
 from training.config import CONFIG_FILE, TrainConfig
@@ -125,6 +126,7 @@ def _loss_curve(log_history: list[dict]) -> tuple[list[list[float]], list[list[f
 
 
 def _versions() -> dict:
+    quiet.install()
     import peft
     import torch
     import transformers
@@ -135,6 +137,8 @@ def _versions() -> dict:
 def load_model(config: TrainConfig, base_path: str, device: str, precision: str):
     """The base in the run's precision (NF4 for QLoRA), wrapped with fresh LoRA layers."""
     import torch
+
+    quiet.install()
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from hub.loading import load_model_folder

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hub import quiet
 from hub.errors import CheckFailed
 from serving.export import gguf_lora, gguf_writer, llamacpp_check
 from serving.export.source import ExportOptions, ExportResult, ExportSource
@@ -159,6 +160,7 @@ def write_lora_gguf(src: ExportSource, out: Path, dtype: str, *, run_check: bool
                                      base_name=src.base["name"], name=f"{src.version['adapter']}-v{src.version['version']}")
 
     def run() -> dict:
+        quiet.install()
         from peft import PeftModel
 
         from hub.loading import load_model_folder, load_tokenizer
