@@ -113,6 +113,24 @@ def planned_steps(n_examples: int, config: TrainConfig, world: int) -> int:
     return math.ceil(config.epochs * per_epoch)
 
 
+def warmup_steps_for(config: TrainConfig, steps: int) -> int:
+    """ceil(warmup_ratio x steps), but always short of the last step.
+
+    transformers' warmup gives the first step a learning rate of 0, so a run made only
+    of warmup steps (``--max-steps 1``) would train nothing and leave a no-op adapter.
+    """
+    return min(math.ceil(config.warmup_ratio * steps), max(steps - 1, 0))
+
+
+def checkpoint_finished(checkpoint: Path) -> bool:
+    """Whether the Trainer saved ``checkpoint`` at its last step (the loop was done; only registering failed)."""
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return int(saved.get("max_steps") or 0) > 0 and int(saved.get("global_step") or 0) >= int(saved["max_steps"])
+
+
 def last_checkpoint(output_dir: Path) -> Path | None:
     ckpts = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     ckpts = [p for p in ckpts if (p / "trainer_state.json").is_file()]
@@ -233,6 +251,14 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     checkpoint = last_checkpoint(output_dir) if output_dir.exists() else None
     if config.resume and checkpoint is None:
         raise InvalidConfig(f"--resume: no checkpoint in {output_dir} to continue from")
+    if not config.resume and checkpoint is not None and checkpoint_finished(checkpoint):
+        # a run that trained to its last step but was not registered: nothing to continue, start afresh
+        if main:
+            print(f"loradex: {output_dir} holds the checkpoints of a run that finished training but was not "
+                  f"registered; starting a new run (they are replaced)", file=sys.stderr)
+            for ckpt in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        checkpoint = None
     if not config.resume and checkpoint is not None:
         raise Conflict(f"{output_dir} holds checkpoints of an unfinished run; pass --resume to continue it, "
                        f"or delete the folder / choose another --output-dir")
@@ -246,7 +272,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     grad_ckpt = (config.gradient_checkpointing if config.gradient_checkpointing is not None
                  else config.quantize == "nf4" and device.startswith("cuda"))
     steps_planned = planned_steps(len(train_ds), config, world)
-    warmup_steps = math.ceil(config.warmup_ratio * steps_planned)
+    warmup_steps = warmup_steps_for(config, steps_planned)
     resolved = replace(
         config,
         data=str(train_ds.path),
@@ -388,7 +414,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
             version = register_adapter(
                 cat, store, adapter_dir, config.name, base=config.base, training_run_id=run_id,
                 quantization=config.quantize, description=config.description,
-                source=f"loradex train (run {run_id})",
+                source=f"loradex train (run {run_id})", allow_noop=config.allow_noop,
             )
             records.update_run(
                 cat, run_id, status="completed", error=None, ended_at=utcnow(), duration_s=duration,
