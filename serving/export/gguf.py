@@ -4,7 +4,8 @@ gguf:       OUT/<name>.<quant>.gguf             the merged model
 gguf-lora:  OUT/<adapter>.lora.<dtype>.gguf     the adapter as a GGUF LoRA
             OUT/<base>.f16.gguf                 the base it applies over (llama.cpp needs both)
 
-Runtime check (recorded; skipped with a reason when llama-cpp-python is absent):
+Runtime check (recorded; skipped, saying the file was not run, when llama-cpp-python
+is absent: it is the optional ``loradex[llamacpp]`` extra):
 f16/f32 must reproduce transformers' greedy tokens exactly; q8_0 must reach the
 teacher-forced top-1 agreement ``--min-agreement``; a GGUF LoRA over the f16 base
 must reproduce base + adapter exactly.
@@ -105,7 +106,8 @@ def _runtime(opts: ExportOptions, run) -> dict:
     if not opts.run_check:
         return {"skipped": "--no-run-check"}
     if not llamacpp_check.available():
-        return {"skipped": f"llama-cpp-python not installed ({llamacpp_check.INSTALL})"}
+        return {"skipped": f"llama-cpp-python is not installed, so the GGUF was NOT run, only read back; "
+                           f"add the check with {llamacpp_check.INSTALL}"}
     result = run()
     if not result.get("ok"):
         raise CheckFailed(f"llama.cpp check failed: {_numbers(result)}; the export was not registered")

@@ -20,7 +20,8 @@ from pathlib import Path
 from hub.chat import encode_chat, render_chat
 from hub.errors import MissingDependency
 
-INSTALL = "bash .ci/setup_llamacpp.sh"
+# the `llamacpp` extra; its sdist compiles llama.cpp (~15 min; portable flags in docs/export.md)
+INSTALL = "pip install 'loradex[llamacpp]' (or bash .ci/setup_llamacpp.sh in a checkout)"
 
 
 def available() -> bool:
