@@ -329,7 +329,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         curve, evals = _loss_curve(history)
         png = None
         if curve:
-            png = str(_plot(curve, evals, output_dir / LOSS_PNG, config, status))
+            png = str(_plot(curve, evals, output_dir / LOSS_PNG, config, precision, status))
         ckpt = last_checkpoint(output_dir)
         duration = previous_duration + time.monotonic() - t0
         from hub.catalog import utcnow
@@ -402,7 +402,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False)
         (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
         shutil.copy(config_path, adapter_dir / CONFIG_FILE)
-        png = _plot(curve, evals, adapter_dir / LOSS_PNG, config, "completed")
+        png = _plot(curve, evals, adapter_dir / LOSS_PNG, config, precision, "completed")
         shutil.copy(png, output_dir / LOSS_PNG)
         duration = previous_duration + time.monotonic() - t0
         from hub.catalog import utcnow
@@ -459,11 +459,14 @@ def _run_evals(config: TrainConfig, version: dict, catalog, store, settings, run
     return int(run["id"])
 
 
-def _plot(curve, evals, path: Path, config: TrainConfig, status: str) -> Path:
-    from training.plot import loss_png
+def _plot(curve, evals, path: Path, config: TrainConfig, precision: str, status: str) -> Path:
+    from training.plot import loss_png, method_label
 
-    title = f"{config.name} on {config.base} (r={config.r}, {config.quantize}, {status})"
-    return loss_png(curve, path, title=title, eval_points=evals)
+    # the held-out loss before the first step (logged at step 0) is the base's: LoRA starts as a no-op
+    base_loss = next((loss for step, loss in evals if step == 0), None)
+    after = [[step, loss] for step, loss in evals if step > 0]
+    title = f"{config.name} on {config.base} ({method_label(config.quantize, precision)}, r={config.r}, {status})"
+    return loss_png(curve, path, title=title, eval_points=after, base_loss=base_loss)
 
 
 def _build_trainer(config, base_row, output_dir, device, precision, warmup_steps, grad_ckpt,
