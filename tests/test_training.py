@@ -341,3 +341,31 @@ def test_cli_train_has_allow_noop():
     add_commands(parser.add_subparsers(), argparse.ArgumentParser(add_help=False))
     args = parser.parse_args(["train", "--data", "d.jsonl", "--name", "x", "--allow-noop"])
     assert args.allow_noop is True
+
+
+def test_training_runs_through_trl_sft_with_completion_only_loss(tmp_path, tiny_base):
+    """SFTTrainer with loradex's settings pinned, and its loss is the cross-entropy of the completion tokens only."""
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    from hub.loading import load_tokenizer
+    from training.data import IGNORE, collate, load_dataset
+    from training.run import _build_trainer
+
+    config = tiny_config(tmp_path, max_steps=2)
+    tok = load_tokenizer(tiny_base["path"])
+    ds = load_dataset(config.data, tok, config.max_length)
+    trainer = _build_trainer(config, tiny_base, tmp_path / "out", "cpu", "fp32", 0, False, ds, None, tok, [])
+    assert isinstance(trainer, SFTTrainer)
+    args = trainer.args
+    assert (args.learning_rate, args.max_length, args.bf16, args.activation_checkpointing, args.packing) == (
+        config.learning_rate, config.max_length, False, False, False)
+    batch = collate(ds.rows[:4], tok.pad_token_id)
+    assert (batch["labels"][:, :3] == IGNORE).all(), "prompt tokens carry no loss"
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    assert torch.allclose(loss, manual, rtol=1e-4), (float(loss), float(manual))

@@ -4,7 +4,7 @@ Top to bottom::
 
     config -> base row (short catalog open) -> tokenizer + every data row checked
       -> run row 'running' (short catalog open)
-      -> load base (fp32 / bf16 / NF4) -> LoRA -> Trainer (checkpoints, progress bar)
+      -> load base (fp32 / bf16 / NF4) -> LoRA -> TRL SFTTrainer (checkpoints, progress bar)
       -> adapter + resolved config + loss PNG in OUTPUT_DIR/adapter
       -> register through hub.registry (same checks as `loradex register`),
          run row 'completed' with its numbers (short catalog open)
@@ -174,11 +174,21 @@ def load_model(config: TrainConfig, base_path: str, device: str, precision: str)
 
 def training_args(config: TrainConfig, output_dir: Path, device: str, precision: str, warmup_steps: int,
                   grad_ckpt: bool):
-    """Every Trainer value loradex relies on, set explicitly (defaults move between releases)."""
-    from transformers import TrainingArguments
+    """Every SFTConfig value loradex relies on, set explicitly (defaults move between releases).
 
-    return TrainingArguments(
+    TRL's own defaults differ from transformers' (learning rate 2e-5, gradient checkpointing
+    on, bf16 on, max_length 1024): each is set here. The rows arrive tokenized and masked by
+    ``training.data`` (completion-only labels), so TRL's dataset preparation is skipped.
+    """
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(output_dir),
+        max_length=config.max_length,
+        packing=False,
+        padding_free=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        loss_type="nll",
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -195,6 +205,7 @@ def training_args(config: TrainConfig, output_dir: Path, device: str, precision:
         bf16=precision == "bf16",
         fp16=False,
         activation_checkpointing=grad_ckpt,
+        gradient_checkpointing=grad_ckpt,
         activation_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
@@ -471,14 +482,17 @@ def _plot(curve, evals, path: Path, config: TrainConfig, precision: str, status:
 
 def _build_trainer(config, base_row, output_dir, device, precision, warmup_steps, grad_ckpt,
                    train_ds: Dataset, eval_ds: Dataset | None, tokenizer, callbacks):
-    from transformers import PrinterCallback, Trainer
+    from datasets import Dataset as HFDataset
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
 
     model = load_model(config, base_row["path"], device, precision)
     args = training_args(config, output_dir, device, precision, warmup_steps, grad_ckpt)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds.rows,
-        eval_dataset=eval_ds.rows if eval_ds is not None else None,
-        data_collator=partial(collate, pad_id=tokenizer.pad_token_id),
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=HFDataset.from_list(train_ds.rows),
+        eval_dataset=HFDataset.from_list(eval_ds.rows) if eval_ds is not None else None,
+        processing_class=tokenizer,
+        data_collator=partial(collate, pad_id=tokenizer.pad_token_id),  # keeps training.data's loss mask
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressBar reports instead of printing log dicts
