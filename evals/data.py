@@ -1,6 +1,6 @@
 """Held-out eval sets: the training formats (read by ``hub/jsonl.py``, same rules and messages).
 
-Accepted rows (one JSON object per line, blank lines skipped, one format per file)::
+Accepted rows (one JSON object per line, blank lines skipped; chat and prompt/completion rows may mix)::
 
     {"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "REFERENCE"}]}
     {"prompt": "...", "completion": "REFERENCE"}
@@ -43,7 +43,7 @@ class EvalSet:
     path: str
     sha256: str          # of the file's bytes: the data set's identity in the catalog
     items: list
-    format: str          # chat | prompt_completion
+    format: str          # chat | prompt_completion | mixed
 
 
 def read_eval_set(path: str | Path, limit: int | None = None) -> EvalSet:

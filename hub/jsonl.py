@@ -1,10 +1,13 @@
 """Data files: the one JSONL reader that training and evals share, with one set of rules.
 
-Formats, detected from the first row (every row of a file must then have it)::
+Formats, detected per row::
 
     chat               {"messages": [{"role": "system|user|assistant", "content": "..."}, ..., ASSISTANT]}
     prompt_completion  {"prompt": ..., "completion": ...}    each a string or a list of messages
     text               {"text": "..."}                        (training only: no reference answer)
+
+Chat and prompt/completion rows both end in a reply and may share a file (its
+format is then ``mixed``); text rows have no reply and may not share a file with them.
 
 Rules, for training and evals alike:
 
@@ -54,7 +57,7 @@ class Example:
 class JsonlFile:
     path: Path
     sha256: str          # of the file's bytes: the data set's identity
-    format: str          # chat | prompt_completion | text
+    format: str          # chat | prompt_completion | text | mixed (chat and prompt_completion rows)
     examples: list[Example]
 
 
@@ -152,8 +155,7 @@ def read_jsonl(path: str | Path, formats: tuple[str, ...] = FORMATS) -> JsonlFil
     names = [{"chat": "'messages'", "prompt_completion": "'prompt' and 'completion'", "text": "'text'"}[f]
              for f in formats]
     fields = names[0] if len(names) == 1 else ", ".join(names[:-1]) + (", or " if len(names) > 2 else " or ") + names[-1]
-    fmt: str | None = None
-    first_line = 0
+    found: dict[str, int] = {}     # format -> first line
     examples: list[Example] = []
     for n, text in enumerate(lines, start=1):
         if not text.strip():
@@ -169,12 +171,13 @@ def read_jsonl(path: str | Path, formats: tuple[str, ...] = FORMATS) -> JsonlFil
         if row_fmt not in formats:
             found = ", ".join(sorted(row)) or "no fields"
             raise InvalidData(f"{where}: missing field: a row needs {fields} (found {found})")
-        if fmt is None:
-            fmt, first_line = row_fmt, n
-        elif row_fmt != fmt:
-            raise InvalidData(f"{where}: this row is {row_fmt} but the file's first row (line {first_line}) is {fmt}; "
-                              "use one format per file")
-        examples.append(parse_row(row, where, n, fmt))
+        other = next(((f, line) for f, line in found.items() if (f == "text") != (row_fmt == "text")), None)
+        if other is not None:
+            raise InvalidData(f"{where}: this row is {row_fmt} but line {other[1]} is {other[0]}; text rows have no "
+                              "reply and cannot share a file with chat or prompt/completion rows")
+        found.setdefault(row_fmt, n)
+        examples.append(parse_row(row, where, n, row_fmt))
     if not examples:
         raise InvalidData(f"{path}: no examples (the file is empty)")
+    fmt = next(iter(found)) if len(found) == 1 else "mixed"
     return JsonlFile(path.absolute(), hashlib.sha256(raw).hexdigest(), fmt, examples)

@@ -40,9 +40,11 @@ def test_reads_chat_and_prompt_completion(tmp_path):
     assert es.items[2].messages == ({"role": "user", "content": "Capital of Italy?"},)
     assert [it.line for it in read_eval_set(pc, limit=2).items] == [1, 2]
     assert read_eval_set(pc, limit=2).sha256 == es.sha256
+    both = _write(tmp_path, [json.loads(x) for x in (chat.read_text() + pc.read_text()).splitlines()], "both.jsonl")
+    es = read_eval_set(both)
+    assert es.format == "mixed" and [it.reference for it in es.items] == ["Hello.", "d", "4", "Paris.", "Rome."]
 
 
-CHAT_OK = '{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}'
 PC_OK = '{"prompt": "ok", "completion": "fine"}'
 
 
@@ -58,11 +60,9 @@ PC_OK = '{"prompt": "ok", "completion": "fine"}'
     ('{"messages": [{"role": "assistant", "content": "q"}, {"role": "assistant", "content": "a"}]}', "no user turn"),
     ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}', "content must be a string"),
     ('{"prompt": "q", "completion": "  "}', "empty completion"),
-    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}', "one format per file"),
 ])
 def test_bad_rows_name_file_line_and_problem(tmp_path, line, problem):
-    first = PC_OK if '"messages"' not in line or problem == "one format per file" else CHAT_OK
-    p = _write(tmp_path, [first, "", line])
+    p = _write(tmp_path, [PC_OK, "", line])
     with pytest.raises(InvalidData) as exc:
         read_eval_set(p)
     assert f"{p}:3" in str(exc.value) and problem in str(exc.value)

@@ -2,7 +2,7 @@
 
 They used to disagree: training refused a string prompt with a message-list
 completion ("must both be strings or both be message lists") while evals took it,
-and evals accepted several completion messages and files mixing formats.
+and evals accepted several completion messages.
 """
 from __future__ import annotations
 
@@ -48,8 +48,6 @@ BAD = {
     "two completion messages": [{"prompt": "Q", "completion": [{"role": "assistant", "content": "a"},
                                                                {"role": "assistant", "content": "b"}]}],
     "user completion": [{"prompt": "Q", "completion": [{"role": "user", "content": "a"}]}],
-    "mixed formats": [{"prompt": "Q", "completion": "A"},
-                      {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}],
     "assistant before reply": [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "x"},
                                              {"role": "assistant", "content": "A"}]}],
     "empty reply": [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}]}],
@@ -70,6 +68,17 @@ def test_training_and_evals_refuse_the_same_rows_with_the_same_message(tmp_path,
         assert "a row needs 'messages' or 'prompt' and 'completion' (found question)" in eval_error
     else:
         assert train_error == eval_error
+
+
+def test_chat_and_prompt_completion_rows_may_share_a_file_text_rows_may_not(tmp_path):
+    both = _write(tmp_path / "both.jsonl", [
+        {"prompt": "Q", "completion": "A"},
+        {"messages": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}])
+    assert read_examples(both)[0] == "mixed" and read_eval_set(both).format == "mixed"
+    with_text = _write(tmp_path / "text.jsonl", [{"prompt": "Q", "completion": "A"}, {"text": "hello"}])
+    assert _error(read_examples, with_text) == (
+        f"{with_text}:2: this row is text but line 1 is prompt_completion; text rows have no reply and "
+        "cannot share a file with chat or prompt/completion rows")
 
 
 def test_text_rows_train_but_have_no_reference(tmp_path):
