@@ -31,7 +31,7 @@ class ModalSpec:
     gpu: str = "A10G"
     python_version: str = "3.11"
     packages: tuple[str, ...] = (
-        "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "accelerate==1.15.0",
+        "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "datasets==5.2.0", "accelerate==1.15.0",
         "bitsandbytes==0.50.2", "duckdb==2.0.1", "safetensors==0.8.0", "huggingface-hub==2.4.0",
         "gguf==0.19.0", "pyyaml>=6", "tqdm>=4.66", "matplotlib>=3.8", "numpy>=1.26",
         # --eval-data scores the new adapter with the evals stage: similarity needs these
