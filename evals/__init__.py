@@ -3,7 +3,10 @@
 ``evaluate(catalog, store, ref, data, ...)`` runs an eval and stores it
 (:mod:`evals.run`); :mod:`evals.gate` decides promotions to ``production``;
 :mod:`evals.leaderboard` ranks versions; :mod:`evals.review` runs blinded human
-review sheets. See docs/evals.md.
+review sheets; :mod:`evals.config` names the serving configuration (base,
+quantization, dtype, device) every score was measured under, and
+:func:`evals.record.scores_for_config` finds the scores that describe one. See
+docs/evals.md.
 """
 from evals.run import EvalConfig, evaluate
 

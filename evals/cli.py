@@ -1,9 +1,9 @@
 """``loradex eval``, ``eval show``, ``leaderboard``, ``review export|import``.
 
     loradex eval NAME[@V|@ALIAS] --data held_out.jsonl [--metrics similarity,exact,perplexity]
-                 [--max-new-tokens 64] [--limit N] [--batch-size 8] [--quantize nf4]
+                 [--max-new-tokens 64] [--limit N] [--batch-size 8] [--quantize nf4 | --as-served]
     loradex eval show RUN [--worst 10]
-    loradex leaderboard [--data FILE_OR_HASH] [--png board.png] [--json]
+    loradex leaderboard [--data FILE_OR_HASH] [--config KEY|as-served|none|nf4|int8] [--png board.png] [--json]
     loradex review export NAME[@V] --n 50 --out sheet.csv
     loradex review import sheet.csv
 
@@ -13,9 +13,12 @@ while the model generates, other commands (and ``loradex serve``) can use it.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from hub.errors import InvalidConfig
 from hub.loading import QUANTIZE_CHOICES
+
+from evals.config import config_label, is_served_default, served_warning
 
 
 def _positive_int(flag: str):
@@ -55,6 +58,12 @@ def _run_text(run: dict, gate: dict | None = None) -> str:
     lines.append(f"  decoding: {dec.get('strategy')}, max_new_tokens={dec.get('max_new_tokens')}, "
                  f"batch={dec.get('batch_size')}, {dec.get('device')}/{dec.get('dtype')}, quantize={dec.get('quantize')}"
                  + (", base outputs from cache" if dec.get("base_cached") else ""))
+    cfg = run.get("serving_config")
+    if cfg:
+        served = "what `loradex serve` runs by default" if is_served_default(cfg) else "not the default server's configuration"
+        lines.append(f"  scores describe: {config_label(cfg)} ({served}), engine {cfg.get('engine')}, config {run.get('config_key')}")
+    else:
+        lines.append("  scores describe: an unknown serving configuration (recorded before configs were)")
     if t:
         lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
                      f"(load {t.get('load_s', 0):.1f}s, adapter {t.get('adapter_s', 0):.1f}s, base {t.get('base_s', 0):.1f}s)")
@@ -79,11 +88,16 @@ def cmd_eval(ctx) -> int:
     run = evaluate(None, ctx.store, args.ref, args.data, metrics=args.metrics, max_new_tokens=args.max_new_tokens,
                    limit=args.limit, batch_size=args.batch_size, seed=args.seed, settings=ctx.settings,
                    quantize=args.quantize, device=args.device, use_cache=not args.no_cache,
-                   progress=not args.no_progress and not ctx.as_json)
+                   progress=not args.no_progress and not ctx.as_json, as_served=args.as_served, dtype=args.dtype)
     from hub.registry import get_version_by_id
 
-    gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]))
-    ctx.emit(dict(run, gate=gate), lambda: _run_text(run, gate))
+    # the gate's verdict for the configuration just measured: these numbers say nothing about others
+    gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]),
+                           config=run.get("serving_config"))
+    warning = served_warning(run, data=args.data)
+    if warning:
+        print(f"loradex: warning: {warning}", file=sys.stderr)
+    ctx.emit(dict(run, gate=gate, warning=warning), lambda: _run_text(run, gate))
     return 0
 
 
@@ -131,17 +145,36 @@ def _clip(text: str | None, short: bool) -> str:
 def cmd_leaderboard(ctx) -> int:
     from evals.leaderboard import build, render_text, write_png
 
-    sections = build(ctx.catalog, ctx.args.data)
-    png = str(write_png(sections, ctx.args.png)) if ctx.args.png else None
-    text = render_text(sections) + (f"\nchart written to {png}" if png else "")
-    ctx.emit({"sections": sections, "png": png}, text)
+    args = ctx.args
+    if args.config and args.quantize and args.config != args.quantize:
+        raise InvalidConfig(f"--config {args.config} and --quantize {args.quantize} disagree: give one of them")
+    config = args.config or args.quantize
+    sections = build(ctx.catalog, _data_key(args.data), config=config)
+    png = str(write_png(sections, args.png)) if args.png and sections else None
+    text = render_text(sections, config=config) + (f"\nchart written to {png}" if png else "")
+    ctx.emit({"sections": sections, "png": png, "config": config}, text)
     return 0
+
+
+def _data_key(data: str | None) -> str | None:
+    """A data file is named by its sha256, which means the same on this machine and on a server."""
+    from pathlib import Path
+
+    from hub.store import file_sha256
+
+    return file_sha256(data) if data and Path(data).is_file() else data
+
+
+def _absolute(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path).expanduser().absolute())
 
 
 def cmd_review_export(ctx) -> int:
     from evals.review import export_sheet
 
-    res = export_sheet(ctx.catalog, ctx.args.ref, ctx.args.out, n=ctx.args.n, seed=ctx.args.seed)
+    res = export_sheet(ctx.catalog, ctx.args.ref, _absolute(ctx.args.out), n=ctx.args.n, seed=ctx.args.seed)
     short = f" (only {res['n']} items in eval run {res['eval_run_id']})" if res["n"] < ctx.args.n else ""
     ctx.emit(res, f"review {res['review_id']}: wrote {res['n']} blinded rows for {res['adapter']}@{res['version']} "
                   f"to {res['sheet']}{short}\nfill the rating column ({res['scale']}), "
@@ -152,7 +185,7 @@ def cmd_review_export(ctx) -> int:
 def cmd_review_import(ctx) -> int:
     from evals.review import import_sheet
 
-    res = import_sheet(ctx.catalog, ctx.args.sheet)
+    res = import_sheet(ctx.catalog, _absolute(ctx.args.sheet))
     ctx.emit(res, f"review {res['review_id']} of {res['adapter']}@{res['version']}: {res['n']} ratings stored; "
                   f"adapter preferred on {res['adapter_preferred']}, base on {res['base_preferred']}, {res['ties']} ties; "
                   f"human preference rate for the adapter {res['preference_rate']:.0%} "
@@ -174,7 +207,12 @@ def add_commands(sub, common) -> None:
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="items per batch (default 8)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                   help="load the base quantized (default: as the adapter was trained, else none)")
+                   help="load the base quantized (default: as the adapter was trained, else none; "
+                        "a warning says when that is not what `loradex serve` runs)")
+    p.add_argument("--as-served", action="store_true",
+                   help="score under what `loradex serve` runs by default (its quantization, nf4, and dtype)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                   help="compute dtype (default as the server's: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-cache", action="store_true", help="recompute the base's outputs even if cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -183,6 +221,9 @@ def add_commands(sub, common) -> None:
 
     p = sub.add_parser("leaderboard", parents=[common], help="adapter versions ranked by eval score, with CIs and lift")
     p.add_argument("--data", help="only this data set: a JSONL file or its sha256 (prefix)")
+    p.add_argument("--config", help="only scores measured under this serving configuration: a config key (prefix), "
+                                    "as-served (what `loradex serve` runs by default), or none | nf4 | int8")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="only scores measured with the base quantized so")
     p.add_argument("--png", help="also write a bar chart with 95%% error bars to this PNG file")
     p.set_defaults(func=cmd_leaderboard)
 

@@ -14,16 +14,25 @@ per reason, with the numbers) when
    without an eval on any data set the candidate was scored on cannot be
    compared, and that refuses too, saying which eval to run.
 
+``check_promotion(catalog, version_row, config=cfg)`` asks the question for one
+serving configuration (:func:`evals.config.serving_config`, or its key): only
+eval runs measured under that configuration count, for the candidate and for
+production; a version never scored under it is refused, naming the
+configuration and the ``loradex eval ... --quantize X`` command that scores it.
+Without ``config`` every run counts, as before.
+
 ``loradex alias set NAME@V production`` calls this and raises GateRefused
 unless ``--force`` (the override and these numbers land in ``alias_events``).
 """
 from __future__ import annotations
 
 from hub.catalog import Catalog
+from hub.ops import op
 
 from evals import stats
+from evals.config import config_label, eval_command
 from evals.metrics import METRICS, PRIMARY_ORDER
-from evals.record import get_samples, runs_for_version
+from evals.record import as_key, get_samples, runs_for_version
 
 
 def _signed(metric: str) -> int:
@@ -62,14 +71,15 @@ def _paired_vs(catalog: Catalog, cand_run: dict, prod_run: dict, metric: str) ->
     return stats.paired_difference(xa, xb, seed=cand_run.get("seed") or 0)
 
 
-def _compare_production(catalog: Catalog, version_row: dict, runs: list[dict], prod_version: int) -> tuple[dict, str | None]:
+def _compare_production(catalog: Catalog, version_row: dict, runs: list[dict], prod_version: int,
+                        config: dict | None = None, key: str | None = None) -> tuple[dict, str | None]:
     name = version_row["adapter"]
     prod = catalog.one("SELECT id FROM adapter_versions WHERE adapter = ? AND version = ? AND status = 'ready'",
                        [name, prod_version])
     info: dict = {"version": prod_version}
     if prod is None:
         return info, None  # a dangling alias: nothing to compare against
-    prod_runs = runs_for_version(catalog, prod["id"])
+    prod_runs = runs_for_version(catalog, prod["id"], config_key=key)
     by_data = {}
     for r in prod_runs:  # newest first: keep each data set's latest production run
         by_data.setdefault(r["data_sha256"], r)
@@ -77,9 +87,11 @@ def _compare_production(catalog: Catalog, version_row: dict, runs: list[dict], p
     if pair is None:
         cand_data = runs[0]["data_sha256"][:12]
         info["comparable"] = False
+        under = f" under {config_label(config)}" if config else ""
+        cmd = eval_command(f"{name}@{prod_version}", config) if config else f"loradex eval {name}@{prod_version} --data FILE"
         return info, (f"it cannot be compared with production {name}@{prod_version}: that version has no eval on "
-                      f"the same data (this version's latest eval is on data {cand_data}); run "
-                      f"`loradex eval {name}@{prod_version} --data FILE` with the same file")
+                      f"the same data{under} (this version's latest eval is on data {cand_data}); run "
+                      f"`{cmd}` with the same file")
     cand_run, prod_run = pair
     metric = next((m for m in PRIMARY_ORDER if m in (cand_run["metrics"] or {}) and m in (prod_run["metrics"] or {})), None)
     if metric is None:
@@ -104,14 +116,28 @@ def _compare_production(catalog: Catalog, version_row: dict, runs: list[dict], p
     return info, None
 
 
-def check_promotion(catalog: Catalog, version_row: dict) -> dict:
-    """{ok, reasons, adapter, version, eval_run_id, metric, lift, production}: may ``version_row`` become production?"""
+@op("gate.check")
+def check_promotion(catalog: Catalog, version_row: dict, config: dict | str | None = None) -> dict:
+    """{ok, reasons, adapter, version, eval_run_id, metric, lift, production, config_key}: may ``version_row`` become production?
+
+    ``config``: the serving configuration to decide for (a dict from
+    :func:`evals.config.serving_config`, or its key); only runs under it count.
+    """
     name, version = version_row["adapter"], version_row["version"]
+    key = as_key(config) if config is not None else None
+    cfg = config if isinstance(config, dict) else _config_of_key(catalog, key) if key else None
     result: dict = {"ok": False, "reasons": [], "adapter": name, "version": version, "eval_run_id": None,
-                    "metric": None, "lift": None, "production": None}
-    runs = runs_for_version(catalog, version_row["id"])
-    if not runs:
+                    "metric": None, "lift": None, "production": None, "config_key": key}
+    runs = runs_for_version(catalog, version_row["id"], config_key=key)
+    if not runs and key is None:
         result["reasons"].append(f"{name}@{version} has no eval: run `loradex eval {name}@{version} --data FILE` first")
+        return result
+    if not runs:
+        others = sorted({config_label(r["serving_config"]) for r in runs_for_version(catalog, version_row["id"])})
+        have = f" (it has evals under {', '.join(others)} only)" if others else ""
+        result["reasons"].append(
+            f"{name}@{version} has no eval under the serving configuration {config_label(cfg)} ({key}){have}: "
+            f"run `{eval_command(f'{name}@{version}', cfg)}` first")
         return result
     latest = runs[0]
     result["eval_run_id"] = latest["id"]
@@ -131,9 +157,19 @@ def check_promotion(catalog: Catalog, version_row: dict) -> dict:
         )
     alias = catalog.one("SELECT version FROM aliases WHERE adapter = ? AND alias = 'production'", [name])
     if alias is not None and alias["version"] != version:
-        info, reason = _compare_production(catalog, version_row, runs, alias["version"])
+        info, reason = _compare_production(catalog, version_row, runs, alias["version"], cfg, key)
         result["production"] = info
         if reason:
             result["reasons"].append(reason)
     result["ok"] = not result["reasons"]
     return result
+
+
+def _config_of_key(catalog: Catalog, key: str) -> dict:
+    """The config a key names, from a run that recorded it, else parsed from the key itself."""
+    row = catalog.one("SELECT serving_config FROM eval_runs WHERE config_key = ? LIMIT 1", [key])
+    if row and row["serving_config"]:
+        return row["serving_config"]
+    base, _, rest = key.partition("@")
+    digest, quantize, dtype, device = (rest.split("/") + [None] * 4)[:4]
+    return {"base": base, "base_digest": digest, "quantize": quantize, "dtype": dtype, "device": device}

@@ -1,7 +1,11 @@
-"""The leaderboard: adapter versions ranked by their latest eval on each data set.
+"""The leaderboard: adapter versions ranked by their latest eval on each data set and serving configuration.
 
-Scores on different data sets are not comparable, so the board has one
-section per data set (``data_sha256``); ``--data FILE_OR_HASH`` keeps one.
+Scores on different data sets are not comparable, and neither are scores of
+one adapter under different serving configurations (an fp32-trained LoRA can
+lose half its exact match behind an NF4 server), so the board has one section
+per data set (``data_sha256``) **and** configuration (``config_key``, labelled
+e.g. ``nf4/fp32 cpu``); ``--data FILE_OR_HASH`` keeps one data set and
+``--config KEY|as-served|none|nf4|int8`` the matching configurations.
 Within a section each version appears once (its latest run on that data),
 ranked best first on the section's primary metric (similarity, else exact,
 else perplexity, where lower is better), with its 95% CI, the base's score
@@ -14,7 +18,9 @@ from pathlib import Path
 
 from hub.catalog import Catalog
 from hub.errors import InvalidConfig, NotFound
+from hub.ops import op
 
+from evals.config import config_filter, config_label, is_served_default
 from evals.data import file_sha256
 from evals.metrics import METRICS, PRIMARY_ORDER
 
@@ -42,9 +48,16 @@ def _section_metric(runs: list[dict]) -> str | None:
     return next((m for m in PRIMARY_ORDER if counts[m] == best and best > 0), None)
 
 
-def build(catalog: Catalog, data: str | None = None) -> list[dict]:
-    """Sections ``{data_sha256, data_path, metric, rows}``, newest data set first; rows best first."""
+@op("leaderboard.build")
+def build(catalog: Catalog, data: str | None = None, *, config: str | None = None) -> list[dict]:
+    """Sections ``{data_sha256, data_path, config_key, config, serving_config, as_served, metric, rows}``.
+
+    One section per (data set, serving configuration), newest first; rows best first.
+    ``config``: ``none``/``nf4``/``int8``, ``as-served`` (the default server's
+    configuration) or a config key (prefix); None keeps all.
+    """
     sha = resolve_data(catalog, data) if data else None
+    keep = config_filter(config)
     sql = ("SELECT r.*, v.adapter, v.version, "
            "(SELECT list(alias ORDER BY alias) FROM aliases a WHERE a.adapter = v.adapter AND a.version = v.version) AS aliases "
            "FROM eval_runs r JOIN adapter_versions v ON v.id = r.adapter_version_id WHERE v.status = 'ready'")
@@ -53,14 +66,16 @@ def build(catalog: Catalog, data: str | None = None) -> list[dict]:
         sql += " AND r.data_sha256 = ?"
         params.append(sha)
     runs = catalog.query(sql + " ORDER BY r.id DESC", params)
+    if keep is not None:
+        runs = [r for r in runs if keep(r["serving_config"], r["config_key"])]
     latest: dict[tuple, dict] = {}
     for r in runs:
-        latest.setdefault((r["data_sha256"], r["adapter_version_id"]), r)
-    by_data: dict[str, list[dict]] = {}
-    for (data_sha, _), r in latest.items():
-        by_data.setdefault(data_sha, []).append(r)
+        latest.setdefault((r["data_sha256"], r["config_key"], r["adapter_version_id"]), r)
+    by_section: dict[tuple, list[dict]] = {}
+    for (data_sha, key, _), r in latest.items():
+        by_section.setdefault((data_sha, key), []).append(r)
     sections = []
-    for data_sha, rs in by_data.items():
+    for (data_sha, key), rs in by_section.items():
         metric = _section_metric(rs)
         higher = METRICS[metric].higher_is_better if metric else True
         rows = [_row(r, metric) for r in rs]
@@ -69,7 +84,10 @@ def build(catalog: Catalog, data: str | None = None) -> list[dict]:
         rows = have + [r for r in rows if r["mean"] is None]
         for i, r in enumerate(rows, 1):
             r["rank"] = i
-        sections.append({"data_sha256": data_sha, "data_path": rs[0]["data_path"], "metric": metric,
+        cfg = rs[0]["serving_config"]
+        sections.append({"data_sha256": data_sha, "data_path": rs[0]["data_path"], "config_key": key,
+                         "config": config_label(cfg), "serving_config": cfg, "as_served": is_served_default(cfg),
+                         "metric": metric,
                          "higher_is_better": higher, "rows": rows,
                          "latest": max(r["created_at"] for r in rs)})
     sections.sort(key=lambda s: s["latest"], reverse=True)
@@ -83,6 +101,7 @@ def _row(run: dict, metric: str | None) -> dict:
     return {
         "ref": f"{run['adapter']}@{run['version']}", "adapter": run["adapter"], "version": run["version"],
         "aliases": run["aliases"] or [], "base": run["base"], "eval_run_id": run["id"], "n": run["n"],
+        "config": config_label(run["serving_config"]), "config_key": run["config_key"],
         "metric": metric,
         "mean": m["mean"] if m else None, "ci_low": m["ci_low"] if m else None, "ci_high": m["ci_high"] if m else None,
         "base_mean": b["mean"] if b else None, "base_ci_low": b["ci_low"] if b else None,
@@ -95,26 +114,35 @@ def _row(run: dict, metric: str | None) -> dict:
     }
 
 
-def render_text(sections: list[dict]) -> str:
+def render_text(sections: list[dict], *, config: str | None = None) -> str:
     from hub.render import table
 
+    if not sections and config:
+        return (f"no eval runs under --config {config}: run `loradex eval NAME --data FILE --as-served` "
+                f"(or --quantize none|nf4|int8)")
     if not sections:
         return "no eval runs yet: run `loradex eval NAME --data FILE`"
     out = []
     for s in sections:
         better = "higher" if s["higher_is_better"] else "lower"
-        out.append(f"data {s['data_sha256'][:12]} ({s['data_path']}), ranked by {s['metric']} ({better} is better), 95% CIs")
+        served = (" = what `loradex serve` runs by default" if s["as_served"]
+                  else " (not the default server's configuration)" if s["serving_config"] else " (recorded before configs were)")
+        out.append(f"data {s['data_sha256'][:12]} ({s['data_path']}), served as {s['config']}{served}, "
+                   f"ranked by {s['metric']} ({better} is better), 95% CIs")
+        if s["config_key"]:
+            out.append(f"config {s['config_key']}")
         rows = []
         for r in s["rows"]:
             rows.append({
-                "rank": r["rank"], "ref": r["ref"], "aliases": ",".join(r["aliases"]) or "-", "n": r["n"],
+                "rank": r["rank"], "ref": r["ref"], "aliases": ",".join(r["aliases"]) or "-", "config": r["config"],
+                "n": r["n"],
                 "score": _fmt_ci(r["mean"], r["ci_low"], r["ci_high"]),
                 "base": _fmt_ci(r["base_mean"], r["base_ci_low"], r["base_ci_high"]),
                 "lift": _fmt_ci(r["lift"], r["lift_ci_low"], r["lift_ci_high"], signed=True),
                 "win": f"{r['win_rate']:.0%}" if r["win_rate"] is not None else "-", "run": r["eval_run_id"],
             })
-        out.append(table(rows, ["rank", "ref", "aliases", "n", "score", "base", "lift", "win", "run"],
-                         ["#", "ADAPTER", "ALIASES", "N", s["metric"].upper() if s["metric"] else "SCORE",
+        out.append(table(rows, ["rank", "ref", "aliases", "config", "n", "score", "base", "lift", "win", "run"],
+                         ["#", "ADAPTER", "ALIASES", "CONFIG", "N", s["metric"].upper() if s["metric"] else "SCORE",
                           "BASE", "LIFT OVER BASE", "WIN", "RUN"]))
         out.append("")
     return "\n".join(out).rstrip()
@@ -128,11 +156,12 @@ def _fmt_ci(mean, lo, hi, signed: bool = False) -> str:
 
 
 def panel_title(section: dict) -> str:
-    """A PNG panel's title: the data file's name (the hash only to tell files apart) and n."""
+    """A PNG panel's title: the data file's name (the hash only to tell files apart), n and the serving config."""
     ns = sorted({r["n"] for r in section["rows"] if r.get("n") is not None})
     n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}" if ns else "n=?"
     name = Path(section["data_path"]).name if section.get("data_path") else "data"
-    return f"{name} ({n}, sha256 {section['data_sha256'][:8]}): mean with 95% CI"
+    served = f", served as {section['config']}" if section.get("config") else ""
+    return f"{name} ({n}, sha256 {section['data_sha256'][:8]}{served}): mean with 95% CI"
 
 
 def write_png(sections: list[dict], out: str | Path) -> Path:

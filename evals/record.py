@@ -4,7 +4,11 @@ Tables (see ``hub/migrations.py`` 003_evals): ``eval_runs`` (one per eval,
 ``metrics``/``base_metrics`` = {metric: {mean, n, ci_low, ci_high, method, std}},
 ``paired`` = {metric: {diff, ci_low, ci_high, n, method}}, ``win_rate``,
 ``decoding`` = the decoding parameters plus the resolved eval config and
-timings), ``eval_samples`` (one per item) and ``base_eval_cache``.
+timings, ``serving_config`` + ``config_key`` = what the scores describe, see
+:mod:`evals.config`), ``eval_samples`` (one per item) and ``base_eval_cache``.
+
+:func:`scores_for_config` answers a running server's question: which score,
+if any, describes each adapter version as *this* configuration serves it.
 """
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ import hashlib
 import json
 
 from hub.catalog import Catalog, to_json, utcnow
-from hub.errors import NotFound
+from hub.errors import InvalidConfig, NotFound
+from hub.ops import op
+
+from evals.config import config_key as make_config_key, config_label, eval_command
 
 RUN_COLUMNS = ("id, adapter_version_id, base, data_path, data_sha256, n, metrics, base_metrics, paired, win_rate, "
-               "decoding, metric_model, seed, duration_s, created_at")
+               "decoding, metric_model, seed, duration_s, created_at, serving_config, config_key")
 
 
 def cache_key(*, base: str, base_digest: str, data_sha256: str, n: int, decoding: dict, metrics, metric_model: str) -> str:
@@ -25,21 +32,29 @@ def cache_key(*, base: str, base_digest: str, data_sha256: str, n: int, decoding
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@op("evals.cached_base")
 def cached_base(catalog: Catalog, key: str) -> dict | None:
     row = catalog.one("SELECT payload FROM base_eval_cache WHERE key = ?", [key])
     return row["payload"] if row else None
 
 
+@op("evals.store", write=True)
 def store_run(catalog: Catalog, run: dict, samples: list[dict], cache: tuple[str, str, dict] | None = None) -> dict:
-    """Insert the run, its samples and (optionally) a base-cache entry in one transaction."""
+    """Insert the run, its samples and (optionally) a base-cache entry in one transaction.
+
+    ``run["serving_config"]`` (from :func:`evals.config.serving_config`) is stored with
+    its ``config_key``; a run without one is stored as an unknown configuration.
+    """
+    cfg = run.get("serving_config")
     with catalog.transaction() as cur:
         rid = cur.execute(
             "INSERT INTO eval_runs (adapter_version_id, base, data_path, data_sha256, n, metrics, base_metrics, paired, "
-            "win_rate, decoding, metric_model, seed, duration_s, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "win_rate, decoding, metric_model, seed, duration_s, created_at, serving_config, config_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             [run["adapter_version_id"], run["base"], run["data_path"], run["data_sha256"], run["n"],
              to_json(run["metrics"]), to_json(run["base_metrics"]), to_json(run["paired"]), to_json(run["win_rate"]),
-             to_json(run["decoding"]), run["metric_model"], run["seed"], run["duration_s"], utcnow()],
+             to_json(run["decoding"]), run["metric_model"], run["seed"], run["duration_s"], utcnow(),
+             to_json(cfg) if cfg else None, make_config_key(cfg)],
         ).fetchone()[0]
         cur.executemany(
             "INSERT INTO eval_samples (run_id, idx, prompt, reference, output, base_output, scores, base_scores) "
@@ -54,6 +69,7 @@ def store_run(catalog: Catalog, run: dict, samples: list[dict], cache: tuple[str
     return get_run(catalog, rid)
 
 
+@op("evals.get")
 def get_run(catalog: Catalog, run_id: int) -> dict:
     row = catalog.one(
         f"SELECT {', '.join('r.' + c.strip() for c in RUN_COLUMNS.split(','))}, v.adapter, v.version "
@@ -63,18 +79,100 @@ def get_run(catalog: Catalog, run_id: int) -> dict:
     return row
 
 
+@op("evals.samples")
 def get_samples(catalog: Catalog, run_id: int) -> list[dict]:
     return catalog.query("SELECT * FROM eval_samples WHERE run_id = ? ORDER BY idx", [run_id])
 
 
-def runs_for_version(catalog: Catalog, version_id: int, data_sha256: str | None = None) -> list[dict]:
-    """Eval runs of one adapter version, newest first (optionally on one data set)."""
+@op("evals.for_version")
+def runs_for_version(catalog: Catalog, version_id: int, data_sha256: str | None = None, *,
+                     config_key: str | None = None) -> list[dict]:
+    """Eval runs of one adapter version, newest first (optionally on one data set, under one config key)."""
     sql = f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE adapter_version_id = ?"
     params: list = [version_id]
     if data_sha256:
         sql += " AND data_sha256 = ?"
         params.append(data_sha256)
+    if config_key:
+        sql += " AND config_key = ?"
+        params.append(config_key)
     return catalog.query(sql + " ORDER BY id DESC", params)
+
+
+def as_key(cfg: dict | str) -> str:
+    """A serving config dict (or a key already) -> its config key."""
+    key = cfg if isinstance(cfg, str) else make_config_key(cfg)
+    if not key:
+        raise InvalidConfig(f"a serving configuration needs base, quantize, dtype and device, got {cfg!r}")
+    return key
+
+
+def _primary(run: dict) -> str | None:
+    from evals.metrics import PRIMARY_ORDER
+
+    primary = (run.get("decoding") or {}).get("primary_metric")
+    if primary in (run.get("metrics") or {}):
+        return primary
+    return next((m for m in PRIMARY_ORDER if m in (run.get("metrics") or {})), None)
+
+
+def score_of(run: dict) -> dict:
+    """The short score a listing shows for one run: primary metric, CI, lift, n, data, config."""
+    metric = _primary(run)
+    m = (run["metrics"] or {}).get(metric) or {}
+    p = (run.get("paired") or {}).get(metric) or {}
+    return {"eval_run_id": run["id"], "metric": metric, "mean": m.get("mean"), "ci_low": m.get("ci_low"),
+            "ci_high": m.get("ci_high"), "n": run["n"], "lift": p.get("diff"), "lift_ci_low": p.get("ci_low"),
+            "lift_ci_high": p.get("ci_high"), "data_sha256": run["data_sha256"], "data_path": run["data_path"],
+            "config_key": run.get("config_key"), "config": config_label(run.get("serving_config")),
+            "created_at": run["created_at"]}
+
+
+@op("evals.scores_for_config")
+def scores_for_config(catalog: Catalog, cfg: dict | str, *, version_ids: list[int] | None = None,
+                      data_sha256: str | None = None) -> dict[int, dict | None]:
+    """{adapter version id: its latest score under ``cfg``, or None when it has none} for every ready version.
+
+    ``cfg`` is what a server runs (:func:`evals.config.serving_config` of its base,
+    quantize, dtype and device) or its config key. A version scored only under
+    other configurations maps to None: no number describes it as this server runs
+    it (:func:`describe_score` says so in words). ``version_ids`` limits the
+    versions; ``data_sha256`` the data set.
+    """
+    key = as_key(cfg)
+    sql = "SELECT id FROM adapter_versions WHERE status = 'ready'"
+    params: list = []
+    if version_ids is not None:
+        ids = [int(v) for v in version_ids]
+        if not ids:
+            return {}
+        sql += f" AND id IN ({', '.join('?' for _ in ids)})"
+        params += ids
+    result: dict[int, dict | None] = {r["id"]: None for r in catalog.query(sql + " ORDER BY id", params)}
+    if not result:
+        return result
+    rsql = (f"SELECT {RUN_COLUMNS} FROM eval_runs WHERE config_key = ? "
+            f"AND adapter_version_id IN ({', '.join('?' for _ in result)})")
+    rparams: list = [key, *result]
+    if data_sha256:
+        rsql += " AND data_sha256 = ?"
+        rparams.append(data_sha256)
+    for run in catalog.query(rsql + " ORDER BY id DESC", rparams):
+        if result[run["adapter_version_id"]] is None:
+            result[run["adapter_version_id"]] = score_of(run)
+    return result
+
+
+def describe_score(ref: str, score: dict | None, cfg: dict) -> str:
+    """One line for a listing: the score under ``cfg``, or plainly that there is none and how to get one."""
+    label = config_label(cfg)
+    if score is None:
+        return f"no eval under {label} (run `{eval_command(ref, cfg)}`)"
+    if score.get("mean") is None:
+        return f"eval run {score['eval_run_id']} under {label} has no score"
+    ci = (f" [{score['ci_low']:.3f}, {score['ci_high']:.3f}]" if score.get("ci_low") is not None else "")
+    return (f"{score['metric']} {score['mean']:.3f}{ci} (n={score['n']}, {label}, eval run {score['eval_run_id']}, "
+            f"data {score['data_sha256'][:12]})")
 
 
 def worst_samples(samples: list[dict], metric: str, higher_is_better: bool, k: int) -> list[dict]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from hub.catalog import Catalog, to_json, utcnow
 from hub.errors import Conflict, InvalidConfig, InvalidData, NotFound
+from hub.ops import op
 from hub.registry import resolve
 
 from evals import stats
@@ -50,6 +51,7 @@ def _source_run(catalog: Catalog, version: dict) -> dict:
     return run
 
 
+@op("reviews.export", write=True)
 def export_sheet(catalog: Catalog, ref, out: str | Path, n: int = 50, seed: int | None = None) -> dict:
     """Write a blinded review sheet for ``ref`` to ``out``; return {review_id, sheet, n, eval_run_id, ...}."""
     if not isinstance(n, int) or n < 1:
@@ -124,6 +126,7 @@ def _read(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+@op("reviews.import", write=True)
 def import_sheet(catalog: Catalog, path: str | Path) -> dict:
     """Validate a filled sheet, store the ratings, un-blind and summarise; raises InvalidData naming rows."""
     path = Path(path)

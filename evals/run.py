@@ -34,6 +34,7 @@ from hub.errors import InvalidConfig
 from hub.loading import QUANTIZE_CHOICES
 
 from evals import stats
+from evals.config import EVAL_ENGINE, normalize_dtype, served_default, serving_config
 from evals.data import read_eval_set
 from evals.metrics import METRICS, parse_metrics, primary_metric, similarity_model_info
 
@@ -54,6 +55,10 @@ class EvalConfig:
     """Seed of the bootstrap resampling (--seed); generation is greedy and needs none."""
     quantize: str | None = None
     """Load the base as none | nf4 | int8 (--quantize); default: what the adapter was trained against, else none."""
+    as_served: bool = False
+    """Score under what ``loradex serve`` runs by default (--as-served): its quantization and compute dtype."""
+    dtype: str | None = None
+    """Compute dtype fp32 | bf16 | fp16 (--dtype); default as the server's: fp32 on CPU, bf16 on CUDA."""
     device: str = "auto"
     """auto | cpu | cuda[:N] (--device)."""
     use_cache: bool = True
@@ -73,6 +78,16 @@ class EvalConfig:
             raise InvalidConfig(f"--seed must be an integer, got {self.seed!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise InvalidConfig(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.dtype is not None:
+            self.dtype = normalize_dtype(self.dtype)
+        if self.as_served:
+            served = served_default()
+            if self.quantize is not None and self.quantize != served["quantize"]:
+                raise InvalidConfig(f"--as-served scores under the default server's --quantize {served['quantize']}; "
+                                    f"drop --quantize {self.quantize} or --as-served")
+            if self.dtype is not None and self.dtype != (normalize_dtype(served["dtype"]) if served["dtype"] else None):
+                raise InvalidConfig(f"--as-served scores under the default server's dtype "
+                                    f"({served['dtype'] or 'fp32 on CPU, bf16 on CUDA'}); drop --dtype {self.dtype} or --as-served")
 
 
 def _decoding(cfg: EvalConfig, quantize: str, device: str, dtype, n: int) -> dict:
@@ -129,6 +144,8 @@ def evaluate(
     device: str = "auto",
     use_cache: bool = True,
     progress: bool = False,
+    as_served: bool = False,
+    dtype: str | None = None,
 ) -> dict:
     """Evaluate adapter ``ref`` (``"NAME[@V|@ALIAS]"``, a Ref or a version row) on ``data``; return the stored run.
 
@@ -136,13 +153,18 @@ def evaluate(
     ones from ``settings`` (default: the environment) around the model work.
     ``store``: the artifact store (default: ``Store(settings.store)``).
     The returned dict is the ``eval_runs`` row (``id``, ``metrics``, ``base_metrics``,
-    ``paired``, ``win_rate``, ``decoding``, ...) plus ``adapter`` and ``version``.
+    ``paired``, ``win_rate``, ``decoding``, ``serving_config``, ``config_key``, ...) plus
+    ``adapter``, ``version`` and ``trained_quantization``.
+
+    Quantization: ``quantize`` if given; ``as_served=True`` takes the default
+    server's (nf4); else what the adapter was trained against (none for LoRA).
     """
     from hub.settings import Settings
     from hub.store import Store, manifest_digest
 
     cfg = EvalConfig(metrics=metrics, max_new_tokens=max_new_tokens, limit=limit, batch_size=batch_size, seed=seed,
-                     quantize=quantize, device=device, use_cache=use_cache, progress=progress)
+                     quantize=quantize, as_served=as_served, dtype=dtype, device=device, use_cache=use_cache,
+                     progress=progress)
     settings = settings or Settings()
     store = store or Store(settings.store)
     started = time.perf_counter()
@@ -161,9 +183,13 @@ def evaluate(
         version = resolve(cat, ref) if not isinstance(ref, dict) else ref
         version, folder = adapter_folder(cat, store, version)
         trained_on = version.get("quantization") if version.get("quantization") in QUANTIZE_CHOICES else "none"
-        quant = cfg.quantize or trained_on
-        decoding = _decoding(cfg, quant, dev, pick_dtype(dev), len(items))
+        served = served_default() if cfg.as_served else {}
+        quant = cfg.quantize or served.get("quantize") or trained_on
+        torch_dtype = pick_dtype(dev, cfg.dtype or served.get("dtype"))
+        decoding = _decoding(cfg, quant, dev, torch_dtype, len(items))
         base_row = get_base(cat, version["base"], store=store)
+        # what these scores describe; a server with the same key serves these numbers
+        serving = serving_config(base_row, quant, torch_dtype, dev, EVAL_ENGINE)
         key = cache_key(base=base_row["name"], base_digest=manifest_digest(base_row["files"]),
                         data_sha256=eval_set.sha256, n=len(items), decoding=decoding, metrics=cfg.metrics,
                         metric_model=metric_model or "")
@@ -173,7 +199,8 @@ def evaluate(
     t = time.perf_counter()
     from peft import PeftModel
 
-    loaded = load_base(base_row["name"], quant, dev, catalog=catalog, store=store, settings=settings)
+    loaded = load_base(base_row["name"], quant, dev, catalog=catalog, store=store, settings=settings,
+                       dtype=serving["dtype"])
     model = PeftModel.from_pretrained(loaded.model, str(folder), is_trainable=False)
     model.eval()
     tokenizer = loaded.tokenizer
@@ -238,9 +265,10 @@ def evaluate(
     run = {"adapter_version_id": version["id"], "base": base_row["name"], "data_path": eval_set.path,
            "data_sha256": eval_set.sha256, "n": len(items), "metrics": summary, "base_metrics": base_summary,
            "paired": paired, "win_rate": win, "decoding": decoding_record, "metric_model": metric_model,
-           "seed": cfg.seed, "duration_s": duration}
+           "seed": cfg.seed, "duration_s": duration, "serving_config": serving}
     cache_entry = None
     if cached is None and cfg.use_cache:
         cache_entry = (key, base_row["name"], {"outputs": base_outputs, "scores": base_scores})
     with borrowed(catalog, settings) as cat:
-        return store_run(cat, run, samples, cache_entry)
+        stored = store_run(cat, run, samples, cache_entry)
+    return dict(stored, trained_quantization=trained_on)

@@ -21,6 +21,7 @@ from pathlib import Path
 from hub.catalog import Catalog, to_json, utcnow
 from hub.errors import InvalidBase, MissingDependency, NotFound
 from hub.names import check_name
+from hub.ops import op
 from hub.store import Store, file_sha256
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -167,6 +168,7 @@ def resolve_source(source: str, store: Store) -> tuple[str, Path]:
     raise InvalidBase(f"--from {source!r}: no such path, and not an org/name Hugging Face id")
 
 
+@op("bases.add", write=True)
 def add_base(catalog: Catalog, store: Store, name: str, source: str, *, kind: str | None = None,
              merged_from_version_id: int | None = None) -> dict:
     """Record a base model; returns its row. Refuses a name already taken."""
@@ -187,6 +189,7 @@ def add_base(catalog: Catalog, store: Store, name: str, source: str, *, kind: st
     return get_base(catalog, name)
 
 
+@op("bases.init", write=True)
 def ensure_default_base(catalog: Catalog, store: Store) -> dict:
     """Provision ``smollm2-135m-instruct`` from the installed package if missing."""
     row = catalog.one("SELECT * FROM bases WHERE name = ?", [DEFAULT_BASE])
@@ -208,6 +211,7 @@ def ensure_default_base(catalog: Catalog, store: Store) -> dict:
     return get_base(catalog, DEFAULT_BASE)
 
 
+@op("bases.get")
 def get_base(catalog: Catalog, name: str, *, provision: bool = True, store: Store | None = None) -> dict:
     """The base's row; the default base is provisioned on first use when a store is given."""
     row = catalog.one("SELECT * FROM bases WHERE name = ?", [name])
@@ -225,6 +229,7 @@ def get_base(catalog: Catalog, name: str, *, provision: bool = True, store: Stor
     return row
 
 
+@op("bases.list")
 def list_bases(catalog: Catalog) -> list[dict]:
     return catalog.query(
         "SELECT name, kind, source, architecture, num_parameters, size_bytes, dtype, path, created_at "

@@ -124,6 +124,13 @@ class Catalog:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
+        """A write transaction; one at a time per process, so concurrent writers never conflict in DuckDB."""
+        with self._lock:
+            with self._transaction() as cur:
+                yield cur
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
         cur = self.cursor()
         cur.execute("BEGIN TRANSACTION")
         try:
@@ -168,12 +175,15 @@ def borrowed(catalog: "Catalog | None", settings) -> Iterator["Catalog"]:
     """The caller's open catalog, or a short-lived one from ``settings`` closed on exit.
 
     Long jobs (training, evaluation) use this for each write so that the file is
-    never held during their loops.
+    never held during their loops. While ``loradex serve`` owns the file the
+    short-lived one is the server's API (``hub.remote.connect``).
     """
     if catalog is not None:
         yield catalog
         return
-    cat = Catalog.open(settings.catalog_path, wait_s=settings.lock_wait_s)
+    from hub.remote import connect
+
+    cat = connect(settings)
     try:
         yield cat
     finally:
@@ -203,10 +213,7 @@ def _locked_message(path: str, holder: dict, wait_s: float) -> str:
     pid = holder.get("pid", "?")
     if holder.get("role") == "server":
         url = holder.get("url") or "its HTTP API"
-        return (
-            f"catalog {path} is owned by `loradex serve` (pid {pid}); use its API at {url} "
-            f"(GET/POST/DELETE /adapters) or stop the server first"
-        )
+        return f"catalog {path} is owned by `loradex serve` (pid {pid}) at {url}; stop it first or use that server"
     return (
         f"catalog {path} is locked by process {pid} (waited {wait_s:g}s); "
         f"wait for it to finish, stop it, or point LORADEX_HOME at another catalog"

@@ -42,12 +42,14 @@ class Context:
 
     @property
     def catalog(self):
+        """The catalog file, or, while ``loradex serve`` owns it, that server's API (same operations)."""
         if self._catalog is None:
-            from hub.catalog import Catalog
             from hub.registry import cleanup_stale
+            from hub.remote import connect, is_remote
 
-            self._catalog = Catalog.open(self.settings.catalog_path, wait_s=self.settings.lock_wait_s)
-            cleanup_stale(self._catalog, self.store)
+            self._catalog = connect(self.settings)
+            if not is_remote(self._catalog):
+                cleanup_stale(self._catalog, self.store)
         return self._catalog
 
     def close_catalog(self) -> None:
@@ -79,10 +81,19 @@ def _base_view(row: dict) -> dict:
 def cmd_base_add(ctx: Context) -> int:
     from hub.bases import add_base
 
-    row = add_base(ctx.catalog, ctx.store, ctx.args.name, ctx.args.source)
+    row = add_base(ctx.catalog, ctx.store, ctx.args.name, _absolute_source(ctx.args.source))
     ctx.emit(_base_view(row), f"added base {row['name']} ({row['architecture']}, "
              f"{row['num_parameters']:,} parameters) from {row['source']}")
     return 0
+
+
+def _absolute_source(source: str) -> str:
+    """Local paths made absolute, so the catalog (or a server doing the work) reads the same folder."""
+    from pathlib import Path
+
+    prefix, rest = ("gguf:", source[5:]) if source.startswith("gguf:") else ("", source)
+    p = Path(rest).expanduser()
+    return prefix + str(p.absolute()) if p.exists() else source
 
 
 def cmd_base_list(ctx: Context) -> int:
@@ -95,32 +106,14 @@ def cmd_base_list(ctx: Context) -> int:
     return 0
 
 
-def _via_server(ctx: Context, method: str, path: str, body: dict | None = None):
-    """Open the catalog; if a server owns it, return the server's answer instead (else None)."""
-    from hub import remote
-    from hub.errors import CatalogLocked
-
-    try:
-        ctx.catalog
-    except CatalogLocked as exc:
-        url = remote.server_url(exc)
-        if url is None:
-            raise
-        return remote.call(url, method, path, body)
-    return None
-
-
 def cmd_register(ctx: Context) -> int:
     from pathlib import Path
 
     from hub.registry import register_adapter
 
     path = ctx.args.path if ctx.args.path.startswith("hf:") else str(Path(ctx.args.path).absolute())
-    row = _via_server(ctx, "POST", "/adapters", {"path": path, "name": ctx.args.name, "base": ctx.args.base,
-                                                 "allow_noop": ctx.args.allow_noop, "description": ctx.args.description})
-    if row is None:
-        row = register_adapter(ctx.catalog, ctx.store, path, ctx.args.name, base=ctx.args.base,
-                               allow_noop=ctx.args.allow_noop, description=ctx.args.description)
+    row = register_adapter(ctx.catalog, ctx.store, path, ctx.args.name, base=ctx.args.base,
+                           allow_noop=ctx.args.allow_noop, description=ctx.args.description)
     ctx.emit(row, lambda: f"registered {row['adapter']}@{row['version']} (base {row['base']}, r={row['rank']}, "
              f"alpha={row['alpha']:g}, targets {','.join(row['target_modules'])}, "
              f"{row['param_count']:,} params, {human_bytes(row['size_bytes'])}, digest {row['digest'][:12]})")
@@ -128,47 +121,22 @@ def cmd_register(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
-    from urllib.parse import quote
-
     from hub.registry import list_adapters
 
-    remote_rows = _via_server(ctx, "GET", "/adapters" + (f"?base={quote(ctx.args.base)}" if ctx.args.base else ""))
-    rows = remote_rows["adapters"] if remote_rows is not None else list_adapters(ctx.catalog, base=ctx.args.base)
+    rows = [dict(r, ref=f"{r['adapter']}@{r['version']}") for r in list_adapters(ctx.catalog, base=ctx.args.base)]
     ctx.emit(rows, lambda: table(
-        [dict(r, ref=f"{r['adapter']}@{r['version']}", size=human_bytes(r["size_bytes"]),
-              targets=",".join(r["target_modules"]), sha=r["digest"][:12]) for r in rows],
+        [dict(r, size=human_bytes(r["size_bytes"]), targets=",".join(r["target_modules"]), sha=r["digest"][:12])
+         for r in rows],
         ["ref", "aliases", "base", "rank", "alpha", "targets", "param_count", "size", "sha", "created_at"],
     ) if rows else "no adapters registered")
     return 0
 
 
 def cmd_show(ctx: Context) -> int:
-    from hub.names import parse_ref
-    from hub.registry import aliases_of, resolve
+    from hub.queries import adapter_detail
 
-    ref = parse_ref(ctx.args.ref)
-    cat = ctx.catalog
-    if ref.version is None and ref.alias is None:
-        resolve(cat, ref)  # raises NotFound
-        rows = cat.query("SELECT * FROM adapter_versions WHERE adapter = ? AND status = 'ready' ORDER BY version", [ref.name])
-    else:
-        rows = [cat.one("SELECT * FROM adapter_versions WHERE id = ?", [resolve(cat, ref)["id"]])]
-    aliases = aliases_of(cat, ref.name)
-    versions = []
-    for row in rows:
-        item = dict(row)
-        item["aliases"] = sorted(a for a, v in aliases.items() if v == row["version"])
-        item["training_run"] = cat.one(
-            "SELECT id, status, duration_s, steps, final_loss, eval_loss, cost_usd, device, precision, data_sha256 "
-            "FROM training_runs WHERE id = ?", [row["training_run_id"]]) if row["training_run_id"] else None
-        item["evals"] = cat.query(
-            "SELECT id, data_sha256, n, metrics, paired, win_rate, created_at FROM eval_runs "
-            "WHERE adapter_version_id = ? ORDER BY id", [row["id"]])
-        item["merges"] = cat.query("SELECT id, dtype, merged_into, base_name, path FROM merges WHERE adapter_version_id = ?", [row["id"]])
-        item["exports"] = cat.query("SELECT id, format, path, size_bytes FROM exports WHERE adapter_version_id = ?", [row["id"]])
-        versions.append(item)
-    data = {"adapter": ref.name, "aliases": aliases, "versions": versions}
-    ctx.emit(data, lambda: _show_text(ref.name, aliases, versions))
+    data = adapter_detail(ctx.catalog, ctx.args.ref)
+    ctx.emit(data, lambda: _show_text(data["adapter"], data["aliases"], data["versions"]))
     return 0
 
 
@@ -209,49 +177,30 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
 
 
 def cmd_alias_set(ctx: Context) -> int:
-    from hub.registry import resolve, set_alias
+    from hub.registry import current_actor, set_alias
 
-    cat = ctx.catalog
-    row = resolve(cat, ctx.args.ref)
-    gate = None
-    forced = False
-    if ctx.args.alias == "production":
-        from evals.gate import check_promotion
-
-        gate = check_promotion(cat, row)
-        if not gate["ok"]:
-            if not ctx.args.force:
-                raise GateRefused(
-                    f"refusing to make {row['adapter']}@{row['version']} production: " + "; ".join(gate["reasons"])
-                    + " (use --force to override; the override is recorded)"
-                )
-            forced = True
-    elif ctx.args.force:
-        forced = True
-    set_alias(cat, ctx.args.ref, ctx.args.alias, forced=forced, gate=gate)
-    msg = f"{row['adapter']}@{ctx.args.alias} -> version {row['version']}" + (" (forced past the gate)" if forced and gate else "")
-    ctx.emit({"adapter": row["adapter"], "alias": ctx.args.alias, "version": row["version"], "forced": forced, "gate": gate}, msg)
+    move = set_alias(ctx.catalog, ctx.args.ref, ctx.args.alias, force=ctx.args.force, reason=ctx.args.reason,
+                     actor=current_actor())
+    msg = (f"{move['adapter']}@{move['alias']} -> version {move['version']}"
+           + (f" (forced past the gate: {move['reason']})" if move["forced"] and move["gate"] else ""))
+    ctx.emit(move, msg)
     return 0
 
 
 def cmd_alias_rm(ctx: Context) -> int:
     from hub.names import check_name
-    from hub.registry import remove_alias
+    from hub.registry import current_actor, remove_alias
 
     check_name(ctx.args.name, "adapter name")
-    remove_alias(ctx.catalog, ctx.args.name, ctx.args.alias)
+    remove_alias(ctx.catalog, ctx.args.name, ctx.args.alias, actor=current_actor())
     ctx.emit({"adapter": ctx.args.name, "alias": ctx.args.alias, "removed": True}, f"removed alias {ctx.args.name}@{ctx.args.alias}")
     return 0
 
 
 def cmd_delete(ctx: Context) -> int:
-    from urllib.parse import quote
-
     from hub.registry import delete_version
 
-    row = _via_server(ctx, "DELETE", f"/adapters/{quote(ctx.args.ref)}" + ("?force=true" if ctx.args.force else ""))
-    if row is None:
-        row = delete_version(ctx.catalog, ctx.store, ctx.args.ref, force=ctx.args.force)
+    row = delete_version(ctx.catalog, ctx.store, ctx.args.ref, force=ctx.args.force)
     ctx.emit({"adapter": row["adapter"], "version": row["version"], "deleted": True}, f"deleted {row['adapter']}@{row['version']}")
     return 0
 
@@ -269,6 +218,23 @@ def cmd_verify(ctx: Context) -> int:
 
     ctx.emit(results, human)
     return 8 if bad else 0
+
+
+def cmd_jobs(ctx: Context) -> int:
+    from hub.jobs import get_job, list_jobs
+
+    if ctx.args.id is not None:
+        job = get_job(ctx.catalog, ctx.args.id)
+        human = (f"job {job['id']} {job['kind']} {job['state']} ({(job['progress'] or {}).get('phase', '-')})"
+                 + (f"\n  error: {job['error']}" if job["error"] else "")
+                 + (f"\n  result: {json.dumps(to_jsonable(job['result']), sort_keys=True)}" if job["result"] else ""))
+        ctx.emit(job, human)
+        return 1 if job["state"] == "failed" else 0
+    rows = list_jobs(ctx.catalog, ctx.args.state)
+    ctx.emit(rows, lambda: table([dict(r, phase=(r["progress"] or {}).get("phase")) for r in rows],
+                                 ["id", "kind", "state", "phase", "actor", "created_at", "finished_at", "error"])
+             if rows else "no jobs")
+    return 0
 
 
 # -- parser -------------------------------------------------------------------------
@@ -315,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = asub.add_parser("set", parents=[common], help="set NAME@VERSION's alias (production is gated by evals)")
     p.add_argument("ref", help="NAME@VERSION")
     p.add_argument("alias", help="alias name, e.g. production")
-    p.add_argument("--force", action="store_true", help="override the promotion gate (recorded)")
+    p.add_argument("--force", action="store_true", help="override the promotion gate (needs --reason; recorded)")
+    p.add_argument("--reason", help="why the gate is overridden: recorded with who and when")
     p.set_defaults(func=cmd_alias_set)
     p = asub.add_parser("rm", parents=[common], help="remove an alias")
     p.add_argument("name")
@@ -330,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common], help="re-check sha256 of stored adapters; non-zero exit on tampering")
     p.add_argument("name", nargs="?", help="only this adapter (NAME or NAME@VERSION)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("jobs", parents=[common], help="list the server's merge/export/eval jobs, or show one")
+    p.add_argument("id", nargs="?", type=int, help="a job id (exit 1 if it failed)")
+    p.add_argument("--state", choices=("queued", "running", "succeeded", "failed"), help="only jobs in this state")
+    p.set_defaults(func=cmd_jobs)
 
     for modname in STAGE_CLIS:
         try:

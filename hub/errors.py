@@ -84,3 +84,15 @@ class CheckFailed(LoradexError):
     """An automatic check (merge agreement, export run) failed; has the numbers."""
 
     exit_code = 10
+
+
+class RemoteUnsupported(LoradexError):
+    """An operation needs the catalog file itself, but a server owns it."""
+
+    exit_code = 7
+
+
+class JobFailed(LoradexError):
+    """A background job (merge, export, eval) run by the server failed; has its error."""
+
+    exit_code = 10

@@ -135,14 +135,10 @@ def load_base(
         raise InvalidConfig(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     settings = settings or Settings()
     apply_threads(settings.threads)
-    if catalog is None:
-        from hub.catalog import Catalog
+    from hub.catalog import borrowed
 
-        store = store or Store(settings.store)
-        with Catalog.open(settings.catalog_path, wait_s=settings.lock_wait_s) as cat:
-            record = get_base(cat, name, store=store)
-    else:
-        record = get_base(catalog, name, store=store or Store(settings.store))
+    with borrowed(catalog, settings) as cat:
+        record = get_base(cat, name, store=store or Store(settings.store))
     folder = Path(record["path"])
     model, dev, torch_dtype = load_model_folder(folder, quantize=quantize, device=device, dtype=dtype)
     max_pos = record["config"].get("max_position_embeddings")

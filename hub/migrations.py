@@ -266,12 +266,63 @@ def m005_training_runs_extra(cur) -> None:
     cur.execute("ALTER TABLE training_runs ADD COLUMN eval_loss_before DOUBLE")  # held-out loss of the base
 
 
+def m006_service(cur) -> None:
+    """The hub as a service: who moved an alias and why; background jobs run by the server."""
+    cur.execute("ALTER TABLE alias_events ADD COLUMN reason VARCHAR")  # required when the gate is forced
+    cur.execute("ALTER TABLE alias_events ADD COLUMN actor VARCHAR")   # USER@HOST of the caller
+    cur.execute("CREATE SEQUENCE job_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE jobs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('job_ids'),
+            kind VARCHAR NOT NULL,            -- merge | export | eval
+            params JSON NOT NULL,
+            state VARCHAR NOT NULL,           -- queued | running | succeeded | failed
+            progress JSON,                    -- {"phase": ..., "fraction": ...}
+            result JSON,
+            error VARCHAR,
+            error_type VARCHAR,
+            actor VARCHAR,
+            created_at TIMESTAMP NOT NULL,
+            started_at TIMESTAMP,
+            finished_at TIMESTAMP
+        )
+        """
+    )
+
+
+def m007_eval_runs_serving_config(cur) -> None:
+    """Evals: the serving configuration each run measured (base + digest, quantize, dtype, device, engine).
+
+    Existing runs get it rebuilt from what they recorded in ``decoding`` (quantize,
+    dtype, device) and the base's files as the catalog knows them now; runs that
+    did not record a quantization keep NULL (an unknown configuration matches none).
+    """
+    import json
+
+    from evals.config import config_key, from_decoding
+
+    # IF NOT EXISTS: development catalogs of the eval-config branch recorded this as 006_eval_runs_serving_config
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS serving_config JSON")
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS config_key VARCHAR")  # evals.config.config_key(serving_config)
+    bases = {name: {"name": name, "files": json.loads(files) if isinstance(files, str) else files}
+             for name, files in cur.execute("SELECT name, files FROM bases").fetchall()}
+    for rid, base, decoding in cur.execute("SELECT id, base, decoding FROM eval_runs WHERE config_key IS NULL").fetchall():
+        decoding = json.loads(decoding) if isinstance(decoding, str) else decoding
+        cfg = from_decoding(bases.get(base), base, decoding)
+        if cfg is not None:
+            cur.execute("UPDATE eval_runs SET serving_config = ?, config_key = ? WHERE id = ?",
+                        [json.dumps(cfg, sort_keys=True), config_key(cfg), rid])
+
+
 MIGRATIONS: list[tuple[str, Callable]] = [
     ("001_core", m001_core),
     ("002_training", m002_training),
     ("003_evals", m003_evals),
     ("004_merges_exports", m004_merges_exports),
     ("005_training_runs_extra", m005_training_runs_extra),
+    ("006_service", m006_service),
+    ("007_eval_runs_serving_config", m007_eval_runs_serving_config),
 ]
 
 

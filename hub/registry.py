@@ -20,8 +20,9 @@ from pathlib import Path
 
 from hub.bases import DEFAULT_BASE, get_base
 from hub.catalog import Catalog, pid_alive, to_json, utcnow
-from hub.errors import Conflict, InvalidAdapter, NotFound
+from hub.errors import Conflict, GateRefused, InvalidAdapter, InvalidConfig, NotFound
 from hub.names import Ref, check_name, parse_ref
+from hub.ops import op
 from hub.store import Store
 from hub.validate import validate_adapter
 
@@ -74,6 +75,7 @@ def _guess_base(catalog: Catalog, path: str | Path) -> str:
     )
 
 
+@op("adapters.register", write=True)
 def register_adapter(
     catalog: Catalog,
     store: Store,
@@ -142,6 +144,7 @@ def register_adapter(
     return get_version_by_id(catalog, vid)
 
 
+@op("adapters.get")
 def get_version_by_id(catalog: Catalog, vid: int) -> dict:
     row = catalog.one(f"SELECT {VERSION_COLUMNS} FROM adapter_versions WHERE id = ?", [vid])
     if row is None:
@@ -149,6 +152,7 @@ def get_version_by_id(catalog: Catalog, vid: int) -> dict:
     return row
 
 
+@op("adapters.resolve")
 def resolve(catalog: Catalog, ref: str | Ref) -> dict:
     """The ready version row a reference points at (latest when no tag)."""
     ref = parse_ref(ref) if isinstance(ref, str) else ref
@@ -184,6 +188,7 @@ LIST_COLUMNS = (
 )
 
 
+@op("adapters.list")
 def list_adapters(catalog: Catalog, base: str | None = None) -> list[dict]:
     """Every ready version, by name then newest first, with its aliases (listing columns only)."""
     sql = (
@@ -198,39 +203,86 @@ def list_adapters(catalog: Catalog, base: str | None = None) -> list[dict]:
     return catalog.query(sql + " ORDER BY v.adapter, v.version DESC", params)
 
 
+@op("aliases.of")
 def aliases_of(catalog: Catalog, name: str) -> dict[str, int]:
     return {r["alias"]: r["version"] for r in catalog.query(
         "SELECT alias, version FROM aliases WHERE adapter = ? ORDER BY alias", [name])}
 
 
-def set_alias(catalog: Catalog, ref: str, alias: str, *, forced: bool = False, gate: dict | None = None) -> dict:
-    """Point ``alias`` at the version ``ref`` names; records the event."""
+GATED_ALIASES = ("production",)
+
+
+def current_actor() -> str:
+    """Who is acting, as recorded with alias moves: USER@HOST."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in this environment
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+@op("aliases.set", write=True)
+def set_alias(catalog: Catalog, ref: str, alias: str, *, force: bool = False, reason: str | None = None,
+              actor: str | None = None) -> dict:
+    """Point ``alias`` at the version ``ref`` names, and record who moved it and why.
+
+    ``production`` is gated: ``evals.gate.check_promotion`` must pass, else
+    ``GateRefused`` with the gate's numbers. ``force=True`` overrides the gate
+    and needs a ``reason``; the override, the reason, the actor and the gate's
+    numbers land in ``alias_events``. This is the one path for the CLI, the
+    HTTP API and Python alike.
+    """
     check_name(alias, "alias")
     if alias.isdigit() or (alias[:1] in "vV" and alias[1:].isdigit()):
         raise Conflict(f"alias {alias!r} looks like a version number; choose a word")
+    reason = (reason or "").strip() or None
+    if force and reason is None:
+        raise InvalidConfig("--force needs --reason TEXT: say why the promotion gate is overridden (it is recorded)")
     row = resolve(catalog, ref)
+    gate = None
+    forced = False
+    if alias in GATED_ALIASES:
+        from evals.gate import check_promotion
+
+        gate = check_promotion(catalog, row)
+        if not gate["ok"]:
+            if not force:
+                raise GateRefused(
+                    f"refusing to make {row['adapter']}@{row['version']} {alias}: " + "; ".join(gate["reasons"])
+                    + " (use --force --reason TEXT to override; the override is recorded)")
+            forced = True
+    actor = actor or current_actor()
     now = utcnow()
     with catalog.transaction() as cur:
         cur.execute("DELETE FROM aliases WHERE adapter = ? AND alias = ?", [row["adapter"], alias])
         cur.execute("INSERT INTO aliases VALUES (?, ?, ?, ?)", [row["adapter"], alias, row["version"], now])
         cur.execute(
-            "INSERT INTO alias_events (adapter, alias, version, forced, gate, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [row["adapter"], alias, row["version"], forced, to_json(gate) if gate is not None else None, now],
+            "INSERT INTO alias_events (adapter, alias, version, forced, gate, reason, actor, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [row["adapter"], alias, row["version"], forced, to_json(gate) if gate is not None else None, reason,
+             actor, now],
         )
-    return row
+    return {"adapter": row["adapter"], "alias": alias, "version": row["version"], "forced": forced, "gate": gate,
+            "reason": reason, "actor": actor, "created_at": now}
 
 
-def remove_alias(catalog: Catalog, name: str, alias: str) -> None:
+@op("aliases.remove", write=True)
+def remove_alias(catalog: Catalog, name: str, alias: str, *, actor: str | None = None) -> None:
     if not catalog.one("SELECT 1 AS x FROM aliases WHERE adapter = ? AND alias = ?", [name, alias]):
         raise NotFound(f"adapter {name!r} has no alias {alias!r}")
     with catalog.transaction() as cur:
         cur.execute("DELETE FROM aliases WHERE adapter = ? AND alias = ?", [name, alias])
         cur.execute(
-            "INSERT INTO alias_events (adapter, alias, version, forced, gate, created_at) VALUES (?, ?, NULL, false, NULL, ?)",
-            [name, alias, utcnow()],
+            "INSERT INTO alias_events (adapter, alias, version, forced, gate, actor, created_at) "
+            "VALUES (?, ?, NULL, false, NULL, ?, ?)",
+            [name, alias, actor or current_actor(), utcnow()],
         )
 
 
+@op("adapters.delete", write=True)
 def delete_version(catalog: Catalog, store: Store, ref: str, *, force: bool = False) -> dict:
     """Delete one version (refused while an alias points at it, unless forced)."""
     parsed = parse_ref(ref)
@@ -258,6 +310,7 @@ def delete_version(catalog: Catalog, store: Store, ref: str, *, force: bool = Fa
     return row
 
 
+@op("adapters.verify")
 def verify(catalog: Catalog, store: Store, name: str | None = None) -> list[dict]:
     """Re-hash every stored version (of ``name``); one result per version."""
     sql = f"SELECT {VERSION_COLUMNS} FROM adapter_versions WHERE status = 'ready'"
@@ -281,6 +334,8 @@ def verify(catalog: Catalog, store: Store, name: str | None = None) -> list[dict
 
 def adapter_folder(catalog: Catalog, store: Store, ref: str | Ref | dict) -> tuple[dict, Path]:
     """(version row, verified snapshot folder): sha256-checked before any load."""
+    from hub.remote import materialize
+
     row = ref if isinstance(ref, dict) else resolve(catalog, ref)
-    folder = store.verified_path(row["path"], row["files"], f"adapter {row['adapter']}@{row['version']}")
+    folder = materialize(catalog, store, row["path"], row["files"], f"adapter {row['adapter']}@{row['version']}")
     return row, folder

@@ -44,6 +44,7 @@ class ServerState:
         self.settings = settings
         self.metrics = serving_metrics()
         self.engine = None
+        self.jobs = None  # a JobRunner when this server owns the catalog (not on a replica)
         self.load_error: BaseException | None = None
         self._on_fatal = on_fatal
         self._thread = threading.Thread(target=self._load, name="loradex-load", daemon=True)
@@ -57,7 +58,7 @@ class ServerState:
         eng = self.engine
         if eng is None:
             return 0
-        return len(eng._active) if key == "active" else eng._pending
+        return eng.counts()[key]
 
     def start(self) -> None:
         self._thread.start()
@@ -167,14 +168,18 @@ async def _send_error(send, exc: BaseException) -> None:
 
 
 def create_app(config: ServerConfig | None = None, *, settings=None, catalog=None, store=None,
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """Build the app. ``catalog``/``store`` default to the ones under ``settings`` (opened as server)."""
+               on_fatal: Callable[[BaseException], None] | None = None, registry_routes: bool = True) -> FastAPI:
+    """Build the app. ``catalog``/``store`` default to the ones under ``settings`` (opened as server).
+
+    ``registry_routes=False`` (a replica reading a remote registry) serves models only.
+    """
     from serving.routes import install
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         from hub.catalog import Catalog
         from hub.registry import cleanup_stale
+        from hub.remote import is_remote
         from hub.settings import Settings
         from hub.store import Store
 
@@ -189,9 +194,18 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
                 cleanup_stale(cat, sto)
             state = ServerState(cfg, cat, sto, st, on_fatal)
             app.state.server = state
+            if not is_remote(cat):
+                from serving.jobs import JobRunner
+
+                state.jobs = JobRunner(cat, sto, st)
+                failed = state.jobs.start()
+                if failed:
+                    log.warning("%d job(s) left unfinished by a previous server were marked failed", failed)
             state.start()
             yield
             state.shutdown()
+            if state.jobs is not None:
+                state.jobs.stop()
         finally:
             if owned:
                 cat.close()
@@ -203,12 +217,20 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
 
     def limit_for(scope: dict) -> int:
         cfg = app.dependency_overrides.get(get_config, get_config)()
-        if scope.get("method") == "POST" and scope.get("path") == "/adapters":
+        if scope.get("method") == "POST" and scope.get("path") in ("/adapters", "/v1/adapters"):
             return cfg.max_upload_bytes
         return cfg.max_body_bytes
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
     install(app)
+    if registry_routes:
+        from fastapi import Depends
+
+        from serving.hub_routes import routers
+        from serving.routes import require_key
+
+        for router in routers():
+            app.include_router(router, dependencies=[Depends(require_key)])
 
     app.add_middleware(CountRequests)
     return app

@@ -3,8 +3,10 @@
     loradex serve [--base BASE] [--quantize nf4|int8|none] [--host 127.0.0.1] [--port 8000]
                   [--max-loaded N] [--pin NAME@V ...] [--api-key KEY | env LORADEX_API_KEY] [--route-merged]
 
-While it runs the server owns the catalog file; other ``loradex`` commands
-then say so in one line and point at the server's ``/adapters`` API.
+While it runs the server owns the catalog file, and every other ``loradex``
+command (train, eval, merge, export, alias ...) reads and writes the catalog
+through its API (``/v1/ops/*``), with the same output and exit codes.
+``--registry URL`` serves as a replica of another loradex server instead.
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ def add_commands(sub, common) -> None:
     p.add_argument("--max-merged", type=int, default=2, help="merged models loaded at most for --route-merged (default 2)")
     p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, time for in-flight requests (default 30)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.add_argument("--registry", metavar="URL",
+                   help="serve as a replica of the loradex server at URL: read its catalog through its API and fetch "
+                        "adapters by sha256 into the local store (the base must be at the same path here)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -80,13 +85,21 @@ def cmd_serve(ctx) -> int:
 
     logging.basicConfig(level=getattr(logging, ctx.args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # Open the catalog as its owner before binding the port, so a locked catalog is one line, not a traceback.
-    catalog = Catalog.open(ctx.settings.catalog_path, wait_s=ctx.settings.lock_wait_s, role="server",
-                           url=f"http://{config.host}:{config.port}")
+    replica = ctx.args.registry is not None
+    if replica:
+        from hub.remote import RemoteCatalog
+
+        catalog = RemoteCatalog(ctx.args.registry)
+    else:
+        # Open the catalog as its owner before binding the port, so a locked catalog is one line, not a traceback.
+        catalog = Catalog.open(ctx.settings.catalog_path, wait_s=ctx.settings.lock_wait_s, role="server",
+                               url=f"http://{config.host}:{config.port}")
     try:
-        cleanup_stale(catalog, ctx.store)
+        if not replica:
+            cleanup_stale(catalog, ctx.store)
         get_base(catalog, config.engine.base, store=ctx.store)  # unknown base: one line, before binding the port
-        app = create_app(config, settings=ctx.settings, catalog=catalog, store=ctx.store, on_fatal=on_fatal)
+        app = create_app(config, settings=ctx.settings, catalog=catalog, store=ctx.store, on_fatal=on_fatal,
+                         registry_routes=not replica)
         server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=ctx.args.log_level,
                                                timeout_graceful_shutdown=int(config.drain_s) or None,
                                                lifespan="on"))

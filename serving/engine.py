@@ -10,72 +10,33 @@ Plain Python (no web framework). Use it directly::
     outs = engine.generate_batch([{"prompt": "Hi", "adapter": "a"}, {"prompt": "Hi"}])  # one batch
     engine.shutdown()
 
-How a request flows::
+``Engine`` is the facade over two parts, plus tokenizing and request checks::
 
-    caller thread                         engine thread (owns the model)
-    resolve(model/adapter) via catalog    waiting queue --(batch window, max batch)--> admit:
-    tokenize, check context, submit  -->    acquire adapter slot (LRU cache, sha256-verified load)
-                                            prefill newcomers together (right-padded)
-    events <-- sink(Event) <------------    decode step over every active row (own KV cache,
-                                            own batched LoRA), per-row sampling, stop checks
-
-New requests join the running batch between decode steps (continuous
-batching); finished, cancelled and failed rows leave it. A failing adapter load
-fails only the requests for that adapter.
+    caller thread                                     engine thread
+    resolve(model/adapter)   serving/router.py        serving/scheduler.py
+    encode, params_for       (this module)            batching, adapter slots, KV-cache decode,
+    submit ------------------------------------->     continuous batching, cancellation
+    events <-------------------------------------     sink(Event)
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
-import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
-from hub.errors import InvalidName, LoradexError, NotFound
-from hub.names import parse_ref
-from serving.cache import AdapterCache, CacheBusy, ref_label
+from hub.errors import LoradexError
+from serving.cache import ref_label
 from serving.config import EngineConfig
-from serving.errors import (AdapterLoadFailed, BadRequest, Cancelled, ContextTooLong, GenerationFailed, ModelNotFound,
-                            NotReady, QueueFull)
-from serving.lora import LoRABank, read_adapter
+from serving.errors import AdapterLoadFailed, BadRequest, ContextTooLong, NotReady
+from serving.lora import read_adapter
 from serving.metrics import Metrics, serving_metrics
-from serving.runner import Runner
-from serving.sampling import SamplingParams, TextStream, sample
+from serving.router import Router, Target
+from serving.sampling import SamplingParams
+from serving.scheduler import Event, Handle, Scheduler, Sequence
 
-
-@dataclass
-class Target:
-    """What a request runs on: an engine, and an adapter version row or None for the bare model."""
-
-    engine: "Engine"
-    row: dict | None
-    path: str                # base | adapter | merged
-    model: str               # the name echoed back to the client
-    served_as: str | None = None  # NAME@V an adapter's merged model stands for (path "merged")
-
-    @property
-    def label(self) -> str:
-        if self.served_as is not None:
-            return self.served_as
-        return ref_label(self.row) if self.row is not None else self.engine.base_name
-
-
-@dataclass
-class Event:
-    """One step of a request's output, delivered to its sink."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None     # stop | length, on the last event
-    usage: dict | None = None            # on the last event
-    error: BaseException | None = None   # the request failed (last event)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
+__all__ = ["Completion", "Engine", "Event", "Handle", "Sequence", "Target"]
 
 
 @dataclass
@@ -91,38 +52,6 @@ class Completion:
     path: str
 
 
-class Sequence:
-    """One request's state inside the engine."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, prompt_ids: list[int], target: Target, params: SamplingParams, sink: Callable[[Event], None],
-                 tokenizer, device):
-        self.id = next(self._ids)
-        self.prompt_ids = prompt_ids
-        self.target = target
-        self.params = params
-        self.sink = sink
-        self.generator = params.generator(device)
-        self.stream = TextStream(tokenizer, params.stop)
-        self.generated: list[int] = []
-        self.slot = -1
-        self.finish_reason: str | None = None
-        self.cancelled = False
-        self.created = time.perf_counter()
-        self.first_token_at: float | None = None
-
-
-class Handle:
-    """Returned by :meth:`Engine.submit`; lets the caller cancel."""
-
-    def __init__(self, seq: Sequence):
-        self._seq = seq
-
-    def cancel(self) -> None:
-        self._seq.cancelled = True
-
-
 class Engine:
     """Serves one loaded base and the catalog's adapters for it; see the module docstring."""
 
@@ -135,27 +64,12 @@ class Engine:
         self.metrics = metrics or serving_metrics()
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        model = loaded.model
-        self.runner = Runner(model)
-        self.bank = LoRABank(model, loaded.dtype, loaded.device, capacity=min(config.max_loaded, 8))
-        self.cache = AdapterCache(self.bank, self._read_adapter, config.max_loaded, self.metrics)
-        max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.context = min(config.max_context or max_pos, max_pos)
-        self.eos_ids = _eos_ids(model, self.tokenizer)
         self._tok_lock = threading.Lock()
-        self._incoming: queue.Queue[Sequence] = queue.Queue()
-        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._waiting: deque[Sequence] = deque()
-        self._active: list[Sequence] = []
-        self._kv = self.runner.empty_cache()
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._accepting = True
-        self._stop = threading.Event()
-        self._drain_deadline: float | None = None
-        self._merged: dict[str, Engine] = {}
-        self._merged_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name=f"loradex-engine-{self.base_name}", daemon=True)
+        self.scheduler = Scheduler(loaded, config=config, metrics=self.metrics, read_adapter=self._read_adapter,
+                                   tok_lock=self._tok_lock)
+        self.router = Router(self, catalog=catalog, config=config, open_merged=self._open_merged)
+        self.cache = self.scheduler.cache
+        self.context = self.scheduler.context
 
     # -- lifecycle ---------------------------------------------------------------
     @classmethod
@@ -171,111 +85,41 @@ class Engine:
             engine.pin(ref)
         return engine
 
+    def _open_merged(self, config: EngineConfig) -> "Engine":
+        return Engine.load(config, catalog=self.catalog, store=self.store, metrics=self.metrics)
+
     def start(self) -> None:
-        self._thread.start()
+        self.scheduler.start()
 
     def shutdown(self, drain_s: float = 0.0) -> None:
         """Stop accepting; let in-flight requests finish for up to ``drain_s``, cancel the rest."""
-        self._accepting = False
-        self._drain_deadline = time.monotonic() + drain_s
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=drain_s + 30)
-        with self._merged_lock:
-            merged = list(self._merged.values())
-            self._merged.clear()
-        for eng in merged:
-            eng.shutdown(drain_s)
+        self.scheduler.shutdown(drain_s)
+        self.router.shutdown(drain_s)
 
     @property
     def ready(self) -> bool:
-        return self._accepting and self._thread.is_alive()
-
-    def _call(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
-        """Run ``fn`` on the engine thread (which owns the model) and return its result."""
-        done = threading.Event()
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # handed back to the caller
-                box["error"] = exc
-            done.set()
-
-        self._commands.put(run)
-        if not done.wait(timeout):
-            raise NotReady("the engine did not answer in time")
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
+        return self.scheduler.ready
 
     def pin(self, ref: str) -> dict:
         """Load an adapter now and never evict it."""
         target = self.resolve(adapter=ref)
         if target.row is None:
             raise BadRequest(f"--pin {ref}: that is the base model, not an adapter", param="pin")
-        self._call(lambda: self.cache.acquire(target.row, pin=True))
+        self.scheduler.call(lambda: self.cache.acquire(target.row, pin=True))
         return target.row
 
     def forget(self, row: dict) -> None:
         """Drop a deleted version from the cache (waits for its running rows to finish)."""
         deadline = time.monotonic() + 30
         while row["id"] in self.cache.entries and time.monotonic() < deadline:
-            if self._call(lambda: self.cache.drop(row["id"])):
+            if self.scheduler.call(lambda: self.cache.drop(row["id"])):
                 return
             time.sleep(0.05)
 
-    # -- resolving and tokenizing (caller threads) ------------------------------------------
+    # -- resolving, tokenizing, checking (caller threads) -----------------------------------------
     def resolve(self, model: str | None = None, adapter: str | None = None) -> Target:
-        """Which engine and adapter serve a request; ``adapter`` wins over ``model``.
-
-        ``model`` may be the base's name (no adapter), ``NAME``, ``NAME@VERSION`` or
-        ``NAME@ALIAS``; the catalog is read now, so new versions and moved aliases
-        apply to the next request.
-        """
-        ref = adapter if adapter else model
-        field_name = "adapter" if adapter else "model"
-        if ref is None or ref == "" or ref == self.base_name:
-            return Target(self, None, "base", self.base_name)
-        from hub.registry import resolve as resolve_ref
-
-        try:
-            parsed = parse_ref(ref)
-            row = resolve_ref(self.catalog, parsed)
-        except (InvalidName, NotFound):
-            err = ModelNotFound(f"model {ref!r} not found: not the base ({self.base_name}) nor a registered adapter; "
-                                f"GET /v1/models lists what this server serves")
-            err.param = field_name
-            raise err from None
-        if row["base"] != self.base_name:
-            err = ModelNotFound(f"adapter {row['adapter']}@{row['version']} is for base {row['base']!r}, "
-                                f"but this server serves {self.base_name!r}")
-            err.param = field_name
-            raise err
-        if self.config.route_merged:
-            merged = self._merged_engine(row)
-            if merged is not None:
-                return Target(merged, None, "merged", ref, served_as=ref_label(row))
-        return Target(self, row, "adapter", ref)
-
-    def _merged_engine(self, row: dict) -> "Engine | None":
-        from serving.routing import merged_base_for
-
-        name = merged_base_for(self.catalog, row, self.base_name)
-        if name is None:
-            return None
-        with self._merged_lock:
-            eng = self._merged.get(name)
-            if eng is None:
-                if len(self._merged) >= self.config.max_merged:
-                    return None
-                from dataclasses import replace
-
-                cfg = replace(self.config, base=name, route_merged=False, pin=[], max_loaded=1)
-                eng = Engine.load(cfg, catalog=self.catalog, store=self.store, metrics=self.metrics)
-                self._merged[name] = eng
-            return eng
+        """Which engine and adapter serve a request (``serving.router.Router.resolve``)."""
+        return self.router.resolve(model, adapter)
 
     def encode(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None) -> list[int]:
         """Token ids of a completion prompt (text or ids) or of chat messages (the base's chat template)."""
@@ -331,22 +175,13 @@ class Engine:
     # -- submitting ------------------------------------------------------------
     def submit(self, prompt_ids: list[int], target: Target, params: SamplingParams,
                sink: Callable[[Event], None]) -> Handle:
-        """Queue a request; ``sink`` gets its Events on the engine thread. Raises QueueFull/NotReady."""
+        """Queue a request on its target's engine; ``sink`` gets its Events on that engine's thread.
+
+        Raises QueueFull/NotReady/ContextTooLong.
+        """
         if target.engine is not self:
             return target.engine.submit(prompt_ids, target, params, sink)
-        if not self._accepting:
-            raise NotReady("the server is shutting down", retry_after=5)
-        if len(prompt_ids) + params.max_tokens > self.context:
-            raise ContextTooLong(f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceed the "
-                                 f"context of {self.context} tokens", param="max_tokens")
-        with self._pending_lock:
-            if self._pending >= self.config.max_queued:
-                raise QueueFull(f"{self._pending} requests are already waiting (--max-queued "
-                                f"{self.config.max_queued}); retry shortly", retry_after=1)
-            self._pending += 1
-        seq = Sequence(prompt_ids, target, params, sink, self.tokenizer, self.device)
-        self._incoming.put(seq)
-        return Handle(seq)
+        return self.scheduler.submit(prompt_ids, target, params, sink)
 
     def generate(self, prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
                  adapter: str | None = None, model: str | None = None, timeout: float | None = None,
@@ -422,13 +257,18 @@ class Engine:
         return handle, events()
 
     # -- status ------------------------------------------------------------------
-    def stats(self) -> dict:
-        return {"base": self.base_name, "quantize": self.loaded.quantize, "device": self.device,
-                "active": len(self._active), "waiting": self._pending, "context": self.context,
-                "loaded_adapters": self.cache.loaded(), "lora_bank_bytes": self.bank.nbytes(),
-                "merged_models": sorted(self._merged)}
+    def counts(self) -> dict[str, int]:
+        """Rows in the running batch (``active``) and requests not yet admitted (``waiting``)."""
+        return self.scheduler.counts()
 
-    # -- engine thread ------------------------------------------------------------
+    def stats(self) -> dict:
+        counts = self.scheduler.counts()
+        return {"base": self.base_name, "quantize": self.loaded.quantize, "device": self.device,
+                "active": counts["active"], "waiting": counts["waiting"], "context": self.context,
+                "loaded_adapters": self.cache.loaded(), "lora_bank_bytes": self.scheduler.bank.nbytes(),
+                "merged_models": self.router.merged_names()}
+
+    # -- the adapter cache's loader (runs on the engine thread) --------------------------------------
     def _read_adapter(self, row: dict):
         from hub.registry import adapter_folder
 
@@ -439,199 +279,3 @@ class Engine:
             raise
         except Exception as exc:
             raise AdapterLoadFailed(f"adapter {ref_label(row)} could not be loaded: {type(exc).__name__}: {exc}") from None
-
-    def _loop(self) -> None:
-        while True:
-            self._run_commands()
-            if self._stop.is_set():
-                self._accepting = False
-                idle = not self._active and not self._waiting and self._incoming.empty()
-                if idle or time.monotonic() >= (self._drain_deadline or 0):
-                    self._cancel_all(NotReady("the server is shutting down; request cancelled"))
-                    self._run_commands()
-                    return
-            got = self._take_incoming(block=not self._active and not self._waiting)
-            if got and not self._active and self.config.batch_window_ms > 0:
-                deadline = time.monotonic() + self.config.batch_window_ms / 1000
-                while len(self._waiting) < self.config.max_batch and time.monotonic() < deadline:
-                    try:
-                        self._waiting.append(self._incoming.get(timeout=max(0.0, deadline - time.monotonic())))
-                    except queue.Empty:
-                        break
-            try:
-                self._admit()
-                if self._active:
-                    self._decode_step()
-            except Exception as exc:  # a broken forward fails the rows in it, not the engine
-                self._fail_active(exc)
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                self._commands.get_nowait()()
-            except queue.Empty:
-                return
-
-    def _take_incoming(self, block: bool) -> bool:
-        got = False
-        try:
-            if block:
-                self._waiting.append(self._incoming.get(timeout=0.05))
-                got = True
-            while True:
-                self._waiting.append(self._incoming.get_nowait())
-                got = True
-        except queue.Empty:
-            pass
-        return got
-
-    def _left_waiting(self) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-
-    def _admit(self) -> None:
-        newcomers: list[Sequence] = []
-        still: deque[Sequence] = deque()
-        while self._waiting:
-            seq = self._waiting.popleft()
-            if seq.cancelled:
-                self._left_waiting()
-                self._finish_error(seq, Cancelled("request cancelled"))
-                continue
-            if len(self._active) + len(newcomers) >= self.config.max_batch:
-                still.append(seq)
-                continue
-            if seq.target.row is not None:
-                try:
-                    seq.slot = self.cache.acquire(seq.target.row)
-                except CacheBusy:
-                    still.append(seq)
-                    continue
-                except Exception as exc:
-                    self._left_waiting()
-                    self._finish_error(seq, exc)
-                    continue
-            self._left_waiting()
-            newcomers.append(seq)
-        self._waiting = still
-        if not newcomers:
-            return
-        self.bank.ctx.set_rows([s.slot for s in newcomers])
-        try:
-            logits, kv = self.runner.prefill([s.prompt_ids for s in newcomers])
-        except Exception as exc:
-            for s in newcomers:
-                self._release(s)
-                self._finish_error(s, exc)
-            return
-        finally:
-            self.bank.ctx.clear()
-        self.metrics.observe("batch_size", len(newcomers), "prefill")
-        self._kv.extend(kv)
-        self._active.extend(newcomers)
-        tokens = sample(logits, [s.params for s in newcomers], [s.generator for s in newcomers])
-        for s, tok in zip(newcomers, tokens):
-            self.metrics.inc("prompt_tokens_total", s.target.label, by=len(s.prompt_ids))
-            self._accept(s, tok)
-        self._reap()
-
-    def _decode_step(self) -> None:
-        rows = self._active
-        self.bank.ctx.set_rows([s.slot for s in rows])
-        try:
-            logits = self.runner.decode([s.generated[-1] for s in rows], self._kv)
-        finally:
-            self.bank.ctx.clear()
-        self.metrics.observe("batch_size", len(rows), "decode")
-        tokens = sample(logits, [s.params for s in rows], [s.generator for s in rows])
-        for s, tok in zip(rows, tokens):
-            if not s.cancelled:
-                self._accept(s, tok)
-        self._reap()
-
-    def _accept(self, seq: Sequence, token: int) -> None:
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
-            self.metrics.observe("time_to_first_token_seconds", seq.first_token_at - seq.created, seq.target.label)
-        seq.generated.append(token)
-        if token in self.eos_ids:
-            seq.finish_reason = "stop"
-            delta, ids = seq.stream.flush(), []
-        else:
-            with self._tok_lock:
-                delta, hit = seq.stream.push(token)
-            ids = [token]
-            if hit:
-                seq.finish_reason = "stop"
-            elif len(seq.generated) >= seq.params.max_tokens:
-                seq.finish_reason = "length"
-                delta += seq.stream.flush()
-        if seq.finish_reason is None:
-            if delta or ids:
-                self._emit(seq, Event(text=delta, token_ids=ids))
-            return
-        usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.generated),
-                 "total_tokens": len(seq.prompt_ids) + len(seq.generated)}
-        self.metrics.inc("generated_tokens_total", seq.target.label, by=len(seq.generated))
-        self.metrics.inc("requests_total", seq.target.label, seq.target.path, "ok")
-        self.metrics.observe("request_latency_seconds", time.perf_counter() - seq.created, seq.target.label)
-        self._emit(seq, Event(text=delta, token_ids=ids, finish_reason=seq.finish_reason, usage=usage))
-
-    def _emit(self, seq: Sequence, ev: Event) -> None:
-        try:
-            seq.sink(ev)
-        except Exception:  # a consumer that went away must not stop the batch
-            seq.cancelled = True
-
-    def _release(self, seq: Sequence) -> None:
-        if seq.target.row is not None and seq.slot >= 0:
-            self.cache.release(seq.target.row["id"])
-            seq.slot = -1
-
-    def _reap(self) -> None:
-        keep = [i for i, s in enumerate(self._active) if s.finish_reason is None and not s.cancelled]
-        if len(keep) == len(self._active):
-            return
-        for i, s in enumerate(self._active):
-            if i not in keep:
-                self._release(s)
-                if s.finish_reason is None:
-                    self._finish_error(s, Cancelled("request cancelled"))
-        self._active = [self._active[i] for i in keep]
-        self._kv.keep(keep)
-
-    def _finish_error(self, seq: Sequence, exc: BaseException) -> None:
-        label = seq.target.label
-        self.metrics.inc("errors_total", label, type(exc).__name__)
-        self.metrics.inc("requests_total", label, seq.target.path, "cancelled" if isinstance(exc, Cancelled) else "error")
-        err = exc if isinstance(exc, LoradexError) else GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
-        self._emit(seq, Event(error=err))
-
-    def _fail_active(self, exc: BaseException) -> None:
-        for s in self._active:
-            self._release(s)
-            self._finish_error(s, exc)
-        self._active = []
-        self._kv = self.runner.empty_cache()
-
-    def _cancel_all(self, exc: BaseException) -> None:
-        while self._take_incoming(block=False):
-            pass
-        for s in list(self._waiting):
-            self._left_waiting()
-            self._finish_error(s, exc)
-        self._waiting.clear()
-        self._fail_active(exc)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    for value in (eos, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-

@@ -13,15 +13,18 @@ from __future__ import annotations
 from hub.errors import (
     CatalogLocked,
     Conflict,
+    GateRefused,
     IntegrityError,
     InvalidAdapter,
     InvalidBase,
     InvalidConfig,
     InvalidData,
     InvalidName,
+    JobFailed,
     LoradexError,
     MissingDependency,
     NotFound,
+    RemoteUnsupported,
 )
 
 
@@ -107,6 +110,9 @@ _TABLE: list[tuple[type, int, str, str | None]] = [
     (InvalidData, 400, "invalid_request_error", "invalid_data"),
     (InvalidConfig, 400, "invalid_request_error", None),
     (Conflict, 409, "invalid_request_error", "conflict"),
+    (GateRefused, 409, "invalid_request_error", "gate_refused"),
+    (RemoteUnsupported, 400, "invalid_request_error", "needs_catalog_file"),
+    (JobFailed, 500, "server_error", "job_failed"),
     (IntegrityError, 500, "server_error", "adapter_integrity"),
     (AdapterLoadFailed, 500, "server_error", "adapter_load_failed"),
     (GenerationFailed, 500, "server_error", "generation_failed"),
@@ -125,7 +131,8 @@ def to_http(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     """(status, OpenAI-shaped body, headers) for an exception."""
     for cls, status, type_, code in _TABLE:
         if isinstance(exc, cls):
-            headers = {}
+            # the class travels too, so a loradex client re-raises the same error (same message, same exit code)
+            headers = {"X-Loradex-Error": type(exc).__name__, "X-Loradex-Exit": str(getattr(exc, "exit_code", 1))}
             retry = getattr(exc, "retry_after", None)
             if retry is not None:
                 headers["Retry-After"] = str(retry)

@@ -31,6 +31,7 @@ from hub import quiet
 from hub.catalog import Catalog, to_json, utcnow
 from hub.chat import encode_chat, has_chat_template
 from hub.errors import CheckFailed, Conflict, InvalidConfig
+from hub.ops import op
 from hub.store import Store
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -101,6 +102,7 @@ def default_name(version: dict, dtype: str) -> str:
     return f"{version['adapter']}-v{version['version']}-merged" + ("" if dtype == "fp32" else f"-{dtype}")
 
 
+@op("merges.probes")
 def probe_prompts(catalog: Catalog, version_id: int, n: int) -> tuple[list[str], str]:
     """The adapter's eval prompts when it has eval samples, else fixed probes."""
     rows = catalog.query(
@@ -112,6 +114,7 @@ def probe_prompts(catalog: Catalog, version_id: int, n: int) -> tuple[list[str],
     return list(FIXED_PROBES[:n]), "fixed"
 
 
+@op("merges.find")
 def find_merge(catalog: Catalog, version_id: int, dtype: str | None = None) -> dict | None:
     """The newest merge of a version (of ``dtype`` if given) whose base is still registered."""
     sql = ("SELECT m.* FROM merges m JOIN bases b ON b.name = m.base_name WHERE m.adapter_version_id = ?"
@@ -119,6 +122,7 @@ def find_merge(catalog: Catalog, version_id: int, dtype: str | None = None) -> d
     return catalog.one(sql, [version_id, dtype] if dtype else [version_id])
 
 
+@op("merges.plan")
 def plan_merge(catalog: Catalog, store: Store, ref: str | dict, config: MergeConfig) -> MergePlan:
     from hub.bases import get_base
     from hub.names import check_name
@@ -350,6 +354,7 @@ def failure_message(plan: MergePlan, check: dict) -> str:
 
 # -- record ---------------------------------------------------------------------------------
 
+@op("merges.record", write=True)
 def record_merge(catalog: Catalog, store: Store, plan: MergePlan, result: MergeResult) -> dict:
     """Store the merged folder, register it as a base and write the merges row; returns the row."""
     from hub.bases import add_base
@@ -390,6 +395,7 @@ def merge_adapter(catalog: Catalog, store: Store, ref: str | dict, config: Merge
     return record_merge(catalog, store, plan, result)
 
 
+@op("merges.folder")
 def merged_folder(catalog: Catalog, store: Store, merge_row: dict) -> Path:
     """The merged model's folder, sha256-checked."""
     return store.verified_path(merge_row["path"], merge_row["files"], f"merged model {merge_row['base_name']}")

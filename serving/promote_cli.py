@@ -65,7 +65,9 @@ def cmd_export(ctx) -> int:
     options = ExportOptions(format=a.format, quant=a.quant, dtype=a.dtype, pre=a.gguf_pre, as_adapter=a.as_adapter,
                             run_check=not a.no_run_check, check_tokens=a.check_tokens,
                             min_agreement=a.min_agreement, force=a.force)
-    plan = plan_export(ctx.catalog, ctx.store, a.ref, a.out, options)
+    from pathlib import Path
+
+    plan = plan_export(ctx.catalog, ctx.store, a.ref, str(Path(a.out).expanduser().absolute()), options)
     if plan.missing_merge:
         mplan = plan_merge(ctx.catalog, ctx.store, plan.source.version, merge_config(options))
         if mplan.existing is None:

@@ -201,6 +201,46 @@ class ChatResponse(BaseModel):
     usage: Usage
 
 
+class GenerateResponse(BaseModel):
+    """POST /generate's answer."""
+
+    text: str
+    adapter: Optional[str] = Field(None, description="NAME@VERSION that served it; null for the base or a merged model")
+    model: str
+    path: Literal["base", "adapter", "merged"]
+    finish_reason: str
+    usage: Usage
+
+
+class Health(BaseModel):
+    """GET /health: the process answers (the model may still be loading)."""
+
+    status: Literal["ok"] = "ok"
+
+
+class LoadedAdapter(BaseModel):
+    adapter: str
+    version: int
+    slot: int
+    users: int = Field(description="rows in the running batch using it")
+    pinned: bool
+
+
+class Ready(BaseModel):
+    """GET /ready: the engine is serving, and what it holds."""
+
+    ready: Literal[True] = True
+    base: str
+    quantize: str
+    device: str
+    active: int = Field(description="rows in the running batch")
+    waiting: int = Field(description="requests waiting for a batch slot")
+    context: int = Field(description="context length in tokens")
+    loaded_adapters: list[LoadedAdapter]
+    lora_bank_bytes: int
+    merged_models: list[str] = Field(description="merged models loaded for --route-merged")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -26,9 +26,19 @@ def add_version(catalog, name: str, version: int, base: str = "tiny") -> dict:
     return catalog.one("SELECT * FROM adapter_versions WHERE id = ?", [vid])
 
 
+def config(quantize: str = "none", *, base: str = "tiny", dtype: str = "fp32", device: str = "cpu") -> dict:
+    """A serving configuration as evaluate() records it, for a base whose files are {"model.safetensors": "0..0"}."""
+    from evals.config import serving_config
+
+    return serving_config({"name": base, "files": {"model.safetensors": "0" * 64}}, quantize, dtype, device)
+
+
 def add_run(catalog, version: dict, adapter_scores: list[float], base_scores: list[float], *, metric: str = "similarity",
-            data_sha: str = DATA_A, outputs: list[str] | None = None) -> dict:
-    """An eval run whose summaries are computed from the given per-item scores, as evaluate() would."""
+            data_sha: str = DATA_A, outputs: list[str] | None = None, serving_config: dict | None = None) -> dict:
+    """An eval run whose summaries are computed from the given per-item scores, as evaluate() would.
+
+    ``serving_config``: what the run measured (see ``config()``); None stores an unknown configuration.
+    """
     n = len(adapter_scores)
     binary = metric == "exact"
     higher = metric != "perplexity"
@@ -42,6 +52,7 @@ def add_run(catalog, version: dict, adapter_scores: list[float], base_scores: li
         "paired": {metric: paired},
         "win_rate": dict(stats.win_rate(adapter_scores, base_scores, higher_is_better=higher), metric=metric),
         "decoding": {"primary_metric": metric, "max_new_tokens": 8}, "metric_model": None, "seed": 0, "duration_s": 1.0,
+        "serving_config": serving_config,
     }
     outputs = outputs or [f"adapter answer {i}" for i in range(n)]
     samples = [{"idx": i, "prompt": f"question {i}?", "reference": f"reference {i}", "output": outputs[i],
@@ -56,4 +67,4 @@ def set_production(catalog, name: str, version: int) -> None:
         cur.execute("INSERT INTO aliases VALUES (?, 'production', ?, ?)", [name, version, utcnow()])
 
 
-__all__ = ["DATA_A", "DATA_B", "add_version", "add_run", "set_production"]
+__all__ = ["DATA_A", "DATA_B", "add_version", "add_run", "config", "set_production"]

@@ -87,9 +87,9 @@ def test_server_held_catalog_fails_fast_with_one_line(settings):
         assert len(lines) == 1, res.stderr
         assert "loradex serve" in lines[0] and f"pid {proc.pid}" in lines[0] and "http://127.0.0.1:9999" in lines[0]
         assert "Traceback" not in res.stderr
-        # `list` goes through the server's API; this holder has none listening, which is said in one line
+        # every command goes through the server's API; this holder has none listening, which is said in one line
         res = run_cli("list")
-        assert res.returncode == 1 and res.stderr.count("\n") == 1
+        assert res.returncode == CatalogLocked.exit_code and res.stderr.count("\n") == 1
         assert "http://127.0.0.1:9999, which did not answer" in res.stderr
     finally:
         proc.kill()

@@ -63,10 +63,3 @@ def test_cli_goes_through_the_server(server, tiny_base_dir, tmp_path):
     assert res.returncode != 0 and "not valid JSON" in res.stderr and res.stderr.count("\n") == 1
     res = run_cli("delete", "second@1", "--json")
     assert res.returncode == 0, res.stderr
-
-
-def test_commands_without_an_api_explain_in_one_line(server):
-    res = run_cli("show", "first")
-    assert res.returncode == 7
-    assert res.stderr.count("\n") == 1 and "loradex serve" in res.stderr and server in res.stderr
-    assert "Traceback" not in res.stderr

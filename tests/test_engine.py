@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 import torch
@@ -121,21 +120,51 @@ def test_mixed_batch_rows_equal_solo_runs(env):
 
 
 def test_request_joining_mid_decode_equals_solo(env):
-    """Continuous batching: a request arriving while another decodes joins it and still equals its solo run."""
+    """Continuous batching: a request arriving while another decodes joins it and still equals its solo run.
+
+    The second request is submitted from the first one's sink on its 5th token (on
+    the engine thread), so it surely arrives mid-decode; the step record then
+    shows both rows in one decode step with the first still running after it.
+    """
     eng = env["engine"]
     solo_long = greedy(eng, PROMPTS[1], "vd16", n=60).token_ids
     solo_short = greedy(eng, PROMPTS[0], "qv8", n=8).token_ids
-    results = {}
 
-    def long_run():
-        results["long"] = greedy(eng, PROMPTS[1], "vd16", n=60).token_ids
+    def prepare(prompt, adapter, n):
+        target = eng.resolve(adapter=adapter)
+        ids = eng.encode(prompt)
+        return ids, target, eng.params_for(len(ids), max_tokens=n, temperature=0)
 
-    t = threading.Thread(target=long_run)
-    t.start()
-    time.sleep(0.15)
-    results["short"] = greedy(eng, PROMPTS[0], "qv8", n=8).token_ids
-    t.join()
-    assert results == {"long": solo_long, "short": solo_short}
+    short_req = prepare(PROMPTS[0], "qv8", 8)
+    tokens = {"long": [], "short": []}
+    errors, handles = [], {}
+    done = {"long": threading.Event(), "short": threading.Event()}
+
+    def sink_for(name):
+        def sink(ev):
+            tokens[name] += ev.token_ids
+            if ev.error is not None:
+                errors.append(ev.error)
+            if name == "long" and len(tokens["long"]) == 5 and "short" not in handles:
+                handles["short"] = eng.submit(*short_req, sink_for("short"))
+            if ev.done:
+                done[name].set()
+        return sink
+
+    handles["long"] = eng.submit(*prepare(PROMPTS[1], "vd16", 60), sink_for("long"))
+    assert done["long"].wait(60) and done["short"].wait(60)
+    assert not errors
+    assert tokens == {"long": solo_long, "short": solo_short}
+
+    long_id, short_id = handles["long"].id, handles["short"].id
+    steps = [s for s in eng.scheduler.recent_steps() if long_id in s["ids"] or short_id in s["ids"]]
+    decodes = [s for s in steps if s["phase"] == "decode"]
+    shared = [s for s in decodes if long_id in s["ids"] and short_id in s["ids"]]
+    assert shared, steps
+    assert any(s["step"] < shared[0]["step"] and s["ids"] == [long_id] for s in decodes)  # long ran alone first
+    assert any(s["step"] > shared[-1]["step"] and long_id in s["ids"] for s in decodes)  # and went on after
+    labels = dict(zip(shared[0]["ids"], shared[0]["labels"]))
+    assert labels == {long_id: "vd16@1", short_id: "qv8@1"}
 
 
 def test_sampling_params_per_row_in_a_mixed_batch(env):

@@ -87,8 +87,13 @@ def test_style_adapter_lifts_and_passes_gate_no_skill_is_refused(catalog, store,
     assert lift["ci_low"] > 0, lift
     assert run["metrics"]["similarity"]["mean"] > run["base_metrics"]["similarity"]["mean"]
     assert run["win_rate"]["rate"] > 0.5
+    # scored as trained (LoRA on the fp32 base), and the run says so
+    assert run["serving_config"]["quantize"] == "none" and run["serving_config"]["base"] == "smollm2-135m-instruct"
     gate = check_promotion(catalog, {"id": run["adapter_version_id"], "adapter": "pirate", "version": 1})
     assert gate["ok"], gate["reasons"]
+    nf4 = dict(run["serving_config"], quantize="nf4")  # what the default server runs: no eval there yet
+    assert "--quantize nf4" in check_promotion(catalog, {"id": run["adapter_version_id"], "adapter": "pirate",
+                                                         "version": 1}, config=nf4)["reasons"][0]
     assert gate["lift"]["ci_low"] == pytest.approx(lift["ci_low"])
     catalog.close()
     r = run_cli("alias", "set", "pirate@1", "production")
@@ -115,7 +120,7 @@ def test_style_adapter_lifts_and_passes_gate_no_skill_is_refused(catalog, store,
         cat.close()
     r = run_cli("alias", "set", "pirate@2", "production")
     assert r.returncode == 6 and "not positive at 95%" in r.stderr and "worse than production" in r.stderr
-    r = run_cli("alias", "set", "pirate@2", "production", "--force", "--json")
+    r = run_cli("alias", "set", "pirate@2", "production", "--force", "--reason", "integration test override", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["forced"] is True
     r = run_cli("leaderboard", "--data", str(HELD_OUT), "--json")

@@ -112,6 +112,8 @@ def test_cli_alias_set_production_is_gated_and_force_is_recorded(catalog):
     assert r.returncode == 6 and r.stderr.count("\n") == 1
     assert "not positive at 95%" in r.stderr and "95% CI" in r.stderr
     r = run_cli("alias", "set", "bot@1", "production", "--force", "--json")
+    assert r.returncode == 2 and "--force needs --reason" in r.stderr  # an override says why
+    r = run_cli("alias", "set", "bot@1", "production", "--force", "--reason", "hotfix, eval pending", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["forced"] is True and out["gate"]["ok"] is False
@@ -119,5 +121,5 @@ def test_cli_alias_set_production_is_gated_and_force_is_recorded(catalog):
     from hub.settings import Settings
 
     with Catalog.open(Settings().catalog_path) as cat:
-        ev = cat.one("SELECT forced, gate FROM alias_events WHERE adapter = 'bot' ORDER BY id DESC LIMIT 1")
-    assert ev["forced"] is True and ev["gate"]["lift"]["ci_low"] <= 0
+        ev = cat.one("SELECT forced, gate, reason FROM alias_events WHERE adapter = 'bot' ORDER BY id DESC LIMIT 1")
+    assert ev["forced"] is True and ev["gate"]["lift"]["ci_low"] <= 0 and ev["reason"] == "hotfix, eval pending"

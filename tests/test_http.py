@@ -208,7 +208,7 @@ def test_queue_full_is_429_and_disconnect_frees_the_row(tiny_base_dir, tmp_path_
     eng = server.engine
     try:
         # Hold the engine thread busy for a moment so that submitted requests stay queued.
-        blocker = threading.Thread(target=lambda: eng._call(lambda: time.sleep(2.0)))
+        blocker = threading.Thread(target=lambda: eng.scheduler.call(lambda: time.sleep(2.0)))
         blocker.start()
         time.sleep(0.1)
         c = server.client()
@@ -217,7 +217,7 @@ def test_queue_full_is_429_and_disconnect_frees_the_row(tiny_base_dir, tmp_path_
         for t in queued:
             t.start()
         deadline = time.monotonic() + 5
-        while eng._pending < 2 and time.monotonic() < deadline:
+        while eng.counts()["waiting"] < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as e:
             c.completions.create(model="tiny", prompt="x", max_tokens=2)
@@ -233,9 +233,9 @@ def test_queue_full_is_429_and_disconnect_frees_the_row(tiny_base_dir, tmp_path_
                 lines = resp.iter_lines()
                 next(lines)
         deadline = time.monotonic() + 10
-        while (eng._active or eng._pending) and time.monotonic() < deadline:
+        while eng.counts() != {"active": 0, "waiting": 0} and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not eng._active and not eng._pending
+        assert eng.counts() == {"active": 0, "waiting": 0}
         assert eng.metrics.value("requests_total", "tiny", "base", "cancelled") == cancelled0 + 1
         r = c.completions.create(model="tiny", prompt="x", max_tokens=2)
         assert r.choices[0].finish_reason == "length"

@@ -78,7 +78,8 @@ def test_error_table_maps_classes_not_messages():
         got_status, body, headers = to_http(exc)
         assert got_status == status and body["error"]["param"] == param and body["error"]["code"] == code, exc
         assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert to_http(QueueFull("x", retry_after=3))[2] == {"Retry-After": "3"}
+    assert to_http(QueueFull("x", retry_after=3))[2] == {"Retry-After": "3", "X-Loradex-Error": "QueueFull",
+                                                          "X-Loradex-Exit": "11"}
     assert "secret detail" not in to_http(RuntimeError("secret detail"))[1]["error"]["message"]
 
 

@@ -327,6 +327,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
                 cat, config=resolved, base=config.base, output_dir=str(output_dir), config_path=str(config_path),
                 data_path=str(train_ds.path), data_sha256=train_ds.sha256, data_counts=counts, device=device,
                 precision=precision, quantization=config.quantize, resume_id=prior["id"] if prior else None,
+                pid=os.getpid(),
             )
 
     # -- 2. train -------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hub.catalog import Catalog, to_json, utcnow
+from hub.ops import op
 from hub.store import Store, file_sha256
 from serving.export import FORMATS
 from serving.export.source import ExportOptions, ExportResult, ExportSource, prepare_out
@@ -36,6 +37,7 @@ class ExportPlan:
         return self.options.needs_merge and self.source.merge is None
 
 
+@op("exports.plan")
 def plan_export(catalog: Catalog, store: Store, ref: str | dict, out: str | Path, options: ExportOptions) -> ExportPlan:
     from hub.bases import get_base
     from hub.registry import adapter_folder
@@ -100,6 +102,7 @@ def hash_folder(folder: Path) -> tuple[dict[str, str], int]:
     return files, size
 
 
+@op("exports.record", write=True)
 def record_export(catalog: Catalog, plan: ExportPlan, result: ExportResult) -> dict:
     files, size = hash_folder(plan.out)
     src = plan.source

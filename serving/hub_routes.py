@@ -1,0 +1,339 @@
+"""The hub API: the registry, its scores and jobs over HTTP, while the server owns the catalog.
+
+Two layers, one set of functions underneath:
+
+* resource routes (``/v1/bases``, ``/v1/adapters``, ``/v1/adapters/{name}/aliases/{alias}``,
+  ``/v1/evals``, ``/v1/runs``, ``/v1/leaderboard``, ``/v1/merges``, ``/v1/exports``,
+  ``/v1/reviews``, ``/v1/jobs``, ``/v1/store/objects/{sha256}``) for people, scripts and the
+  web page;
+* ``POST /v1/ops/NAME``: every ``@op`` catalog function (``hub/ops.py``), one route each with
+  a body model built from its signature. ``loradex`` commands and long jobs running in their
+  own processes (train, eval, merge, export) read and write the catalog through these, so a
+  result is recorded exactly as when they open the file themselves.
+
+Every handler runs the library call in a worker thread: a slow write never stalls the
+event loop that streams tokens.
+"""
+import inspect
+from typing import Any, Optional
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response
+from pydantic import ConfigDict, create_model
+
+from hub.errors import NotFound
+from hub.ops import OPS, encode, load_all
+from serving.deps import get_state
+from serving.errors import BadRequest
+from serving.hub_protocol import (
+    AddBaseRequest,
+    AdapterDetail,
+    AdapterVersion,
+    AliasMove,
+    BaseRow,
+    Job,
+    JobRequest,
+    RecordEvalRequest,
+    ReviewExportRequest,
+    ReviewImportRequest,
+    SetAliasRequest,
+    VerifyResult,
+)
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    from hub.render import to_jsonable
+
+    return Response(encode(to_jsonable(value)), status_code=status, media_type="application/json")
+
+
+def actor_of(request: Request, given: Optional[str] = None) -> str:
+    """Who is calling: what the client says (``X-Loradex-Actor`` or a field), else its address."""
+    if given:
+        return given
+    header = request.headers.get("x-loradex-actor")
+    if header:
+        return header
+    client = request.client
+    return f"http:{client.host}" if client else "http"
+
+
+async def _run(fn, *args, **kwargs):
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+# -- bases ----------------------------------------------------------------------------------
+bases = APIRouter(prefix="/v1/bases", tags=["bases"])
+
+
+@bases.get("", response_model=list[BaseRow], summary="List base models")
+async def list_bases(state=Depends(get_state)):
+    from hub.bases import list_bases as fn
+
+    return _json(await _run(fn, state.catalog))
+
+
+@bases.post("", response_model=BaseRow, status_code=201, summary="Add a base model")
+async def add_base(body: AddBaseRequest, state=Depends(get_state)):
+    from hub.bases import add_base as fn
+
+    return _json(await _run(fn, state.catalog, state.store, body.name, body.source), 201)
+
+
+# -- adapters and aliases -------------------------------------------------------------------------
+adapters = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+@adapters.get("", response_model=list[AdapterVersion], summary="List adapter versions")
+async def list_adapters(state=Depends(get_state), base: Optional[str] = Query(None)):
+    """Every ready version with its aliases, its score under this server's configuration and whether it is loaded."""
+    from serving.routes import _adapter_listing
+
+    return _json(await _run(_adapter_listing, state, base))
+
+
+@adapters.post("", status_code=201, summary="Register an adapter (server path as JSON, or a multipart upload)")
+async def register(request: Request, state=Depends(get_state)):
+    from serving.routes import register_from_request
+
+    return _json(await register_from_request(state, request), 201)
+
+
+@adapters.get("/{ref}", response_model=AdapterDetail, summary="An adapter: versions, files, run, scores, reviews, merges, exports")
+async def show(ref: str, state=Depends(get_state)):
+    from hub.queries import adapter_detail
+
+    return _json(await _run(adapter_detail, state.catalog, ref))
+
+
+@adapters.delete("/{ref}", summary="Delete NAME@VERSION (refused while aliased unless force)")
+async def delete(ref: str, state=Depends(get_state), force: bool = Query(False)):
+    row = await _run(_delete, state, ref, force)
+    return _json({"adapter": row["adapter"], "version": row["version"], "deleted": True})
+
+
+def _delete(state, ref: str, force: bool) -> dict:
+    from hub.registry import delete_version
+
+    row = delete_version(state.catalog, state.store, ref, force=force)
+    forget(state, row)
+    return row
+
+
+def forget(state, row: dict) -> None:
+    """A deleted version leaves the serving cache too."""
+    if state.engine is not None:
+        state.engine.forget(row)
+
+
+@adapters.get("/{ref}/verify", response_model=list[VerifyResult], summary="Re-hash stored files (sha256)")
+async def verify(ref: str, state=Depends(get_state)):
+    from hub.registry import verify as fn
+
+    return _json(await _run(fn, state.catalog, state.store, ref))
+
+
+@adapters.put("/{name}/aliases/{alias}", response_model=AliasMove,
+              summary="Point an alias at a version (production runs the promotion gate)")
+async def set_alias(name: str, alias: str, body: SetAliasRequest, request: Request, state=Depends(get_state)):
+    """409 ``gate_refused`` with the gate's numbers when ``production`` fails the gate and ``force`` is not set."""
+    from hub.registry import set_alias as fn
+
+    return _json(await _run(fn, state.catalog, f"{name}@{body.version}", alias, force=body.force,
+                            reason=body.reason, actor=actor_of(request, body.actor)))
+
+
+@adapters.delete("/{name}/aliases/{alias}", summary="Remove an alias")
+async def remove_alias(name: str, alias: str, request: Request, state=Depends(get_state)):
+    from hub.registry import remove_alias as fn
+
+    await _run(fn, state.catalog, name, alias, actor=actor_of(request))
+    return _json({"adapter": name, "alias": alias, "removed": True})
+
+
+@adapters.get("/{name}/aliases", summary="Alias moves of an adapter, newest first (who, when, forced, reason)")
+async def alias_history(name: str, state=Depends(get_state)):
+    from hub.queries import alias_events
+
+    return _json(await _run(alias_events, state.catalog, name))
+
+
+# -- evals, training runs, leaderboard, merges, exports, reviews --------------------------------
+scores = APIRouter(prefix="/v1", tags=["scores"])
+
+
+@scores.get("/evals", summary="Eval runs, newest first")
+async def list_evals(state=Depends(get_state), adapter: Optional[str] = Query(None)):
+    from hub.queries import eval_runs
+
+    return _json(await _run(eval_runs, state.catalog, adapter))
+
+
+@scores.get("/evals/{run_id}", summary="One eval run with its per-sample rows")
+async def show_eval(run_id: int, state=Depends(get_state)):
+    from evals.record import get_run, get_samples
+
+    run = await _run(get_run, state.catalog, run_id)
+    return _json({"run": run, "samples": await _run(get_samples, state.catalog, run_id)})
+
+
+@scores.post("/evals", status_code=201, summary="Record an eval run computed elsewhere")
+async def record_eval(body: RecordEvalRequest, state=Depends(get_state)):
+    from evals.record import store_run
+
+    return _json(await _run(store_run, state.catalog, body.run, body.samples), 201)
+
+
+@scores.get("/runs", summary="Training runs, newest first")
+async def list_runs(state=Depends(get_state), adapter: Optional[str] = Query(None)):
+    from hub.queries import training_runs
+
+    return _json(await _run(training_runs, state.catalog, adapter))
+
+
+@scores.get("/runs/{run_id}", summary="One training run: config, data, outcome, cost")
+async def show_run(run_id: int, state=Depends(get_state)):
+    from training.records import get_run
+
+    return _json(await _run(get_run, state.catalog, run_id))
+
+
+@scores.get("/runs/{run_id}/curve", summary="A training run's loss curve")
+async def run_curve(run_id: int, state=Depends(get_state)):
+    from hub.queries import loss_curve
+
+    return _json(await _run(loss_curve, state.catalog, run_id))
+
+
+@scores.get("/leaderboard", summary="Adapter versions ranked by eval score per data set, with CIs and lift")
+async def leaderboard(state=Depends(get_state), data: Optional[str] = Query(None, description="data sha256 (prefix)")):
+    from evals.leaderboard import build
+
+    return _json({"sections": await _run(build, state.catalog, data)})
+
+
+@scores.get("/merges", summary="Merged models, newest first")
+async def list_merges(state=Depends(get_state), adapter: Optional[str] = Query(None)):
+    from hub.queries import merges
+
+    return _json(await _run(merges, state.catalog, adapter))
+
+
+@scores.get("/exports", summary="Exports, newest first")
+async def list_exports(state=Depends(get_state), adapter: Optional[str] = Query(None)):
+    from hub.queries import exports
+
+    return _json(await _run(exports, state.catalog, adapter))
+
+
+@scores.get("/reviews", summary="Human review rounds, newest first")
+async def list_reviews(state=Depends(get_state), adapter: Optional[str] = Query(None)):
+    from hub.queries import reviews
+
+    return _json(await _run(reviews, state.catalog, adapter))
+
+
+@scores.post("/reviews/export", status_code=201, summary="Write a blinded A/B review sheet (a path on the server)")
+async def review_export(body: ReviewExportRequest, state=Depends(get_state)):
+    from evals.review import export_sheet
+
+    return _json(await _run(export_sheet, state.catalog, body.ref, body.out, n=body.n, seed=body.seed), 201)
+
+
+@scores.post("/reviews/import", summary="Import a filled review sheet (a path on the server)")
+async def review_import(body: ReviewImportRequest, state=Depends(get_state)):
+    from evals.review import import_sheet
+
+    return _json(await _run(import_sheet, state.catalog, body.sheet))
+
+
+# -- jobs and the store ---------------------------------------------------------------------------
+jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@jobs.post("", response_model=Job, status_code=202, summary="Start a merge, export or eval job")
+async def start_job(body: JobRequest, request: Request, state=Depends(get_state)):
+    """Returns at once with the job's id; poll ``GET /v1/jobs/{id}``."""
+    return _json(await _run(state.jobs.submit, body.kind, body.params, actor_of(request)), 202)
+
+
+@jobs.get("", response_model=list[Job], summary="Jobs, newest first")
+async def list_jobs(state=Depends(get_state), job_state: Optional[str] = Query(None, alias="state")):
+    from hub.jobs import list_jobs as fn
+
+    return _json(await _run(fn, state.catalog, job_state))
+
+
+@jobs.get("/{job_id}", response_model=Job, summary="A job's state, progress and result or error")
+async def get_job(job_id: int, state=Depends(get_state)):
+    from hub.jobs import get_job as fn
+
+    return _json(await _run(fn, state.catalog, job_id))
+
+
+store = APIRouter(prefix="/v1/store", tags=["store"])
+
+
+@store.get("/objects/{sha256}", summary="A stored file by its sha256 (for serving replicas)")
+async def get_object(sha256: str, state=Depends(get_state)):
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise BadRequest("sha256 must be 64 lowercase hex digits", param="sha256")
+    path = state.store.object_path(sha256)
+    if not path.is_file():
+        raise NotFound(f"no stored object with sha256 {sha256}")
+    return FileResponse(path, media_type="application/octet-stream")
+
+
+# -- every catalog operation, one route each ------------------------------------------------------
+AFTER_OP = {"adapters.delete": forget}  # what the server does besides the catalog write
+
+
+def ops_router() -> APIRouter:
+    router = APIRouter(prefix="/v1/ops", tags=["ops"])
+    for name, entry in sorted(load_all().items()):
+        router.add_api_route(f"/{name}", _op_endpoint(entry), methods=["POST"], name=f"op:{name}",
+                             summary=(entry.doc.splitlines() or [name])[0],
+                             description=f"`{entry.fn.__module__}.{entry.fn.__name__}`" + (" (writes)" if entry.write else ""))
+    return router
+
+
+def _body_model(entry):
+    fields = {}
+    for p in entry.params():
+        hint = entry.hints.get(p.name, Any)
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (hint, default)
+    extra = "allow" if entry.takes_extra() else "forbid"
+    try:
+        return create_model(f"Op_{entry.name.replace('.', '_')}", __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True),
+                            **fields)
+    except Exception:  # a type pydantic cannot describe: take the fields as plain JSON
+        return create_model(f"Op_{entry.name.replace('.', '_')}", __config__=ConfigDict(extra=extra),
+                            **{k: (Any, d) for k, (_, d) in fields.items()})
+
+
+def _op_endpoint(entry):
+    model = _body_model(entry)
+
+    async def endpoint(request: Request, body=Body(...)):
+        state = get_state(request)
+        payload = await request.json()
+        if not isinstance(payload, dict):
+            raise BadRequest(f"{entry.name}: the body must be a JSON object of arguments")
+        kwargs = entry.load_args(payload)
+        result = await _run(entry.call_local, state.catalog, state.store, kwargs)
+        after = AFTER_OP.get(entry.name)
+        if after is not None:
+            await _run(after, state, result)
+        return _json(entry.dump_result(result))
+
+    endpoint.__signature__ = inspect.Signature([
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+        inspect.Parameter("body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=model, default=Body(...)),
+    ])
+    return endpoint
+
+
+def routers() -> list[APIRouter]:
+    return [bases, adapters, scores, jobs, store, ops_router()]
