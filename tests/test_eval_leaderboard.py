@@ -64,6 +64,6 @@ def test_png_panels_are_titled_by_file_name_with_n(catalog, tmp_path):
     title = panel_title(section)
     from pathlib import Path
 
-    assert title.startswith(f"{Path(section['data_path']).name} (n={len(BASE)}, sha256 {section['data_sha256'][:8]})")
+    assert title.startswith(f"{Path(section['data_path']).name} (n={len(BASE)}, sha256 {section['data_sha256'][:8]}")
     assert panel_title({**section, "rows": [{**r, "n": n} for r, n in zip(section["rows"] * 2, (20, 50))]}
                        ).split(" (")[1].startswith("n=20-50")

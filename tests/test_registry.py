@@ -92,11 +92,11 @@ def test_typos_get_did_you_mean(catalog, store, tiny_base, tiny_adapter):
     from hub.bases import get_base
 
     register_adapter(catalog, store, tiny_adapter, "pirate", base="tiny")
-    set_alias(catalog, "pirate@1", "production", forced=True)
+    set_alias(catalog, "pirate@1", "staging")
     with pytest.raises(NotFound, match="adapter 'pirat' not found; did you mean 'pirate'\\?"):
         resolve(catalog, "pirat")
-    with pytest.raises(NotFound, match="no alias 'prodution'; did you mean 'production'\\?"):
-        resolve(catalog, "pirate@prodution")
+    with pytest.raises(NotFound, match="no alias 'stagin'; did you mean 'staging'\\?"):
+        resolve(catalog, "pirate@stagin")
     with pytest.raises(NotFound, match="^adapter 'zzz' not found$"):
         resolve(catalog, "zzz")
     with pytest.raises(NotFound, match="base 'tinyy' not found; did you mean 'tiny'\\?"):

