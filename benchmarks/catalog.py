@@ -8,7 +8,7 @@
       cli-show  ``loradex show NAME --json`` in-process: open + migrate check + render + close
       cli-list  ``loradex list --json`` in-process, all 10,000 rows rendered
 
-The targets are loradex's own interactive budgets (the issue sets none):
+The targets are loradex's own interactive budgets:
 show and register well under a second, a 10,000-row list within one.
 """
 from __future__ import annotations

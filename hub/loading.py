@@ -7,6 +7,8 @@ the quantization:
 * ``nf4``: bitsandbytes 4-bit NF4 with double quantization; compute in bf16 on
   CUDA, fp32 on CPU (bitsandbytes 0.50 runs NF4 on CPU with a pure-torch path);
 * ``int8``: bitsandbytes LLM.int8().
+
+Importing this module silences two known-harmless library messages (``hub/quiet.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hub import quiet
 from hub.errors import InvalidConfig
+
+# before anything imports bitsandbytes (peft does on import): see hub/quiet.py
+quiet.install()
 
 QUANTIZE_CHOICES = ("none", "nf4", "int8")
 

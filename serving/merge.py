@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hub import quiet
 from hub.catalog import Catalog, to_json, utcnow
+from hub.chat import encode_chat, has_chat_template
 from hub.errors import CheckFailed, Conflict, InvalidConfig
 from hub.ops import op
 from hub.store import Store
@@ -170,15 +172,10 @@ def merge_weights(peft_model):
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    out = []
-    for text in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            enc = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)
-            out.append(list(enc["input_ids"]))
-        else:
-            out.append(tokenizer(text)["input_ids"])
-    return out
+    """Each probe as one user turn through the chat template (raw text for a base without one)."""
+    if not has_chat_template(tokenizer):
+        return [tokenizer(text)["input_ids"] for text in prompts]
+    return [encode_chat(tokenizer, [{"role": "user", "content": text}]) for text in prompts]
 
 
 def greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int]) -> list[list[int]]:
@@ -252,6 +249,8 @@ def compare(reference: list[list[int]], merged: list[list[int]], dtype: str, tf:
 def run_merge(plan: MergePlan, store: Store, settings=None) -> MergeResult:
     """Merge, save into a store temp dir and check; raises CheckFailed (nothing kept) on disagreement."""
     import torch
+
+    quiet.install()
     from peft import PeftModel
 
     from hub.loading import load_model_folder, load_tokenizer, pick_dtype

@@ -1,6 +1,7 @@
-"""Constructed catalog rows for the gate, review and leaderboard tests (no model needed; no tests here).
+"""Constructed catalog rows for the gate, review and leaderboard tests: no model needed, no tests here.
 
-Named test_eval_* to stay inside the evals stage's files; it would sit better in tests/helpers.py.
+``add_version`` inserts a ready adapter version, ``add_run`` an eval run with per-item
+adapter and base scores (and their intervals, through ``evals.record.store_run``).
 """
 from __future__ import annotations
 

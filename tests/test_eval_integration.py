@@ -35,7 +35,7 @@ def fit_style_adapter(base_dir: Path, data: Path, out: Path, *, steps: int = 16,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.generate import prompt_ids
+    from hub.chat import encode_chat
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -45,7 +45,7 @@ def fit_style_adapter(base_dir: Path, data: Path, out: Path, *, steps: int = 16,
     examples = []
     for row in rows:
         msgs = row["messages"]
-        p = prompt_ids(tok, msgs[:-1])
+        p = encode_chat(tok, msgs[:-1])
         c = tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         examples.append((p + c, len(p)))
     rng = random.Random(seed)

@@ -339,3 +339,23 @@ def test_cli_export_and_errors(catalog, store, tiny_base, tiny_base_dir, tmp_pat
     assert res.returncode == 3
     with Catalog.open(Settings().catalog_path, wait_s=5) as cat:
         assert cat.one("SELECT count(*) AS n FROM exports")["n"] == 1
+
+
+def test_a_skipped_llamacpp_run_says_so_and_names_the_extra(monkeypatch):
+    """Without llama-cpp-python the export succeeds, but its output says the GGUF was not run."""
+    import tomllib
+    from types import SimpleNamespace
+
+    from serving.export import gguf, llamacpp_check
+    from serving.export.source import ExportOptions
+    from serving.promote_cli import _export_text
+
+    monkeypatch.setattr(llamacpp_check, "available", lambda: False)
+    rt = gguf._runtime(ExportOptions(format="gguf"), run=lambda: pytest.fail("must not run"))
+    assert "NOT run" in rt["skipped"] and "loradex[llamacpp]" in rt["skipped"]
+    plan = SimpleNamespace(source=SimpleNamespace(label="x@1", merge=None))
+    row = {"format": "gguf", "path": "/out", "files": {}, "size_bytes": 0, "id": 1, "method": "m"}
+    text = _export_text(plan, row, SimpleNamespace(check={"runtime": rt}, notes=[], command=None))
+    assert "runtime check: skipped (llama-cpp-python is not installed, so the GGUF was NOT run" in text
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["llamacpp"] == ["llama-cpp-python==0.3.36"]

@@ -113,7 +113,8 @@ def test_perplexity_matches_a_hand_computed_nll(tiny_base_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evals.data import EvalItem
-    from evals.generate import prompt_ids, reference_perplexities
+    from evals.generate import reference_perplexities
+    from hub.chat import encode_chat
 
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
@@ -121,7 +122,7 @@ def test_perplexity_matches_a_hand_computed_nll(tiny_base_dir):
              EvalItem(({"role": "user", "content": "A much longer question about many things?"},), "Yes.", 2)]
     got = reference_perplexities(model, tok, items, batch_size=2)
     for item, ppl in zip(items, got):
-        p = prompt_ids(tok, item.messages)
+        p = encode_chat(tok, item.messages)
         ref = tok(item.reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = torch.tensor([p + ref])
         with torch.no_grad():

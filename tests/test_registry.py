@@ -65,12 +65,44 @@ def test_idempotent_and_versioned(catalog, store, tiny_base, tiny_adapter, tmp_p
     v1 = register_adapter(catalog, store, tiny_adapter, "x", base="tiny")
     again = register_adapter(catalog, store, tiny_adapter, "x", base="tiny")
     assert again["version"] == 1 and again["id"] == v1["id"]
+    assert again["existing"] is True and "existing" not in v1  # lets the CLI say "already registered"
     other = make_adapter(tiny_base_dir, tmp_path / "other", r=4, alpha=8, seed=1)
     v2 = register_adapter(catalog, store, other, "x", base="tiny")
     assert v2["version"] == 2 and v2["digest"] != v1["digest"]
     assert resolve(catalog, "x")["version"] == 2
     assert resolve(catalog, "x@1")["digest"] == v1["digest"]
     assert resolve(catalog, "x@v2")["version"] == 2
+
+
+def test_a_missing_folder_is_the_error_not_the_base(catalog, store, tiny_base, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    with pytest.raises(InvalidAdapter, match=f"^{missing}: no such folder$"):
+        register_adapter(catalog, store, missing, "x")  # no --base: used to say "cannot tell which base"
+    with pytest.raises(InvalidAdapter, match="no such folder"):
+        register_adapter(catalog, store, missing, "x", base="tiny")
+    from hub.cli import main
+
+    catalog.close()
+    assert main(["register", str(missing), "--name", "x"]) == InvalidAdapter.exit_code
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such folder" in err
+
+
+def test_typos_get_did_you_mean(catalog, store, tiny_base, tiny_adapter):
+    from hub.bases import get_base
+
+    register_adapter(catalog, store, tiny_adapter, "pirate", base="tiny")
+    set_alias(catalog, "pirate@1", "staging")
+    with pytest.raises(NotFound, match="adapter 'pirat' not found; did you mean 'pirate'\\?"):
+        resolve(catalog, "pirat")
+    with pytest.raises(NotFound, match="no alias 'stagin'; did you mean 'staging'\\?"):
+        resolve(catalog, "pirate@stagin")
+    with pytest.raises(NotFound, match="^adapter 'zzz' not found$"):
+        resolve(catalog, "zzz")
+    with pytest.raises(NotFound, match="base 'tinyy' not found; did you mean 'tiny'\\?"):
+        get_base(catalog, "tinyy")
+    with pytest.raises(NotFound, match="did you mean 'smollm2-135m-instruct'"):
+        get_base(catalog, "smollm2-135m-instrct", provision=False)
 
 
 # -- every validation rule: specific message, nothing written ------------------------

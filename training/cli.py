@@ -57,6 +57,8 @@ def add_commands(sub, common) -> None:
                    help="train string prompt/completion rows as raw text, without the base's chat template")
     p.add_argument("--no-evals", dest="run_evals", action="store_false", default=None,
                    help="with --eval-data, record the held-out loss only (skip scoring with the evals stage)")
+    p.add_argument("--allow-noop", dest="allow_noop", action="store_true", default=None,
+                   help="register the adapter even if it is still a no-op (every lora_B zero)")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
                    help="recompute activations to save memory (default: on for QLoRA on CUDA only)")
     for flag, dest, typ, help_text in TRAIN_FLAGS:
@@ -93,7 +95,7 @@ def cmd_train(ctx) -> int:
     overrides = {dest: getattr(a, dest) for _, dest, _, _ in TRAIN_FLAGS}
     overrides.update(data=a.data, name=a.name, base=a.base, eval_data=a.eval_data, resume=a.resume,
                      chat_template=a.chat_template, gradient_checkpointing=a.gradient_checkpointing,
-                     run_evals=a.run_evals)
+                     run_evals=a.run_evals, allow_noop=a.allow_noop)
     config = load_config(a.config, **overrides)
     ctx.close_catalog()  # train() opens the catalog only for its short writes
     result = train(config, settings=ctx.settings, store=ctx.store)

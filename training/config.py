@@ -95,6 +95,8 @@ class TrainConfig:
     """Greedy tokens generated per held-out item by that evaluation; flag --eval-max-new-tokens."""
     description: str | None = None
     """Free-text description stored with the adapter; flag --description."""
+    allow_noop: bool = False
+    """Register the adapter even if every lora_B is still zero (e.g. a 1-step smoke test); flag --allow-noop."""
     extra: dict = field(default_factory=dict)
     """Free-form notes kept with the run (not used by training)."""
 

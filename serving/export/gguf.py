@@ -4,7 +4,8 @@ gguf:       OUT/<name>.<quant>.gguf             the merged model
 gguf-lora:  OUT/<adapter>.lora.<dtype>.gguf     the adapter as a GGUF LoRA
             OUT/<base>.f16.gguf                 the base it applies over (llama.cpp needs both)
 
-Runtime check (recorded; skipped with a reason when llama-cpp-python is absent):
+Runtime check (recorded; skipped, saying the file was not run, when llama-cpp-python
+is absent: it is the optional ``loradex[llamacpp]`` extra):
 f16/f32 must reproduce transformers' greedy tokens exactly; q8_0 must reach the
 teacher-forced top-1 agreement ``--min-agreement``; a GGUF LoRA over the f16 base
 must reproduce base + adapter exactly.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hub import quiet
 from hub.errors import CheckFailed
 from serving.export import gguf_lora, gguf_writer, llamacpp_check
 from serving.export.source import ExportOptions, ExportResult, ExportSource
@@ -104,7 +106,8 @@ def _runtime(opts: ExportOptions, run) -> dict:
     if not opts.run_check:
         return {"skipped": "--no-run-check"}
     if not llamacpp_check.available():
-        return {"skipped": f"llama-cpp-python not installed ({llamacpp_check.INSTALL})"}
+        return {"skipped": f"llama-cpp-python is not installed, so the GGUF was NOT run, only read back; "
+                           f"add the check with {llamacpp_check.INSTALL}"}
     result = run()
     if not result.get("ok"):
         raise CheckFailed(f"llama.cpp check failed: {_numbers(result)}; the export was not registered")
@@ -159,6 +162,7 @@ def write_lora_gguf(src: ExportSource, out: Path, dtype: str, *, run_check: bool
                                      base_name=src.base["name"], name=f"{src.version['adapter']}-v{src.version['version']}")
 
     def run() -> dict:
+        quiet.install()
         from peft import PeftModel
 
         from hub.loading import load_model_folder, load_tokenizer

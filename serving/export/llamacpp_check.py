@@ -17,9 +17,11 @@ import contextlib
 import importlib.util
 from pathlib import Path
 
+from hub.chat import encode_chat, render_chat
 from hub.errors import MissingDependency
 
-INSTALL = "bash .ci/setup_llamacpp.sh"
+# the `llamacpp` extra; its sdist compiles llama.cpp (~15 min; portable flags in docs/export.md)
+INSTALL = "pip install 'loradex[llamacpp]' (or bash .ci/setup_llamacpp.sh in a checkout)"
 
 
 def available() -> bool:
@@ -42,14 +44,8 @@ def open_gguf(path: Path, *, lora: Path | None = None, logits_all: bool = False,
 
 def hf_prompts(tokenizer, texts: list[str]) -> tuple[list[str], list[list[int]]]:
     """(rendered prompt text, transformers token ids) for each probe, through the chat template."""
-    rendered, ids = [], []
-    for text in texts:
-        msgs = [{"role": "user", "content": text}]
-        r = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        rendered.append(r)
-        ids.append(list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]))
-    return rendered, ids
+    chats = [[{"role": "user", "content": text}] for text in texts]
+    return [render_chat(tokenizer, msgs) for msgs in chats], [encode_chat(tokenizer, msgs) for msgs in chats]
 
 
 def llama_greedy(llm, ids: list[int], n: int, eos: set[int]) -> list[int]:

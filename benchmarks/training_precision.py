@@ -1,6 +1,6 @@
 """Training throughput by precision: fp32 vs bf16 vs NF4 (QLoRA) on one base.
 
-    LORADEX_THREADS=1 .venv/bin/python -m training.bench [--base smollm2-135m-instruct]
+    LORADEX_THREADS=1 .venv/bin/python -m benchmarks.training_precision [--base smollm2-135m-instruct]
         [--data examples/data/pirate.jsonl] [--batch-size 4] [--steps 8] [--rounds 2]
 
 Each precision is loaded exactly as ``loradex train`` loads it (training.run.load_model)
