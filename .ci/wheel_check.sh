@@ -29,8 +29,11 @@ step "built $(basename "$WHEEL")"
 "$PY" - "$WHEEL" <<'EOF' || fail "wheel contents"
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-need = ["hub/cli.py", "serving/export/__init__.py", "serving/export/gguf.py",
-        "training/configs/smollm2-135m.json", "evals/run.py"]
+need = ["loradex/cli.py", "loradex/hub/cli.py", "loradex/promote/export/__init__.py", "loradex/promote/export/gguf.py",
+        "loradex/training/configs/smollm2-135m.json", "loradex/evals/run.py", "loradex/serving/web/static/index.html"]
+top = {n.split("/")[0] for n in names if not n.startswith("loradex-")}
+if top != {"loradex"}:
+    sys.exit(f"the wheel must install one top-level package, loradex; it has {sorted(top)}")
 missing = [n for n in need if n not in names]
 if missing:
     sys.exit(f"missing from the wheel: {missing}")
@@ -52,9 +55,12 @@ export LORADEX_HOME="$WORK/home" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset LORADEX_STORE PYTHONPATH || true
 mkdir -p "$WORK/run" && cd "$WORK/run"
 "$VBIN/python" - <<'EOF' || fail "import location"
-import hub, serving.export
-assert "site-packages" in hub.__file__, hub.__file__
-assert "site-packages" in serving.export.__file__, serving.export.__file__
+import importlib.util
+import loradex.hub, loradex.promote.export
+assert "site-packages" in loradex.hub.__file__, loradex.hub.__file__
+assert "site-packages" in loradex.promote.export.__file__, loradex.promote.export.__file__
+for name in ("hub", "training", "evals", "serving", "promote"):  # nothing that could collide
+    assert importlib.util.find_spec(name) is None, f"a top-level {name!r} is installed"
 EOF
 run() { step "\$ loradex $*"; "$VBIN/loradex" "$@" || fail "loradex $* (exit $?)"; }
 run --help >/dev/null

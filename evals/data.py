@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.jsonl import read_jsonl
-from hub.store import file_sha256  # noqa: F401  (evals.leaderboard hashes data files through here)
+from loradex.hub.jsonl import read_jsonl
+from loradex.hub.store import file_sha256  # noqa: F401  (evals.leaderboard hashes data files through here)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from hub.chat import encode_chat
+from loradex.hub.chat import encode_chat
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from hub.catalog import Catalog
-from hub.errors import InvalidConfig, NotFound
-from hub.ops import op
+from loradex.hub.catalog import Catalog
+from loradex.hub.errors import InvalidConfig, NotFound
+from loradex.hub.ops import op
 
-from evals.config import config_filter, config_label, is_served_default
-from evals.data import file_sha256
-from evals.metrics import METRICS, PRIMARY_ORDER
+from loradex.evals.config import config_filter, config_label, is_served_default
+from loradex.evals.data import file_sha256
+from loradex.evals.metrics import METRICS, PRIMARY_ORDER
 
 _HEX = re.compile(r"^[0-9a-f]{6,64}$")
 
@@ -115,7 +115,7 @@ def _row(run: dict, metric: str | None) -> dict:
 
 
 def render_text(sections: list[dict], *, config: str | None = None) -> str:
-    from hub.render import table
+    from loradex.hub.render import table
 
     if not sections and config:
         return (f"no eval runs under --config {config}: run `loradex eval NAME --data FILE --as-served` "

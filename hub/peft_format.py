@@ -1,7 +1,7 @@
 """The PEFT LoRA adapter format, read one way by everything that reads adapters.
 
 Validation (``hub/validate.py``), the batched server (``serving/lora.py``) and the
-GGUF LoRA export (``serving/export/gguf_lora.py``) all take from here:
+GGUF LoRA export (``promote/export/gguf_lora.py``) all take from here:
 
 * file names (``adapter_config.json``, ``adapter_model.safetensors``) and
   :func:`read_config`;
@@ -26,7 +26,7 @@ import math
 import re
 from pathlib import Path
 
-from hub.errors import InvalidAdapter
+from loradex.hub.errors import InvalidAdapter
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -18,13 +18,13 @@ import json
 import os
 from pathlib import Path
 
-from hub.bases import DEFAULT_BASE, get_base
-from hub.catalog import Catalog, pid_alive, to_json, utcnow
-from hub.errors import Conflict, GateRefused, InvalidAdapter, InvalidConfig, NotFound
-from hub.names import Ref, check_name, parse_ref
-from hub.ops import op
-from hub.store import Store
-from hub.validate import validate_adapter
+from loradex.hub.bases import DEFAULT_BASE, get_base
+from loradex.hub.catalog import Catalog, pid_alive, to_json, utcnow
+from loradex.hub.errors import Conflict, GateRefused, InvalidAdapter, InvalidConfig, NotFound
+from loradex.hub.names import Ref, check_name, parse_ref
+from loradex.hub.ops import op
+from loradex.hub.store import Store
+from loradex.hub.validate import validate_adapter
 
 VERSION_COLUMNS = (
     "id, adapter, version, base, digest, path, files, size_bytes, peft_type, rank, alpha, target_modules, "
@@ -54,7 +54,7 @@ def did_you_mean(word: str, choices) -> str:
 
 def _guess_base(catalog: Catalog, path: str | Path) -> str:
     """The registered base an adapter folder names in ``base_model_name_or_path``."""
-    from hub.validate import resolve_adapter_path
+    from loradex.hub.validate import resolve_adapter_path
 
     folder, _ = resolve_adapter_path(str(path))  # a missing folder is the error, not the unknown base
     hint = None
@@ -95,7 +95,7 @@ def register_adapter(
         base = _guess_base(catalog, path)
     base_row = get_base(catalog, base, store=store)
     checked = validate_adapter(path, base_row, allow_noop=allow_noop)
-    from hub.store import manifest_digest
+    from loradex.hub.store import manifest_digest
 
     digest = manifest_digest(checked.files)
     with catalog.version_lock:
@@ -219,7 +219,7 @@ def served_config_for(catalog: Catalog, row: dict, served_config: dict | None = 
     """
     if served_config and served_config.get("base") == row["base"]:
         return served_config
-    from evals.config import default_served_config
+    from loradex.evals.config import default_served_config
 
     try:
         base_row = get_base(catalog, row["base"], provision=False)
@@ -265,7 +265,7 @@ def set_alias(catalog: Catalog, ref: str, alias: str, *, force: bool = False, re
     gate = None
     forced = False
     if alias in GATED_ALIASES:
-        from evals.gate import check_promotion
+        from loradex.evals.gate import check_promotion
 
         gate = check_promotion(catalog, row, config=served_config_for(catalog, row, served_config))
         if not gate["ok"]:
@@ -354,7 +354,7 @@ def verify(catalog: Catalog, store: Store, name: str | None = None) -> list[dict
 
 def adapter_folder(catalog: Catalog, store: Store, ref: str | Ref | dict) -> tuple[dict, Path]:
     """(version row, verified snapshot folder): sha256-checked before any load."""
-    from hub.remote import materialize
+    from loradex.hub.remote import materialize
 
     row = ref if isinstance(ref, dict) else resolve(catalog, ref)
     folder = materialize(catalog, store, row["path"], row["files"], f"adapter {row['adapter']}@{row['version']}")

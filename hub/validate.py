@@ -22,10 +22,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.bases import PICKLE_SUFFIXES
-from hub.errors import InvalidAdapter
-from hub.peft_format import CONFIG, DEFAULT_ALPHA, WEIGHTS, group_tensors, module_rank, read_config
-from hub.store import file_sha256
+from loradex.hub.bases import PICKLE_SUFFIXES
+from loradex.hub.errors import InvalidAdapter
+from loradex.hub.peft_format import CONFIG, DEFAULT_ALPHA, WEIGHTS, group_tensors, module_rank, read_config
+from loradex.hub.store import file_sha256
 
 KEEP_SUFFIXES = (".json", ".safetensors", ".md", ".png", ".txt", ".jinja", ".yaml", ".yml", ".csv")
 MAX_RANK = 4096

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hub.errors import InvalidAdapter
-from hub.peft_format import WEIGHTS, group_tensors, module_scale, read_config, unbatchable
+from loradex.hub.errors import InvalidAdapter
+from loradex.hub.peft_format import WEIGHTS, group_tensors, module_scale, read_config, unbatchable
 
 
 @dataclass

@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from hub.errors import InvalidName, NotFound
-from hub.names import parse_ref
-from serving.cache import ref_label
-from serving.config import EngineConfig
-from serving.errors import ModelNotFound
+from loradex.hub.errors import InvalidName, NotFound
+from loradex.hub.names import parse_ref
+from loradex.serving.cache import ref_label
+from loradex.serving.config import EngineConfig
+from loradex.serving.errors import ModelNotFound
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Router:
         field_name = "adapter" if adapter else "model"
         if ref is None or ref == "" or ref == base_name:
             return Target(self.engine, None, "base", base_name)
-        from hub.registry import resolve as resolve_ref
+        from loradex.hub.registry import resolve as resolve_ref
 
         try:
             row = resolve_ref(self.catalog, parse_ref(ref))

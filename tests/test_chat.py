@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hub.chat import encode_chat, render_chat
+from loradex.hub.chat import encode_chat, render_chat
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
 
@@ -27,9 +27,9 @@ def test_encode_chat_equals_the_template_s_own_tokenization(tok):
 
 
 def test_every_stage_encodes_a_prompt_alike(tmp_path, tok):
-    from serving.export.llamacpp_check import hf_prompts
-    from serving.merge import encode_prompts
-    from training.data import IGNORE, load_dataset
+    from loradex.promote.export.llamacpp_check import hf_prompts
+    from loradex.promote.merge import encode_prompts
+    from loradex.training.data import IGNORE, load_dataset
 
     user = [{"role": "user", "content": "Capital of France?"}]
     want = encode_chat(tok, user)

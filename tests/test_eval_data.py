@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from evals.data import read_eval_set
-from hub.errors import InvalidData
+from loradex.evals.data import read_eval_set
+from loradex.hub.errors import InvalidData
 
 
 def _write(tmp_path, lines, name="d.jsonl"):

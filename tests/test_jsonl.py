@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from evals.data import read_eval_set
-from hub.errors import InvalidData
-from training.data import load_dataset, read_examples
+from loradex.evals.data import read_eval_set
+from loradex.hub.errors import InvalidData
+from loradex.training.data import load_dataset, read_examples
 
 
 def _write(path, rows):

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from evals import stats
-from evals.metrics import exact_scores, normalise, parse_metrics, primary_metric
-from hub.errors import InvalidConfig
+from loradex.evals import stats
+from loradex.evals.metrics import exact_scores, normalise, parse_metrics, primary_metric
+from loradex.hub.errors import InvalidConfig
 
 
 def test_normalise_and_exact_match():
@@ -97,7 +97,7 @@ def test_parse_metrics_and_primary():
 
 
 def test_similarity_with_the_packaged_minilm():
-    from evals.metrics import load_similarity_model, similarity_scores
+    from loradex.evals.metrics import load_similarity_model, similarity_scores
 
     model = load_similarity_model()
     same, close, far = similarity_scores(
@@ -112,9 +112,9 @@ def test_perplexity_matches_a_hand_computed_nll(tiny_base_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.data import EvalItem
-    from evals.generate import reference_perplexities
-    from hub.chat import encode_chat
+    from loradex.evals.data import EvalItem
+    from loradex.evals.generate import reference_perplexities
+    from loradex.hub.chat import encode_chat
 
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
@@ -135,8 +135,8 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_base_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.data import EvalItem
-    from evals.generate import generate_outputs
+    from loradex.evals.data import EvalItem
+    from loradex.evals.generate import generate_outputs
 
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from hub import peft_format
-from hub.peft_format import module_scale, parse_key, pattern_key
+from loradex.hub import peft_format
+from loradex.hub.peft_format import module_scale, parse_key, pattern_key
 
 MODULE = "model.layers.0.self_attn.q_proj"
 
@@ -75,8 +75,8 @@ def test_every_reader_agrees_with_peft_on_a_patterned_adapter(tmp_path, tiny_bas
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hub.validate import validate_adapter
-    from serving.lora import read_adapter
+    from loradex.hub.validate import validate_adapter
+    from loradex.serving.lora import read_adapter
     from tests.helpers import make_adapter
 
     patterns = {"rank_pattern": {r"layers\.0\..*": 4}, "alpha_pattern": {r"layers\.1\.self_attn\.v_proj": 3}}

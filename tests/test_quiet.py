@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hub import quiet
+from loradex.hub import quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_the_replay_shows_the_message_without_loradex():
 
 def test_loading_an_nf4_base_prints_neither_message(tiny_base_dir):
     out = _run(f"""
-from hub.loading import load_model_folder
+from loradex.hub.loading import load_model_folder
 model, _, _ = load_model_folder({str(tiny_base_dir)!r}, quantize="nf4", device="cpu")
 from peft import LoraConfig, get_peft_model
 get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hub.errors import Conflict, InvalidAdapter, InvalidName, NotFound
-from hub.registry import delete_version, list_adapters, register_adapter, resolve, set_alias, verify
+from loradex.hub.errors import Conflict, InvalidAdapter, InvalidName, NotFound
+from loradex.hub.registry import delete_version, list_adapters, register_adapter, resolve, set_alias, verify
 from tests.helpers import edit_config, make_adapter, run_cli
 
 
@@ -80,7 +80,7 @@ def test_a_missing_folder_is_the_error_not_the_base(catalog, store, tiny_base, t
         register_adapter(catalog, store, missing, "x")  # no --base: used to say "cannot tell which base"
     with pytest.raises(InvalidAdapter, match="no such folder"):
         register_adapter(catalog, store, missing, "x", base="tiny")
-    from hub.cli import main
+    from loradex.cli import main
 
     catalog.close()
     assert main(["register", str(missing), "--name", "x"]) == InvalidAdapter.exit_code
@@ -89,7 +89,7 @@ def test_a_missing_folder_is_the_error_not_the_base(catalog, store, tiny_base, t
 
 
 def test_typos_get_did_you_mean(catalog, store, tiny_base, tiny_adapter):
-    from hub.bases import get_base
+    from loradex.hub.bases import get_base
 
     register_adapter(catalog, store, tiny_adapter, "pirate", base="tiny")
     set_alias(catalog, "pirate@1", "staging")
@@ -249,7 +249,7 @@ def test_unknown_base_refused(catalog, store, tiny_adapter):
 
 def test_hf_cache_snapshot_layout(catalog, store, tiny_base, tiny_adapter, tmp_path):
     """A Hugging Face cache snapshot: files are links into the repo's blobs/."""
-    from hub.store import file_sha256
+    from loradex.hub.store import file_sha256
 
     repo = tmp_path / "hf" / "models--someone--style-lora"
     (repo / "blobs").mkdir(parents=True)
@@ -294,8 +294,8 @@ def test_verify_reports_tampering(catalog, store, tiny_base, tiny_adapter):
         f.write(b"\xff\xff")
     res = verify(catalog, store)
     assert not res[0]["ok"] and "adapter_model.safetensors" in res[0]["problems"][0]
-    from hub.errors import IntegrityError
-    from hub.registry import adapter_folder
+    from loradex.hub.errors import IntegrityError
+    from loradex.hub.registry import adapter_folder
 
     with pytest.raises(IntegrityError, match="sha256"):
         adapter_folder(catalog, store, "t@1")
@@ -326,7 +326,7 @@ def test_sixteen_threads_register_at_once(catalog, store, tiny_base, tiny_base_d
 def test_eight_cli_processes_at_once(settings, catalog, store, tiny_base, tiny_base_dir, tmp_path):
     srcs = [make_adapter(tiny_base_dir, tmp_path / f"p{i}", r=2, alpha=4, seed=100 + i) for i in range(8)]
     catalog.close()  # the processes must be able to take the file
-    procs = [subprocess.Popen([sys.executable, "-m", "hub.cli", "register", str(src), "--name", f"proc-{i}", "--base", "tiny"],
+    procs = [subprocess.Popen([sys.executable, "-m", "loradex", "register", str(src), "--name", f"proc-{i}", "--base", "tiny"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, src in enumerate(srcs)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [o[1] for o in outs]
@@ -338,9 +338,9 @@ def test_eight_cli_processes_at_once(settings, catalog, store, tiny_base, tiny_b
 
 KILL_TARGET = """
 import sys
-from hub.catalog import Catalog
-from hub.store import Store
-from hub.registry import register_adapter
+from loradex.hub.catalog import Catalog
+from loradex.hub.store import Store
+from loradex.hub.registry import register_adapter
 cat = Catalog.open(sys.argv[1]); store = Store(sys.argv[2])
 print("go", flush=True)
 register_adapter(cat, store, sys.argv[3], "big", base="tiny")
@@ -366,7 +366,7 @@ def test_sigkill_mid_write_leaves_nothing_half_done(settings, catalog, store, ti
                 break
             time.sleep(0.0005)
         proc.wait()
-        from hub.catalog import Catalog
+        from loradex.hub.catalog import Catalog
 
         with Catalog.open(settings.catalog_path) as cat:
             ready = cat.query("SELECT path, files FROM adapter_versions WHERE status = 'ready'")
@@ -382,7 +382,7 @@ def test_sigkill_mid_write_leaves_nothing_half_done(settings, catalog, store, ti
     # the next command cleans up the dead writer's pending row and temp files
     res = run_cli("list", "--json")
     assert res.returncode == 0, res.stderr
-    from hub.catalog import Catalog
+    from loradex.hub.catalog import Catalog
 
     with Catalog.open(settings.catalog_path) as cat:
         assert cat.one("SELECT count(*) AS n FROM adapter_versions WHERE status = 'pending'")["n"] == 0

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from hub.errors import Conflict, InvalidConfig, InvalidData
-from hub.store import file_sha256
-from training import TrainConfig, TrainResult, train
-from training.config import CONFIG_FILE, load_config
+from loradex.hub.errors import Conflict, InvalidConfig, InvalidData
+from loradex.hub.store import file_sha256
+from loradex.training import TrainConfig, TrainResult, train
+from loradex.training.config import CONFIG_FILE, load_config
 
 QUESTIONS = ["What is the capital of France?", "Name a color.", "What sound does a cow make?",
              "What is 2 plus 2?", "Give me a tip for sleeping.", "What is the opposite of hot?"]
@@ -79,10 +79,10 @@ class Crash(TrainerCallback):
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, tiny_base_dir):
     """A module-wide catalog + store with the tiny base (one real run is shared by several tests)."""
-    from hub.bases import add_base
-    from hub.catalog import Catalog
-    from hub.settings import Settings
-    from hub.store import Store
+    from loradex.hub.bases import add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.settings import Settings
+    from loradex.hub.store import Store
 
     root = tmp_path_factory.mktemp("training-shared")
     settings = Settings(home=root / "home", store=root / "store")
@@ -227,7 +227,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, catalog, store, setting
 
 
 def test_dead_running_rows_are_reaped(tmp_path, catalog, store, settings, tiny_base):
-    from hub.catalog import to_json, utcnow
+    from loradex.hub.catalog import to_json, utcnow
 
     catalog.execute(
         "INSERT INTO training_runs (adapter, base, config, status, started_at, pid) VALUES (?, ?, ?, 'running', ?, ?)",
@@ -247,7 +247,7 @@ def test_qlora_nf4_path_records_quantization(tmp_path, catalog, store, settings,
 
 def test_cli_train_edge(tmp_path, tiny_base, catalog, capsys):
     """`loradex train`: config file + overriding flag, --json output; bad data is one line and exit code 2."""
-    from hub.cli import main
+    from loradex.cli import main
 
     catalog.close()  # the command opens the same catalog file itself
     cfg = tmp_path / "run.yaml"
@@ -266,7 +266,7 @@ def test_cli_train_edge(tmp_path, tiny_base, catalog, capsys):
 
 
 def test_a_live_run_in_the_same_folder_is_refused(tmp_path, catalog, store, settings, tiny_base):
-    from hub.catalog import to_json, utcnow
+    from loradex.hub.catalog import to_json, utcnow
 
     out = str((tmp_path / "run").absolute())
     catalog.execute(
@@ -310,7 +310,7 @@ def test_one_step_smoke_run_trains_something(tmp_path, catalog, store, settings,
 
 def test_noop_adapter_then_allow_noop_in_the_same_folder(tmp_path, catalog, store, settings, tiny_base):
     """The no-op refusal names --allow-noop, which train has; the finished run's folder is then reusable."""
-    from hub.errors import InvalidAdapter
+    from loradex.hub.errors import InvalidAdapter
 
     config = tiny_config(tmp_path, max_steps=1, save_steps=50)
     with pytest.raises(InvalidAdapter, match="pass --allow-noop"):
@@ -335,7 +335,7 @@ def test_unfinished_checkpoints_still_need_resume(tmp_path, catalog, store, sett
 def test_cli_train_has_allow_noop():
     import argparse
 
-    from training.cli import add_commands
+    from loradex.training.cli import add_commands
 
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(), argparse.ArgumentParser(add_help=False))
@@ -349,9 +349,9 @@ def test_training_runs_through_trl_sft_with_completion_only_loss(tmp_path, tiny_
     import torch.nn.functional as F
     from trl import SFTTrainer
 
-    from hub.loading import load_tokenizer
-    from training.data import IGNORE, collate, load_dataset
-    from training.run import _build_trainer
+    from loradex.hub.loading import load_tokenizer
+    from loradex.training.data import IGNORE, collate, load_dataset
+    from loradex.training.run import _build_trainer
 
     config = tiny_config(tmp_path, max_steps=2)
     tok = load_tokenizer(tiny_base["path"])

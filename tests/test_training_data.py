@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from hub.errors import InvalidData
-from training.data import IGNORE, collate, load_dataset, read_examples
+from loradex.hub.errors import InvalidData
+from loradex.training.data import IGNORE, collate, load_dataset, read_examples
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_base_dir):
-    from hub.loading import load_tokenizer
+    from loradex.hub.loading import load_tokenizer
 
     return load_tokenizer(tiny_base_dir, 512)
 

@@ -7,13 +7,16 @@ import importlib.metadata
 import re
 import sys
 
-from training import modal_app
+from loradex.training import modal_app
 
-FIRST_PARTY = {"hub", "training", "evals", "serving"}
+FIRST_PARTY = {"loradex"}
 
 
 def _module_file(name: str):
-    path = modal_app.ROOT.joinpath(*name.split("."))
+    parts = name.split(".")
+    if parts[0] == "loradex" and len(parts) > 1 and parts[1] != "cli":
+        parts = parts[1:]  # loradex.hub.x lives in ./hub/x.py in a checkout
+    path = modal_app.ROOT.joinpath(*parts)
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -59,9 +62,9 @@ def test_the_image_holds_everything_a_run_imports():
     """The remote function runs training.train, which registers and then scores with evals (--eval-data):
     every first-party package it reaches is shipped, every third-party module it imports is in the image."""
     spec = modal_app.describe()
-    modules, third = _reach(["training", "training.modal_app"])
-    packages = {m.split(".")[0] for m in modules}
-    assert packages <= set(spec.local_packages) and {"hub", "training", "evals"} <= packages
+    modules, third = _reach(["loradex.training", "loradex.training.modal_app"])
+    packages = {m.split(".")[1] if m.count(".") else m for m in modules}
+    assert packages <= set(spec.local_packages) and {"loradex", "hub", "training", "evals"} <= packages
     norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
     image = {norm(re.split(r"[=<>]", p)[0]) for p in spec.packages + spec.no_deps_packages}
     dists = importlib.metadata.packages_distributions()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from matplotlib.collections import PathCollection
 from matplotlib.lines import Line2D
 
-from training.plot import loss_figure, loss_png, method_label
+from loradex.training.plot import loss_figure, loss_png, method_label
 
 
 def _legend(ax) -> dict:

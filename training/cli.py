@@ -11,7 +11,7 @@ register the adapter and finish the row.
 """
 from __future__ import annotations
 
-from hub.render import human_bytes
+from loradex.hub.render import human_bytes
 
 # (flag, field, type, help); every one also settable in --config, flags win
 TRAIN_FLAGS = [
@@ -82,14 +82,14 @@ def add_commands(sub, common) -> None:
 
 
 def _shipped() -> list[str]:
-    from training.plan import shipped_configs
+    from loradex.training.plan import shipped_configs
 
     return sorted(shipped_configs())
 
 
 def cmd_train(ctx) -> int:
-    from training.config import load_config
-    from training.run import train
+    from loradex.training.config import load_config
+    from loradex.training.run import train
 
     a = ctx.args
     overrides = {dest: getattr(a, dest) for _, dest, _, _ in TRAIN_FLAGS}
@@ -120,7 +120,7 @@ def cmd_train(ctx) -> int:
 
 
 def cmd_plan(ctx) -> int:
-    from training.plan import format_plan, make_plan
+    from loradex.training.plan import format_plan, make_plan
 
     a = ctx.args
     plan = make_plan(base=a.base, config_json=a.config_json, r=a.r, targets=a.targets, quantize=a.quantize,

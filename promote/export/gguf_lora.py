@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hub.errors import InvalidConfig
-from hub.peft_format import (DEFAULT_ALPHA, LINEAR_PARTS, WEIGHTS, group_tensors, module_scale, read_config,
+from loradex.hub.errors import InvalidConfig
+from loradex.hub.peft_format import (DEFAULT_ALPHA, LINEAR_PARTS, WEIGHTS, group_tensors, module_scale, read_config,
                               unbatchable)
-from serving.export.gguf_writer import hparams, permute_qk
+from loradex.promote.export.gguf_writer import hparams, permute_qk
 
 METHOD = "loradex gguf_lora (gguf package; lora_B of q/k permuted, per-module scale folded into lora_B)"
 HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -17,8 +17,8 @@ import contextlib
 import importlib.util
 from pathlib import Path
 
-from hub.chat import encode_chat, render_chat
-from hub.errors import MissingDependency
+from loradex.hub.chat import encode_chat, render_chat
+from loradex.hub.errors import MissingDependency
 
 # the `llamacpp` extra; its sdist compiles llama.cpp (~15 min; portable flags in docs/export.md)
 INSTALL = "pip install 'loradex[llamacpp]' (or bash .ci/setup_llamacpp.sh in a checkout)"
@@ -70,7 +70,7 @@ def llama_teacher_forced(llm, ids: list[int], cont: list[int]) -> int:
 def compare(gguf: Path, hf_model, tokenizer, texts: list[str], *, mode: str, n_tokens: int,
             eos: list[int], lora: Path | None = None, min_agreement: float = 0.9) -> dict:
     """Run the probes through llama.cpp and transformers; returns the numbers and ``ok``."""
-    from serving.merge import cut_at_eos, greedy
+    from loradex.promote.merge import cut_at_eos, greedy
 
     rendered, hf_ids = hf_prompts(tokenizer, texts)
     reference = greedy(hf_model, hf_ids, n_tokens, eos)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hub import quiet
-from hub.errors import CheckFailed
-from serving.export import gguf_lora, gguf_writer, llamacpp_check
-from serving.export.source import ExportOptions, ExportResult, ExportSource
+from loradex.hub import quiet
+from loradex.hub.errors import CheckFailed
+from loradex.promote.export import gguf_lora, gguf_writer, llamacpp_check
+from loradex.promote.export.source import ExportOptions, ExportResult, ExportSource
 
 
 # GGUF value types (spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md)
@@ -97,7 +97,7 @@ def _parse(data, gguf, struct) -> dict:  # noqa: C901 - one pass over the docume
 
 
 def _probe_texts(src: ExportSource) -> list[str]:
-    from serving.merge import FIXED_PROBES
+    from loradex.promote.merge import FIXED_PROBES
 
     return src.probes or list(FIXED_PROBES)
 
@@ -131,8 +131,8 @@ def write_merged_gguf(src: ExportSource, out: Path, opts: ExportOptions) -> tupl
                                         pre=opts.pre)
 
     def run() -> dict:
-        from hub.loading import load_model_folder, load_tokenizer
-        from serving.merge import eos_ids
+        from loradex.hub.loading import load_model_folder, load_tokenizer
+        from loradex.promote.merge import eos_ids
 
         model, _, _ = load_model_folder(src.merged_dir, device="cpu", dtype="fp32")
         tok = load_tokenizer(src.merged_dir)
@@ -165,8 +165,8 @@ def write_lora_gguf(src: ExportSource, out: Path, dtype: str, *, run_check: bool
         quiet.install()
         from peft import PeftModel
 
-        from hub.loading import load_model_folder, load_tokenizer
-        from serving.merge import eos_ids
+        from loradex.hub.loading import load_model_folder, load_tokenizer
+        from loradex.promote.merge import eos_ids
 
         model, _, _ = load_model_folder(src.base_dir, device="cpu", dtype="fp32")
         model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=False).eval()
