@@ -107,6 +107,9 @@ def cmd_register(ctx: Context) -> int:
     path = ctx.args.path if ctx.args.path.startswith("hf:") else str(Path(ctx.args.path).absolute())
     row = register_adapter(ctx.catalog, ctx.store, path, ctx.args.name, base=ctx.args.base,
                            allow_noop=ctx.args.allow_noop, description=ctx.args.description)
+    if row.get("existing"):
+        ctx.emit(row, f"already registered as {row['adapter']}@{row['version']} (same files, digest {row['digest'][:12]})")
+        return 0
     ctx.emit(row, lambda: f"registered {row['adapter']}@{row['version']} (base {row['base']}, r={row['rank']}, "
              f"alpha={row['alpha']:g}, targets {','.join(row['target_modules'])}, "
              f"{row['param_count']:,} params, {human_bytes(row['size_bytes'])}, digest {row['digest'][:12]})")
@@ -153,6 +156,8 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
             loss = f"{tr['final_loss']:.4f}" if tr["final_loss"] is not None else "-"
             out.append(f"    training     run {tr['id']} {tr['status']}, {tr['steps']} steps, final loss {loss}, "
                        f"{tr['device']}/{tr['precision']}, est. cost {cost}, data {str(tr['data_sha256'])[:12]}")
+            if tr.get("loss_png"):
+                out.append(f"    loss curve   {tr['loss_png']}")
         if v.get("served"):
             out.append(f"    as served    {v['served']['note']}")
         for ev in v["evals"]:

@@ -66,6 +66,15 @@ def _served(catalog: Catalog, row: dict, served_config: dict | None) -> dict:
             "note": describe_score(f"{row['adapter']}@{row['version']}", score, cfg)}
 
 
+@op("merges.served_base")
+def merged_base(catalog: Catalog, version_id: int, served_base: str) -> dict | None:
+    """The newest merged model built from a version on ``served_base`` that is still a base: {base_name, path}."""
+    return catalog.one(
+        "SELECT m.base_name, b.path FROM merges m JOIN bases b ON b.name = m.base_name "
+        "WHERE m.adapter_version_id = ? AND m.base = ? AND m.base_name IS NOT NULL ORDER BY m.id DESC LIMIT 1",
+        [version_id, served_base])
+
+
 @op("aliases.events")
 def alias_events(catalog: Catalog, adapter: str | None = None) -> list[dict]:
     """Every alias move (newest first), with forced overrides, their reason and who made them."""

@@ -37,7 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in STAGES:
         stage.add_commands(sub, common)
+    _describe(sub)
     return parser
+
+
+def _describe(sub) -> None:
+    """`loradex CMD --help` opens with the one-line help `loradex --help` shows, where a command has no description."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, parser in sub.choices.items():
+        if not parser.description and helps.get(name):
+            parser.description = helps[name][0].upper() + helps[name][1:] + "."
+        for action in parser._actions:  # nested ACTION groups (base add, alias set, review export ...)
+            if isinstance(action, argparse._SubParsersAction):
+                _describe(action)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,7 +140,9 @@ def add_commands(sub, common) -> None:
 
     p = sub.add_parser("export", parents=[common], help="export an adapter for vLLM, llama.cpp or Ollama (checked, registered)")
     p.add_argument("ref", nargs="?", help="NAME, NAME@VERSION or NAME@ALIAS")
-    p.add_argument("--format", choices=("vllm", "vllm-lora", "gguf", "gguf-lora", "ollama"))
+    p.add_argument("--format", choices=("vllm", "vllm-lora", "gguf", "gguf-lora", "ollama"),
+                   help="vllm: merged HF folder; vllm-lora: base folder + PEFT adapter; gguf: merged GGUF for "
+                        "llama.cpp; gguf-lora: GGUF LoRA over the base's GGUF; ollama: Modelfile + GGUF")
     p.add_argument("--out", help="output folder (must be empty unless --force)")
     p.add_argument("--quant", help="GGUF type: gguf/ollama f16 (default), q8_0, f32; gguf-lora f32 (default), f16")
     p.add_argument("--dtype", help="export the merge of this dtype (fp32, bf16, fp16); merges in fp32 if none exists")

@@ -20,7 +20,7 @@ from loradex.hub.bases import DEFAULT_BASE
 
 def add_commands(sub, common) -> None:
     p = sub.add_parser("serve", parents=[common], help="serve the base and its adapters over an OpenAI-compatible HTTP API",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__.replace("``", "`"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=DEFAULT_BASE, help=f"base model name, or a merged model's base name (default {DEFAULT_BASE})")
     p.add_argument("--quantize", default="nf4", help="base weights: nf4 (default), int8 or none")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")

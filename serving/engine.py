@@ -127,11 +127,12 @@ class Engine:
             if messages is not None:
                 if not messages:
                     raise BadRequest("messages must not be empty", param="messages")
-                try:
-                    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                from loradex.hub.chat import encode_chat
+
+                try:  # the one chat encoding training, evals, merge probes and the llama.cpp check use too
+                    ids = encode_chat(self.tokenizer, messages)
                 except Exception as exc:  # jinja errors: the template rejected these messages
                     raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             elif isinstance(prompt, str):
                 ids = self.tokenizer(prompt)["input_ids"]
             elif isinstance(prompt, list):

@@ -124,16 +124,10 @@ class Router:
 
 
 def merged_base_for(catalog, row: dict, served_base: str) -> str | None:
-    """Name of the newest merged base built from version ``row`` on ``served_base``, if one is usable."""
-    found = catalog.one(
-        "SELECT m.base_name FROM merges m JOIN bases b ON b.name = m.base_name "
-        "WHERE m.adapter_version_id = ? AND m.base = ? AND m.base_name IS NOT NULL "
-        "ORDER BY m.id DESC LIMIT 1",
-        [row["id"], served_base],
-    )
-    if found is None:
-        return None
-    base = catalog.one("SELECT path FROM bases WHERE name = ?", [found["base_name"]])
-    if base is None or not Path(base["path"]).is_dir():
+    """Name of the newest merged base built from version ``row`` on ``served_base``, if its folder is here."""
+    from loradex.hub.queries import merged_base
+
+    found = merged_base(catalog, row["id"], served_base)
+    if found is None or not Path(found["path"]).is_dir():
         return None
     return found["base_name"]

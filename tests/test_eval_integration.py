@@ -96,7 +96,10 @@ def test_style_adapter_lifts_and_passes_gate_no_skill_is_refused(catalog, store,
                                                          "version": 1}, config=nf4)["reasons"][0]
     assert gate["lift"]["ci_low"] == pytest.approx(lift["ci_low"])
     catalog.close()
+    # the CLI's gate judges as the default server serves it (NF4): not scored there, so refused, saying how
     r = run_cli("alias", "set", "pirate@1", "production")
+    assert r.returncode == 6 and "--quantize nf4" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("alias", "set", "pirate@1", "production", "--force", "--reason", "scored as trained in this test")
     assert r.returncode == 0, r.stderr
 
     # a no-skill version: every lora_B zero, registered with --allow-noop
