@@ -214,11 +214,23 @@ def test_lru_eviction_pins_and_counters(env):
     assert any(e["adapter"] == "q2" and e["pinned"] for e in eng.cache.loaded())
 
 
-def test_cold_load_is_quick_and_counted(env):
+def _load_count(eng) -> float:
+    for line in eng.metrics.render().splitlines():
+        if line.startswith("loradex_adapter_load_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_cold_adapter_is_loaded_once_and_timed(env):
+    """The first request for an adapter loads it (timed into the histogram); the next ones reuse it.
+    How fast the load is is the cold_load benchmark's figure (make bench), not a timed assertion."""
     eng = env["engine"]
+    eng.forget(eng.resolve(adapter="vd16@1").row)  # make sure it is cold
+    before = _load_count(eng)
     eng.generate(PROMPTS[0], adapter="vd16@1", max_tokens=1, temperature=0)
-    assert eng.cache.last_load_s is not None and eng.cache.last_load_s > 0
-    assert "loradex_adapter_load_seconds_count" in eng.metrics.render()
+    assert _load_count(eng) == before + 1 and eng.cache.last_load_s is not None
+    eng.generate(PROMPTS[1], adapter="vd16@1", max_tokens=1, temperature=0)
+    assert _load_count(eng) == before + 1  # warm: no second load
 
 
 def test_corrupted_adapter_fails_only_its_requests(env, tmp_path, tiny_base_dir):
