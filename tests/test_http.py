@@ -313,7 +313,8 @@ def test_register_list_delete_while_serving(srv, tiny_base_dir, tmp_path):
         listing = h.get("/adapters").json()["adapters"]
         refs = {a["ref"]: a for a in listing}
         assert {"hot@1", "hot@2", "hotzip@1", "ad0@1"} <= set(refs)
-        assert "scores" in refs["hot@1"] and isinstance(refs["ad0@1"]["loaded"], bool)
+        assert "score" in refs["hot@1"] and isinstance(refs["ad0@1"]["loaded"], bool)
+        assert refs["hot@1"]["score"] is None and "no eval under" in refs["hot@1"]["score_note"]
         r = h.delete("/adapters/hot@2")
         assert r.status_code == 200 and r.json()["deleted"] is True
         assert c.completions.create(model="hot", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text == out1
