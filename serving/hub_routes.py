@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, Response
 from pydantic import ConfigDict, create_model
 
 from loradex.hub.errors import NotFound
-from loradex.hub.ops import OPS, encode, load_all
+from loradex.hub.ops import encode, load_all
 from loradex.serving.deps import get_state
 from loradex.serving.errors import BadRequest
 from loradex.serving.hub_protocol import (

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 
@@ -38,3 +41,42 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "loradex", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str, env: dict | None = None, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """A real `loradex serve ARGS --port P` on loopback, once its /ready answers 200: (process, URL)."""
+    import pytest
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", *args, "--port", str(port),
+                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stderr.read()}")
+        time.sleep(0.3)
+    stop_server(proc)
+    pytest.fail("server did not become ready")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

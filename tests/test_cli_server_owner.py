@@ -2,47 +2,21 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 
 from loradex.hub.registry import register_adapter
-from tests.helpers import make_adapter, run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import make_adapter, run_cli, start_server, stop_server
 
 
 @pytest.fixture
 def server(catalog, store, tiny_base, tiny_base_dir, tmp_path):
     register_adapter(catalog, store, make_adapter(tiny_base_dir, tmp_path / "first", r=2, alpha=4), "first", base="tiny")
     catalog.close()
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", "--base", "tiny", "--quantize", "none",
-                             "--port", str(port), "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()}")
-        time.sleep(0.5)
+    proc, url = start_server("--base", "tiny", "--quantize", "none")
     yield url
-    proc.terminate()
-    proc.wait(timeout=60)
+    stop_server(proc)
 
 
 def test_cli_goes_through_the_server(server, tiny_base_dir, tmp_path):

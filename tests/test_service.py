@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from loradex.hub.registry import register_adapter
 from loradex.hub.settings import Settings
 from loradex.hub.store import Store
 from tests.catalog_rows import add_run
-from tests.helpers import make_adapter
+from tests.helpers import free_port, make_adapter, start_server as start_served, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -41,50 +40,13 @@ EVAL_ROWS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()}")
-        time.sleep(0.3)
-    pytest.fail("server did not become ready")
-
-
 def _env(root: Path) -> dict:
     return {"LORADEX_HOME": str(root / "home"), "LORADEX_STORE": str(root / "store")}
 
 
 def start_server(root: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = dict(os.environ, **_env(root))
     # the default quantization (NF4), so that "as served" means the same with and without this server
-    proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", "--base", "tiny",
-                             "--port", str(port), "--log-level", "warning", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, proc)
-    return proc, url
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return start_served("--base", "tiny", *extra, env=_env(root))
 
 
 def http(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, dict]:
@@ -313,7 +275,7 @@ def test_a_second_server_on_the_same_catalog_refuses_in_one_line(worlds):
     roots, url, proc = worlds
     env = dict(os.environ, **_env(roots["served"]))
     res = subprocess.run([sys.executable, "-m", "loradex", "serve", "--base", "tiny", "--quantize", "none",
-                          "--port", str(_free_port())], capture_output=True, text=True, env=env, timeout=120)
+                          "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 7
     assert res.stderr.count("\n") == 1 and f"pid {proc.pid}" in res.stderr and url in res.stderr
 
