@@ -19,7 +19,7 @@ from hub.errors import GateRefused, LoradexError
 from hub.render import human_bytes, table, to_jsonable
 from hub.settings import Settings
 
-STAGE_CLIS = ("training.cli", "evals.cli", "serving.cli", "serving.promote_cli")
+STAGE_CLIS = ("training.cli", "evals.cli", "serving.cli", "serving.promote_cli", "serving.fleet.cli")
 
 
 class Context:
