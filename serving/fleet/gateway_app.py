@@ -162,11 +162,14 @@ class Gateway:
             extra["Warning"] = (f'110 loradex-gateway "registry unreachable; {asked} resolved '
                                 f'{res.age_s:.0f}s ago (bound {self.config.max_stale_s:g}s)"')
         tried: set[str] = set()
+        last: tuple[int, bytes, str] | None = None  # the last retryable answer, returned if no backend does better
         while True:
             try:
                 backend, decision = self.pool.pick(res.adapter, tried)
             except NoBackend:
                 self.metrics.inc("errors_total", label, "NoBackend")
+                if last is not None:
+                    return Response(last[1], status_code=last[0], headers=extra, media_type=last[2])
                 raise
             tried.add(backend.url)
             backend.in_flight += 1
@@ -175,6 +178,7 @@ class Gateway:
                 req = self.client.build_request("POST", backend.url + path, content=payload, headers=headers)
                 resp = await self.client.send(req, stream=True)
                 if resp.status_code in RETRY_STATUSES:
+                    last = (resp.status_code, await resp.aread(), resp.headers.get("content-type", "application/json"))
                     await resp.aclose()
                     self.metrics.inc("retries_total", backend.url, f"status_{resp.status_code}")
                     backend.in_flight -= 1
