@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hub.errors import InvalidConfig
+from serving.export.vllm import MAX_LORA_RANKS, check_lora_folder  # vLLM's LoRA rules, shared with `loradex export`
 from serving.fleet.errors import Refused
 
 DEFAULT_CACHE = "~/.cache/loradex/vllm-loras"
@@ -104,15 +105,20 @@ def fetch_adapter(cfg: FetchConfig, ref: str, served_base: str | None = None) ->
     want = cfg.base or served_base
     if want is not None and row["base"] != want:
         raise Refused(f"{label} is an adapter for base {row['base']!r}; this replica serves {want!r}")
+    if isinstance(row.get("rank"), int) and row["rank"] > cfg.max_lora_rank:  # refuse before downloading
+        raise _over_rank(label, row["rank"], cfg.max_lora_rank)
     store = Store(cfg.cache_dir)
     cached = not store.verify(row["path"], row["files"])
     folder = materialize(registry, store, row["path"], row["files"], label)
-    from serving.export.vllm import check_lora_folder  # vLLM's LoRA rules, shared with `loradex export`
-
     rules = check_lora_folder(folder)
     if not rules["ok"]:
         raise Refused(f"{label} breaks vLLM's LoRA rules: " + "; ".join(rules["reasons"]))
-    if rules["rank"] > cfg.max_lora_rank:
-        raise Refused(f"{label} has rank {rules['rank']}, over this replica's --max-lora-rank {cfg.max_lora_rank} "
-                      f"(start vLLM with --max-lora-rank {rules['max_lora_rank']} to serve it)")
+    if rules["rank"] > cfg.max_lora_rank:  # rank_pattern may raise it above the recorded r
+        raise _over_rank(label, rules["rank"], cfg.max_lora_rank)
     return Fetched(label=label, path=folder, digest=row["digest"], rank=rules["rank"], cached=cached)
+
+
+def _over_rank(label: str, rank: int, limit: int) -> Refused:
+    need = next((m for m in MAX_LORA_RANKS if m >= rank), None)
+    hint = f"start vLLM with --max-lora-rank {need} to serve it" if need else "vLLM serves no rank this high"
+    return Refused(f"{label} has rank {rank}, over this replica's --max-lora-rank {limit} ({hint})")
