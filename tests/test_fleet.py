@@ -105,8 +105,13 @@ def test_fetch_reuses_the_cache(registry, tmp_path):
 
 def test_fetch_refuses_base_mismatch_and_rank(registry, tmp_path):
     cfg = FetchConfig(registry=registry["url"], cache_dir=tmp_path / "cache")
-    with pytest.raises(Refused, match="adapter for base 'tiny'; this replica serves 'smollm2-135m-instruct'"):
+    with pytest.raises(Refused, match="adapter for base 'tiny' .*this replica serves 'smollm2-135m-instruct'"):
         fetch_adapter(cfg, "first@1", served_base="smollm2-135m-instruct")
+    with pytest.raises(Refused, match="set LORADEX_BASE"):
+        fetch_adapter(cfg, "first@1", served_base="/models/other")
+    # vLLM passes the folder it loaded: the registry's path of the base is accepted as the base itself
+    tiny_path = http(registry["url"] + "/v1/bases")[1][0]["path"]
+    assert fetch_adapter(cfg, "first@1", served_base=tiny_path).label == "first@1"
     pinned = FetchConfig(registry=registry["url"], cache_dir=tmp_path / "cache", base="other")
     with pytest.raises(Refused, match="serves 'other'"):  # LORADEX_BASE wins over vLLM's served name
         fetch_adapter(pinned, "first@1", served_base="tiny")
@@ -114,8 +119,8 @@ def test_fetch_refuses_base_mismatch_and_rank(registry, tmp_path):
         fetch_adapter(cfg, "wide", served_base="tiny")
     wide = FetchConfig(registry=registry["url"], cache_dir=tmp_path / "cache", max_lora_rank=32)
     assert fetch_adapter(wide, "wide", served_base="tiny").rank == 32
-    # refusals by base or recorded rank download nothing: the one snapshot is `wide`, served at rank 32
-    assert len(list((tmp_path / "cache" / "snapshots").iterdir())) == 1
+    # refusals by base or recorded rank download nothing: the snapshots are first@1 and `wide` (rank 32)
+    assert len(list((tmp_path / "cache" / "snapshots").iterdir())) == 2
 
 
 def test_fetch_refuses_a_file_that_fails_its_hash(registry, tmp_path):

@@ -43,7 +43,8 @@ class FetchConfig:
     cache_dir: Path = Path(DEFAULT_CACHE).expanduser()
     """LORADEX_LORA_CACHE: local adapter cache (a loradex store: objects/ + snapshots/)."""
     base: str | None = None
-    """LORADEX_BASE: the registry's name of the base this replica serves (default: vLLM's served model name)."""
+    """LORADEX_BASE: the registry's name of the base this replica serves (default: match the model vLLM
+    loaded against the registry base's name, path or source)."""
     max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK
     """LORADEX_MAX_LORA_RANK: the replica's --max-lora-rank; adapters of higher rank are refused."""
     timeout_s: float = 60.0
@@ -102,9 +103,16 @@ def fetch_adapter(cfg: FetchConfig, ref: str, served_base: str | None = None) ->
                              owner=f"the loradex registry at {cfg.registry}")
     row = registry.call_op("adapters.resolve", {"ref": ref})
     label = f"{row['adapter']}@{row['version']}"
-    want = cfg.base or served_base
-    if want is not None and row["base"] != want:
-        raise Refused(f"{label} is an adapter for base {row['base']!r}; this replica serves {want!r}")
+    if cfg.base is not None:
+        if row["base"] != cfg.base:
+            raise Refused(f"{label} is an adapter for base {row['base']!r}; this replica serves {cfg.base!r}")
+    elif served_base is not None and served_base != row["base"]:
+        # vLLM passes the model it loaded (often a folder path), not the served name: accept the
+        # registry's name, path or source of the adapter's base, nothing else
+        base = registry.call_op("bases.get", {"name": row["base"], "provision": False})
+        if served_base not in (base.get("path"), base.get("source")):
+            raise Refused(f"{label} is an adapter for base {row['base']!r} ({base.get('path')}); this replica serves "
+                          f"{served_base!r} (set LORADEX_BASE to the registry's name of the base it serves)")
     if isinstance(row.get("rank"), int) and row["rank"] > cfg.max_lora_rank:  # refuse before downloading
         raise _over_rank(label, row["rank"], cfg.max_lora_rank)
     store = Store(cfg.cache_dir)
