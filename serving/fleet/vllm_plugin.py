@@ -69,7 +69,7 @@ def register() -> None:
     from vllm.logger import init_logger
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    log = init_logger("loradex.vllm")
+    log = init_logger("vllm.plugins.loradex")  # under "vllm": vLLM's handler and format apply
     if not os.environ.get("LORADEX_REGISTRY"):
         log.debug("loradex: LORADEX_REGISTRY not set; resolver not registered")
         return
