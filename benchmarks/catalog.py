@@ -8,7 +8,7 @@
       cli-show  ``loradex show NAME --json`` in-process: open + migrate check + render + close
       cli-list  ``loradex list --json`` in-process, all 10,000 rows rendered
 
-The targets are loradex's own interactive budgets (the issue sets none):
+The targets are loradex's own interactive budgets:
 show and register well under a second, a 10,000-row list within one.
 """
 from __future__ import annotations
@@ -59,8 +59,8 @@ def bulk_insert(cat, base: str, rows: int) -> None:
 
 def _show(cat, name: str) -> dict:
     """What ``loradex show NAME`` reads, without rendering."""
-    from hub.names import parse_ref
-    from hub.registry import aliases_of, resolve
+    from loradex.hub.names import parse_ref
+    from loradex.hub.registry import aliases_of, resolve
 
     ref = parse_ref(name)
     resolve(cat, ref)
@@ -75,7 +75,7 @@ def _show(cat, name: str) -> dict:
 
 
 def _cli(*args: str) -> None:
-    from hub.cli import main
+    from loradex.cli import main
 
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink):
@@ -85,7 +85,7 @@ def _cli(*args: str) -> None:
 
 
 def run(ws: Workspace, report: Report) -> dict:
-    from hub.registry import list_adapters, register_adapter
+    from loradex.hub.registry import list_adapters, register_adapter
 
     sizes = ws.sizes
     n_reg = sizes.catalog_reps + sizes.warmup

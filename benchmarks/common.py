@@ -97,7 +97,7 @@ class Metric:
     unit: str
     """``x`` for ratios, ``tok/s``, ``ms``, ``GB/s``, ``steps/s`` ..."""
     target: float | None = None
-    """The goal the issue sets, if any."""
+    """The goal this benchmark is held to, if any."""
     op: str | None = None
     """How ``value`` must compare with ``target``: ``>=`` or ``<=``."""
     note: str = ""

@@ -137,7 +137,7 @@ def decode_rates(decoders: dict, n: int, reps: int, warmup: int) -> dict[str, li
 
 def run(ws: Workspace, report: Report) -> dict:
     from benchmarks import engine_api
-    from hub.loading import load_base
+    from loradex.hub.loading import load_base
 
     sizes = ws.sizes
     bw = memory_bandwidth(sizes.bandwidth_mb)

@@ -47,8 +47,8 @@ class Round:
 
 def open_engine(ws, catalog, *, max_loaded: int = 8, pin: list[str] | None = None, **config):
     """A started loradex engine on the workspace's base."""
-    from serving.config import EngineConfig
-    from serving.engine import Engine
+    from loradex.serving.config import EngineConfig
+    from loradex.serving.engine import Engine
 
     cfg = EngineConfig(base=ws.base_name, quantize=ws.quantize, device=ws.device, max_loaded=max_loaded,
                        pin=list(pin or []), **config)
@@ -57,7 +57,7 @@ def open_engine(ws, catalog, *, max_loaded: int = 8, pin: list[str] | None = Non
 
 def engine_round(engine, requests: list[dict], timeout: float = 600.0) -> Round:
     """Submit every request at once and wait for all; raises the first request error."""
-    from serving.engine import Event
+    from loradex.serving.engine import Event
 
     n = len(requests)
     done_at: list[float | None] = [None] * n
@@ -119,7 +119,7 @@ class PeftBaseline:
     def __init__(self, ws, catalog, adapter_folders: dict[str, object]):
         from peft import PeftModel
 
-        from hub.loading import load_base
+        from loradex.hub.loading import load_base
 
         loaded = load_base(ws.base_name, quantize=ws.quantize, device=ws.device, catalog=catalog, store=ws.store)
         self.tokenizer = loaded.tokenizer

@@ -44,7 +44,7 @@ def start_server(ws: Workspace, home: Path, port: int, pins: list[str], log_path
     env = dict(os.environ, LORADEX_HOME=str(home), LORADEX_STORE=str(ws.settings.store),
                LORADEX_THREADS=str(ws.settings.threads))
     env.pop("LORADEX_API_KEY", None)
-    cmd = [sys.executable, "-m", "hub.cli", "serve", "--base", ws.base_name, "--quantize", ws.quantize,
+    cmd = [sys.executable, "-m", "loradex", "serve", "--base", ws.base_name, "--quantize", ws.quantize,
            "--device", ws.device, "--port", str(port), "--max-loaded", str(max(8, len(pins))),
            "--log-level", "warning", "--drain-s", "5"]
     for name in pins:

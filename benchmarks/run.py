@@ -69,8 +69,8 @@ class RunConfig:
     """Run each benchmark under torch.profiler and write its top ops beside --out (--profile)."""
 
     def __post_init__(self) -> None:
-        from hub.errors import InvalidConfig
-        from hub.loading import QUANTIZE_CHOICES
+        from loradex.hub.errors import InvalidConfig
+        from loradex.hub.loading import QUANTIZE_CHOICES
 
         if self.preset not in PRESETS:
             raise InvalidConfig(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
@@ -188,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hub.errors import LoradexError
+    from loradex.hub.errors import LoradexError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -21,7 +21,7 @@ NAME = "serving_mixed"
 
 
 def run(ws: Workspace, report: Report) -> dict:
-    from hub.registry import adapter_folder
+    from loradex.hub.registry import adapter_folder
 
     sizes = ws.sizes
     names = ws.register_adapters("serve", sizes.adapters)

@@ -69,7 +69,7 @@ def step_rate(ends: list[float]) -> float:
 
 
 def run_loradex(ws: Workspace, data: Path, steps: int, i: int) -> dict:
-    from training import TrainConfig, train
+    from loradex.training import TrainConfig, train
 
     timer = step_timer()
     cfg = TrainConfig(data=str(data), name=f"bench-train-{i}", base=ws.base_name, max_steps=steps,
@@ -93,7 +93,7 @@ def run_trl(ws: Workspace, data: Path, steps: int, i: int) -> dict:
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from hub.loading import load_model_folder, load_tokenizer
+    from loradex.hub.loading import load_model_folder, load_tokenizer
 
     disable_progress_bar()
     timer = step_timer()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig
 
 ENV_KEYS = ("LORADEX_HOME", "LORADEX_STORE")
 
@@ -115,7 +115,7 @@ class Workspace:
     @contextlib.contextmanager
     def catalog(self) -> Iterator[object]:
         """A short-lived handle on this run's catalog (DuckDB allows one writer per process)."""
-        from hub.catalog import Catalog
+        from loradex.hub.catalog import Catalog
 
         cat = Catalog.open(self.settings.catalog_path, wait_s=30)
         try:
@@ -130,7 +130,7 @@ class Workspace:
 
     def register_adapters(self, prefix: str, count: int, *, seed0: int = 0) -> list[str]:
         """Generate and register ``count`` adapters named ``{prefix}-{i}``; returns their names."""
-        from hub.registry import register_adapter
+        from loradex.hub.registry import register_adapter
 
         names = []
         with self.catalog() as cat:
@@ -173,8 +173,8 @@ def make_random_adapter(base_record: dict, out: Path, *, rank: int = 16, alpha: 
 
 def cached_default_base(cache_dir: Path) -> Path:
     """The default base converted once into ``cache_dir`` (reused by later runs)."""
-    from hub.bases import convert_gguf, locate_default_gguf
-    from hub.store import Store
+    from loradex.hub.bases import convert_gguf, locate_default_gguf
+    from loradex.hub.store import Store
 
     marker = cache_dir / "default-base.json"
     if marker.is_file():
@@ -195,11 +195,11 @@ def open_workspace(*, sizes: Sizes, base_dir: Path | None = None, base_name: str
     The environment variables matter: the serving and training stages open
     ``Settings()`` themselves, and a uvicorn subprocess inherits them.
     """
-    from hub.bases import DEFAULT_BASE, add_base
-    from hub.catalog import Catalog
-    from hub.loading import pick_device
-    from hub.settings import Settings, apply_threads
-    from hub.store import Store
+    from loradex.hub.bases import DEFAULT_BASE, add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.loading import pick_device
+    from loradex.hub.settings import Settings, apply_threads
+    from loradex.hub.store import Store
 
     root = Path(root or tempfile.mkdtemp(prefix="loradex-bench-"))
     settings = Settings(home=root / "home", store=root / "store")

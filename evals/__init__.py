@@ -8,6 +8,6 @@ quantization, dtype, device) every score was measured under, and
 :func:`evals.record.scores_for_config` finds the scores that describe one. See
 docs/evals.md.
 """
-from evals.run import EvalConfig, evaluate
+from loradex.evals.run import EvalConfig, evaluate
 
 __all__ = ["EvalConfig", "evaluate"]

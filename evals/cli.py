@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hub.errors import InvalidConfig
-from hub.loading import QUANTIZE_CHOICES
+from loradex.hub.errors import InvalidConfig
+from loradex.hub.loading import QUANTIZE_CHOICES
 
-from evals.config import config_label, is_served_default, served_warning
+from loradex.evals.config import config_label, is_served_default, served_warning
 
 
 def _positive_int(flag: str):
@@ -81,8 +81,8 @@ def cmd_eval(ctx) -> int:
         raise InvalidConfig(f"unexpected argument {args.run!r}: use `loradex eval NAME --data FILE` or `loradex eval show RUN`")
     if not args.data:
         raise InvalidConfig("--data FILE is required: a JSONL held-out set (chat messages or prompt/completion)")
-    from evals.run import evaluate
-    from evals.gate import check_promotion
+    from loradex.evals.run import evaluate
+    from loradex.evals.gate import check_promotion
 
     quantize, dtype, as_served = args.quantize, args.dtype, args.as_served
     if args.as_trained and (quantize or as_served):
@@ -100,7 +100,7 @@ def cmd_eval(ctx) -> int:
                    limit=args.limit, batch_size=args.batch_size, seed=args.seed, settings=ctx.settings,
                    quantize=quantize, device=args.device, use_cache=not args.no_cache,
                    progress=not args.no_progress and not ctx.as_json, as_served=as_served, dtype=dtype)
-    from hub.registry import get_version_by_id
+    from loradex.hub.registry import get_version_by_id
 
     # the gate's verdict for the configuration just measured: these numbers say nothing about others
     gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]),
@@ -114,8 +114,8 @@ def cmd_eval(ctx) -> int:
 
 def _running_server(ctx, ref: str) -> dict | None:
     """What the server that owns the catalog runs ({quantize, dtype, config_label}), if it serves ``ref``'s base."""
-    from hub.registry import resolve
-    from hub.remote import is_remote
+    from loradex.hub.registry import resolve
+    from loradex.hub.remote import is_remote
 
     if not is_remote(ctx.catalog):
         return None
@@ -126,8 +126,8 @@ def _running_server(ctx, ref: str) -> dict | None:
 
 
 def cmd_eval_show(ctx) -> int:
-    from evals.metrics import METRICS
-    from evals.record import get_run, get_samples, worst_samples
+    from loradex.evals.metrics import METRICS
+    from loradex.evals.record import get_run, get_samples, worst_samples
 
     try:
         run_id = int(ctx.args.run)
@@ -167,7 +167,7 @@ def _clip(text: str | None, short: bool) -> str:
 
 
 def cmd_leaderboard(ctx) -> int:
-    from evals.leaderboard import build, render_text, write_png
+    from loradex.evals.leaderboard import build, render_text, write_png
 
     args = ctx.args
     if args.config and args.quantize and args.config != args.quantize:
@@ -184,7 +184,7 @@ def _data_key(data: str | None) -> str | None:
     """A data file is named by its sha256, which means the same on this machine and on a server."""
     from pathlib import Path
 
-    from hub.store import file_sha256
+    from loradex.hub.store import file_sha256
 
     return file_sha256(data) if data and Path(data).is_file() else data
 
@@ -196,7 +196,7 @@ def _absolute(path: str) -> str:
 
 
 def cmd_review_export(ctx) -> int:
-    from evals.review import export_sheet
+    from loradex.evals.review import export_sheet
 
     res = export_sheet(ctx.catalog, ctx.args.ref, _absolute(ctx.args.out), n=ctx.args.n, seed=ctx.args.seed)
     short = f" (only {res['n']} items in eval run {res['eval_run_id']})" if res["n"] < ctx.args.n else ""
@@ -207,7 +207,7 @@ def cmd_review_export(ctx) -> int:
 
 
 def cmd_review_import(ctx) -> int:
-    from evals.review import import_sheet
+    from loradex.evals.review import import_sheet
 
     res = import_sheet(ctx.catalog, _absolute(ctx.args.sheet))
     ctx.emit(res, f"review {res['review_id']} of {res['adapter']}@{res['version']}: {res['n']} ratings stored; "
@@ -218,7 +218,7 @@ def cmd_review_import(ctx) -> int:
 
 
 def add_commands(sub, common) -> None:
-    from evals.metrics import METRICS
+    from loradex.evals.metrics import METRICS
 
     p = sub.add_parser("eval", parents=[common], help="score an adapter against its base on held-out data (or: eval show RUN)",
                        description="loradex eval NAME[@V|@ALIAS] --data FILE ... | loradex eval show RUN [--worst N]")

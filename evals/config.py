@@ -22,8 +22,8 @@ weights is what a score promises about a server, not the loop that drives it.
 """
 from __future__ import annotations
 
-from hub.errors import InvalidConfig
-from hub.loading import QUANTIZE_CHOICES
+from loradex.hub.errors import InvalidConfig
+from loradex.hub.loading import QUANTIZE_CHOICES
 
 EVAL_ENGINE = "transformers.generate+peft"
 """What evals/generate.py drives: ``PeftModel.generate`` (greedy, left-padded batches)."""
@@ -58,7 +58,7 @@ def serving_config(base_row: dict, quantize: str, dtype, device: str, engine: st
     ``base_row`` is the catalog's ``bases`` row (``name`` and ``files`` = {file: sha256});
     the digest is :func:`hub.store.manifest_digest` of those files, as the catalog knows them.
     """
-    from hub.store import manifest_digest
+    from loradex.hub.store import manifest_digest
 
     if quantize not in QUANTIZE_CHOICES:
         raise InvalidConfig(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
@@ -84,7 +84,7 @@ def config_label(cfg: dict | None) -> str:
 
 def served_default() -> dict:
     """What ``loradex serve`` runs with no flags: ``{"quantize": ..., "dtype": None}`` (None = the device's default)."""
-    from serving.config import EngineConfig
+    from loradex.serving.config import EngineConfig
 
     return {"quantize": EngineConfig.quantize, "dtype": EngineConfig.dtype}
 
@@ -97,7 +97,7 @@ def default_served_config(base_row: dict, device: str | None = None) -> dict:
     score as the default server would serve it.
     """
     if device is None:
-        from hub.loading import pick_device
+        from loradex.hub.loading import pick_device
 
         device = pick_device("auto")
     d = served_default()

@@ -26,13 +26,13 @@ unless ``--force`` (the override and these numbers land in ``alias_events``).
 """
 from __future__ import annotations
 
-from hub.catalog import Catalog
-from hub.ops import op
+from loradex.hub.catalog import Catalog
+from loradex.hub.ops import op
 
-from evals import stats
-from evals.config import config_label, eval_command
-from evals.metrics import METRICS, PRIMARY_ORDER
-from evals.record import as_key, get_samples, runs_for_version
+from loradex.evals import stats
+from loradex.evals.config import config_label, eval_command
+from loradex.evals.metrics import METRICS, PRIMARY_ORDER
+from loradex.evals.record import as_key, get_samples, runs_for_version
 
 
 def _signed(metric: str) -> int:

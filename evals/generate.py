@@ -1,7 +1,7 @@
 """Model-side work of an eval: batched greedy generation and teacher-forced perplexity.
 
-Prompts go through the base's chat template (``add_generation_prompt=True``),
-exactly as serving and training see them. Batches are formed from
+Prompts go through the base's chat template with ``hub.chat.encode_chat``
+(``add_generation_prompt=True``), exactly as serving and training see them. Batches are formed from
 length-sorted items (less padding) and results are put back in item order.
 
 Generation pads on the **left** so every row's last prompt token sits at the
@@ -16,13 +16,9 @@ end-of-turn token (the prompt is context, not scored).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
-
-def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
-    """Token ids of the chat-templated prompt, ending with the assistant header."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+from loradex.hub.chat import encode_chat
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -36,7 +32,7 @@ def generate_outputs(model, tokenizer, items, *, max_new_tokens: int, batch_size
     import torch
     from transformers import GenerationConfig
 
-    encoded = [prompt_ids(tokenizer, it.messages) for it in items]
+    encoded = [encode_chat(tokenizer, it.messages) for it in items]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen_config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                   pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
@@ -67,7 +63,7 @@ def reference_perplexities(model, tokenizer, items, *, batch_size: int,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs: list[tuple[list[int], int]] = []  # (ids, number of prompt tokens)
     for it in items:
-        p = prompt_ids(tokenizer, it.messages)
+        p = encode_chat(tokenizer, it.messages)
         ref = tokenizer(it.reference, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ref = ref + [tokenizer.eos_token_id]

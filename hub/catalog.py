@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from hub import migrations
-from hub.errors import CatalogLocked
+from loradex.hub import migrations
+from loradex.hub.errors import CatalogLocked
 
 _LOCK_RE = re.compile(r"PID (\d+)")
 
@@ -181,7 +181,7 @@ def borrowed(catalog: "Catalog | None", settings) -> Iterator["Catalog"]:
     if catalog is not None:
         yield catalog
         return
-    from hub.remote import connect
+    from loradex.hub.remote import connect
 
     cat = connect(settings)
     try:

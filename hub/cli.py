@@ -1,26 +1,19 @@
-"""The ``loradex`` command line: a thin edge over the library.
+"""The hub's commands (init, base, register, list, show, alias, delete, verify, jobs) and ``Context``.
 
 Every command opens the catalog only for as long as it works (DuckDB allows one
-read-write process per file), prints data as a table or, with ``--json``, as
-JSON, and turns a :class:`LoradexError` into one line on stderr and a non-zero
-exit code. Stages add their own commands through ``add_commands(sub, common)``
-in ``training/cli.py``, ``evals/cli.py`` and ``serving/cli.py``.
+read-write process per file), or goes through the server that owns it, and
+prints data as a table or, with ``--json``, as JSON. ``loradex/cli.py``
+assembles these with each stage's ``add_commands(sub, common)`` and turns a
+:class:`LoradexError` into one line on stderr and a non-zero exit code.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
-import sys
 from typing import Any, Callable
 
-from hub.errors import GateRefused, LoradexError
-from hub.render import human_bytes, table, to_jsonable
-from hub.settings import Settings
-
-STAGE_CLIS = ("training.cli", "evals.cli", "serving.cli", "serving.promote_cli", "serving.fleet.cli")
-
+from loradex.hub.render import human_bytes, table, to_jsonable
+from loradex.hub.settings import Settings
 
 class Context:
     """What a command needs: settings, a lazily opened catalog, the store, output."""
@@ -34,7 +27,7 @@ class Context:
 
     @property
     def store(self):
-        from hub.store import Store
+        from loradex.hub.store import Store
 
         if self._store is None:
             self._store = Store(self.settings.store)
@@ -44,8 +37,8 @@ class Context:
     def catalog(self):
         """The catalog file, or, while ``loradex serve`` owns it, that server's API (same operations)."""
         if self._catalog is None:
-            from hub.registry import cleanup_stale
-            from hub.remote import connect, is_remote
+            from loradex.hub.registry import cleanup_stale
+            from loradex.hub.remote import connect, is_remote
 
             self._catalog = connect(self.settings)
             if not is_remote(self._catalog):
@@ -67,7 +60,7 @@ class Context:
 # -- hub commands ------------------------------------------------------------------
 
 def cmd_init(ctx: Context) -> int:
-    from hub.bases import ensure_default_base
+    from loradex.hub.bases import ensure_default_base
 
     row = ensure_default_base(ctx.catalog, ctx.store)
     ctx.emit(_base_view(row), f"default base {row['name']} ready at {row['path']}")
@@ -79,7 +72,7 @@ def _base_view(row: dict) -> dict:
 
 
 def cmd_base_add(ctx: Context) -> int:
-    from hub.bases import add_base
+    from loradex.hub.bases import add_base
 
     row = add_base(ctx.catalog, ctx.store, ctx.args.name, _absolute_source(ctx.args.source))
     ctx.emit(_base_view(row), f"added base {row['name']} ({row['architecture']}, "
@@ -97,7 +90,7 @@ def _absolute_source(source: str) -> str:
 
 
 def cmd_base_list(ctx: Context) -> int:
-    from hub.bases import list_bases
+    from loradex.hub.bases import list_bases
 
     rows = list_bases(ctx.catalog)
     ctx.emit(rows, lambda: table(
@@ -109,11 +102,14 @@ def cmd_base_list(ctx: Context) -> int:
 def cmd_register(ctx: Context) -> int:
     from pathlib import Path
 
-    from hub.registry import register_adapter
+    from loradex.hub.registry import register_adapter
 
     path = ctx.args.path if ctx.args.path.startswith("hf:") else str(Path(ctx.args.path).absolute())
     row = register_adapter(ctx.catalog, ctx.store, path, ctx.args.name, base=ctx.args.base,
                            allow_noop=ctx.args.allow_noop, description=ctx.args.description)
+    if row.get("existing"):
+        ctx.emit(row, f"already registered as {row['adapter']}@{row['version']} (same files, digest {row['digest'][:12]})")
+        return 0
     ctx.emit(row, lambda: f"registered {row['adapter']}@{row['version']} (base {row['base']}, r={row['rank']}, "
              f"alpha={row['alpha']:g}, targets {','.join(row['target_modules'])}, "
              f"{row['param_count']:,} params, {human_bytes(row['size_bytes'])}, digest {row['digest'][:12]})")
@@ -121,7 +117,7 @@ def cmd_register(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
-    from hub.registry import list_adapters
+    from loradex.hub.registry import list_adapters
 
     rows = [dict(r, ref=f"{r['adapter']}@{r['version']}") for r in list_adapters(ctx.catalog, base=ctx.args.base)]
     ctx.emit(rows, lambda: table(
@@ -133,7 +129,7 @@ def cmd_list(ctx: Context) -> int:
 
 
 def cmd_show(ctx: Context) -> int:
-    from hub.queries import adapter_detail
+    from loradex.hub.queries import adapter_detail
 
     data = adapter_detail(ctx.catalog, ctx.args.ref)
     ctx.emit(data, lambda: _show_text(data["adapter"], data["aliases"], data["versions"]))
@@ -160,6 +156,8 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
             loss = f"{tr['final_loss']:.4f}" if tr["final_loss"] is not None else "-"
             out.append(f"    training     run {tr['id']} {tr['status']}, {tr['steps']} steps, final loss {loss}, "
                        f"{tr['device']}/{tr['precision']}, est. cost {cost}, data {str(tr['data_sha256'])[:12]}")
+            if tr.get("loss_png"):
+                out.append(f"    loss curve   {tr['loss_png']}")
         if v.get("served"):
             out.append(f"    as served    {v['served']['note']}")
         for ev in v["evals"]:
@@ -170,7 +168,7 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
                 if lift:
                     txt += f" lift {lift['diff']:+.3f} [{lift['ci_low']:+.3f}, {lift['ci_high']:+.3f}]"
                 parts.append(txt)
-            from evals.config import config_label
+            from loradex.evals.config import config_label
 
             out.append(f"    eval run {ev['id']} n={ev['n']} data {ev['data_sha256'][:12]} "
                        f"({config_label(ev.get('serving_config'))}): " + "; ".join(parts))
@@ -182,7 +180,7 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
 
 
 def cmd_alias_set(ctx: Context) -> int:
-    from hub.registry import current_actor, set_alias
+    from loradex.hub.registry import current_actor, set_alias
 
     move = set_alias(ctx.catalog, ctx.args.ref, ctx.args.alias, force=ctx.args.force, reason=ctx.args.reason,
                      actor=current_actor())
@@ -193,8 +191,8 @@ def cmd_alias_set(ctx: Context) -> int:
 
 
 def cmd_alias_rm(ctx: Context) -> int:
-    from hub.names import check_name
-    from hub.registry import current_actor, remove_alias
+    from loradex.hub.names import check_name
+    from loradex.hub.registry import current_actor, remove_alias
 
     check_name(ctx.args.name, "adapter name")
     remove_alias(ctx.catalog, ctx.args.name, ctx.args.alias, actor=current_actor())
@@ -203,7 +201,7 @@ def cmd_alias_rm(ctx: Context) -> int:
 
 
 def cmd_delete(ctx: Context) -> int:
-    from hub.registry import delete_version
+    from loradex.hub.registry import delete_version
 
     row = delete_version(ctx.catalog, ctx.store, ctx.args.ref, force=ctx.args.force)
     ctx.emit({"adapter": row["adapter"], "version": row["version"], "deleted": True}, f"deleted {row['adapter']}@{row['version']}")
@@ -211,7 +209,7 @@ def cmd_delete(ctx: Context) -> int:
 
 
 def cmd_verify(ctx: Context) -> int:
-    from hub.registry import verify
+    from loradex.hub.registry import verify
 
     results = verify(ctx.catalog, ctx.store, ctx.args.name)
     bad = [r for r in results if not r["ok"]]
@@ -226,7 +224,7 @@ def cmd_verify(ctx: Context) -> int:
 
 
 def cmd_jobs(ctx: Context) -> int:
-    from hub.jobs import get_job, list_jobs
+    from loradex.hub.jobs import get_job, list_jobs
 
     if ctx.args.id is not None:
         job = get_job(ctx.catalog, ctx.args.id)
@@ -244,15 +242,8 @@ def cmd_jobs(ctx: Context) -> int:
 
 # -- parser -------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    parser = argparse.ArgumentParser(
-        prog="loradex", description="A self-hosted hub for LoRA adapters: train, score, register, serve, export.",
-        parents=[common],
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_commands(sub, common) -> None:
+    """The hub's own commands: init, base, register, list, show, alias, delete, verify, jobs."""
     p = sub.add_parser("init", parents=[common], help="provision the default base model (smollm2-135m-instruct)")
     p.set_defaults(func=cmd_init)
 
@@ -307,40 +298,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", type=int, help="a job id (exit 1 if it failed)")
     p.add_argument("--state", choices=("queued", "running", "succeeded", "failed"), help="only jobs in this state")
     p.set_defaults(func=cmd_jobs)
-
-    for modname in STAGE_CLIS:
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name != modname:
-                raise
-            continue
-        mod.add_commands(sub, common)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    ctx = None
-    try:
-        ctx = Context(args)
-        return int(args.func(ctx) or 0)
-    except LoradexError as exc:
-        print(f"loradex: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("loradex: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the edge: one line, unless debugging
-        if os.environ.get("LORADEX_DEBUG"):
-            raise
-        print(f"loradex: unexpected error: {type(exc).__name__}: {exc} (set LORADEX_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
-    finally:
-        if ctx is not None:
-            ctx.close_catalog()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

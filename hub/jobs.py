@@ -7,9 +7,9 @@ so no job is ever silently lost or reported half-done.
 """
 from __future__ import annotations
 
-from hub.catalog import Catalog, to_json, utcnow
-from hub.errors import NotFound
-from hub.ops import op
+from loradex.hub.catalog import Catalog, to_json, utcnow
+from loradex.hub.errors import NotFound
+from loradex.hub.ops import op
 
 COLUMNS = "id, kind, params, state, progress, result, error, error_type, actor, created_at, started_at, finished_at"
 

@@ -7,6 +7,8 @@ the quantization:
 * ``nf4``: bitsandbytes 4-bit NF4 with double quantization; compute in bf16 on
   CUDA, fp32 on CPU (bitsandbytes 0.50 runs NF4 on CPU with a pure-torch path);
 * ``int8``: bitsandbytes LLM.int8().
+
+Importing this module silences two known-harmless library messages (``hub/quiet.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub.errors import InvalidConfig
+from loradex.hub import quiet
+from loradex.hub.errors import InvalidConfig
+
+# before anything imports bitsandbytes (peft does on import): see hub/quiet.py
+quiet.install()
 
 QUANTIZE_CHOICES = ("none", "nf4", "int8")
 
@@ -121,15 +127,15 @@ def load_base(
     With no ``catalog`` a short-lived one is opened from ``settings`` (or the
     environment) just for the lookup, so the file is not held while loading.
     """
-    from hub.bases import get_base
-    from hub.settings import Settings, apply_threads
-    from hub.store import Store
+    from loradex.hub.bases import get_base
+    from loradex.hub.settings import Settings, apply_threads
+    from loradex.hub.store import Store
 
     if quantize not in QUANTIZE_CHOICES:
         raise InvalidConfig(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     settings = settings or Settings()
     apply_threads(settings.threads)
-    from hub.catalog import borrowed
+    from loradex.hub.catalog import borrowed
 
     with borrowed(catalog, settings) as cat:
         record = get_base(cat, name, store=store or Store(settings.store))

@@ -300,7 +300,7 @@ def m007_eval_runs_serving_config(cur) -> None:
     """
     import json
 
-    from evals.config import config_key, from_decoding
+    from loradex.evals.config import config_key, from_decoding
 
     # IF NOT EXISTS: development catalogs of the eval-config branch recorded this as 006_eval_runs_serving_config
     cur.execute("ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS serving_config JSON")

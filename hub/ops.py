@@ -36,17 +36,17 @@ from datetime import datetime
 from typing import Any, Callable
 
 OP_MODULES = (
-    "hub.bases",
-    "hub.registry",
-    "hub.queries",
-    "hub.jobs",
-    "training.records",
-    "evals.record",
-    "evals.review",
-    "evals.leaderboard",
-    "evals.gate",
-    "serving.merge",
-    "serving.export.run",
+    "loradex.hub.bases",
+    "loradex.hub.registry",
+    "loradex.hub.queries",
+    "loradex.hub.jobs",
+    "loradex.training.records",
+    "loradex.evals.record",
+    "loradex.evals.review",
+    "loradex.evals.leaderboard",
+    "loradex.evals.gate",
+    "loradex.promote.merge",
+    "loradex.promote.export.run",
 )
 
 SKIPPED = ("catalog", "store")  # never sent: the server supplies its own
@@ -103,7 +103,7 @@ class Op:
         known = {p.name: p for p in self.params()}
         unknown = [k for k in payload if k not in known]
         if unknown and not self.takes_extra():
-            from hub.errors import InvalidConfig
+            from loradex.hub.errors import InvalidConfig
 
             raise InvalidConfig(f"{self.name}: unknown argument(s) {', '.join(sorted(unknown))}")
         return {k: load(v, self.hints.get(k)) for k, v in payload.items()}
@@ -162,7 +162,7 @@ _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?$")
 
 def dump(value: Any, hint: Any = None) -> Any:
     """A JSON-ready copy of ``value`` (dataclasses, paths, datetimes, tuples, numpy scalars)."""
-    from hub.render import to_jsonable
+    from loradex.hub.render import to_jsonable
 
     if hint is not None and hint is not Any:
         try:

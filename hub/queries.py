@@ -6,11 +6,11 @@ every client sees the same rows. Writes live beside the things they change
 """
 from __future__ import annotations
 
-from hub.catalog import Catalog
-from hub.errors import NotFound
-from hub.names import parse_ref
-from hub.ops import op
-from hub.registry import aliases_of, resolve
+from loradex.hub.catalog import Catalog
+from loradex.hub.errors import NotFound
+from loradex.hub.names import parse_ref
+from loradex.hub.ops import op
+from loradex.hub.registry import aliases_of, resolve
 
 
 @op("adapters.show")
@@ -53,9 +53,9 @@ def adapter_detail(catalog: Catalog, ref: str, served_config: dict | None = None
 
 
 def _served(catalog: Catalog, row: dict, served_config: dict | None) -> dict:
-    from evals.config import config_key, config_label
-    from evals.record import describe_score, scores_for_config
-    from hub.registry import served_config_for
+    from loradex.evals.config import config_key, config_label
+    from loradex.evals.record import describe_score, scores_for_config
+    from loradex.hub.registry import served_config_for
 
     cfg = served_config_for(catalog, row, served_config)
     if cfg is None:
@@ -64,6 +64,15 @@ def _served(catalog: Catalog, row: dict, served_config: dict | None) -> dict:
     score = scores_for_config(catalog, cfg, version_ids=[row["id"]]).get(row["id"])
     return {"config_key": config_key(cfg), "config_label": config_label(cfg), "score": score,
             "note": describe_score(f"{row['adapter']}@{row['version']}", score, cfg)}
+
+
+@op("merges.served_base")
+def merged_base(catalog: Catalog, version_id: int, served_base: str) -> dict | None:
+    """The newest merged model built from a version on ``served_base`` that is still a base: {base_name, path}."""
+    return catalog.one(
+        "SELECT m.base_name, b.path FROM merges m JOIN bases b ON b.name = m.base_name "
+        "WHERE m.adapter_version_id = ? AND m.base = ? AND m.base_name IS NOT NULL ORDER BY m.id DESC LIMIT 1",
+        [version_id, served_base])
 
 
 @op("aliases.events")

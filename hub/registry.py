@@ -18,13 +18,13 @@ import json
 import os
 from pathlib import Path
 
-from hub.bases import DEFAULT_BASE, get_base
-from hub.catalog import Catalog, pid_alive, to_json, utcnow
-from hub.errors import Conflict, GateRefused, InvalidAdapter, InvalidConfig, NotFound
-from hub.names import Ref, check_name, parse_ref
-from hub.ops import op
-from hub.store import Store
-from hub.validate import validate_adapter
+from loradex.hub.bases import DEFAULT_BASE, get_base
+from loradex.hub.catalog import Catalog, pid_alive, to_json, utcnow
+from loradex.hub.errors import Conflict, GateRefused, InvalidAdapter, InvalidConfig, NotFound
+from loradex.hub.names import Ref, check_name, parse_ref
+from loradex.hub.ops import op
+from loradex.hub.store import Store
+from loradex.hub.validate import validate_adapter
 
 VERSION_COLUMNS = (
     "id, adapter, version, base, digest, path, files, size_bytes, peft_type, rank, alpha, target_modules, "
@@ -44,7 +44,24 @@ def cleanup_stale(catalog: Catalog, store: Store) -> int:
     return len(dead)
 
 
-def _guess_base(catalog: Catalog, hint: str | None) -> str:
+def did_you_mean(word: str, choices) -> str:
+    """"; did you mean 'x'?" for the closest of ``choices`` (difflib), or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _guess_base(catalog: Catalog, path: str | Path) -> str:
+    """The registered base an adapter folder names in ``base_model_name_or_path``."""
+    from loradex.hub.validate import resolve_adapter_path
+
+    folder, _ = resolve_adapter_path(str(path))  # a missing folder is the error, not the unknown base
+    hint = None
+    try:
+        hint = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        hint = None
     if hint:
         for row in catalog.query("SELECT name, source, path FROM bases"):
             if hint in (row["name"], row["source"], row["path"]):
@@ -75,17 +92,10 @@ def register_adapter(
     """Validate and store an adapter folder; return the (ready) version row."""
     check_name(name, "adapter name")
     if base is None:
-        cfg_path = Path(str(path)) / "adapter_config.json"
-        hint = None
-        if cfg_path.is_file():
-            try:
-                hint = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
-            except ValueError:
-                hint = None
-        base = _guess_base(catalog, hint)
+        base = _guess_base(catalog, path)
     base_row = get_base(catalog, base, store=store)
     checked = validate_adapter(path, base_row, allow_noop=allow_noop)
-    from hub.store import manifest_digest
+    from loradex.hub.store import manifest_digest
 
     digest = manifest_digest(checked.files)
     with catalog.version_lock:
@@ -94,7 +104,7 @@ def register_adapter(
             [name, digest],
         )
         if existing and existing["base"] == base and store.resolve(existing["path"]).is_dir():
-            return existing
+            return {**existing, "existing": True}  # the same files under this name: nothing new registered
         with catalog.transaction() as cur:
             other_base = cur.execute(
                 "SELECT base FROM adapter_versions WHERE adapter = ? AND status = 'ready' LIMIT 1", [name]
@@ -147,12 +157,14 @@ def resolve(catalog: Catalog, ref: str | Ref) -> dict:
     """The ready version row a reference points at (latest when no tag)."""
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     if not catalog.one("SELECT name FROM adapters WHERE name = ?", [ref.name]):
-        raise NotFound(f"adapter {ref.name!r} not found")
+        names = [r["name"] for r in catalog.query("SELECT name FROM adapters")]
+        raise NotFound(f"adapter {ref.name!r} not found{did_you_mean(ref.name, names)}")
     version = ref.version
     if ref.alias is not None:
         row = catalog.one("SELECT version FROM aliases WHERE adapter = ? AND alias = ?", [ref.name, ref.alias])
         if row is None:
-            raise NotFound(f"adapter {ref.name!r} has no alias {ref.alias!r}")
+            known = [r["alias"] for r in catalog.query("SELECT alias FROM aliases WHERE adapter = ?", [ref.name])]
+            raise NotFound(f"adapter {ref.name!r} has no alias {ref.alias!r}{did_you_mean(ref.alias, known)}")
         version = row["version"]
     if version is None:
         row = catalog.one(
@@ -207,7 +219,7 @@ def served_config_for(catalog: Catalog, row: dict, served_config: dict | None = 
     """
     if served_config and served_config.get("base") == row["base"]:
         return served_config
-    from evals.config import default_served_config
+    from loradex.evals.config import default_served_config
 
     try:
         base_row = get_base(catalog, row["base"], provision=False)
@@ -253,7 +265,7 @@ def set_alias(catalog: Catalog, ref: str, alias: str, *, force: bool = False, re
     gate = None
     forced = False
     if alias in GATED_ALIASES:
-        from evals.gate import check_promotion
+        from loradex.evals.gate import check_promotion
 
         gate = check_promotion(catalog, row, config=served_config_for(catalog, row, served_config))
         if not gate["ok"]:
@@ -342,7 +354,7 @@ def verify(catalog: Catalog, store: Store, name: str | None = None) -> list[dict
 
 def adapter_folder(catalog: Catalog, store: Store, ref: str | Ref | dict) -> tuple[dict, Path]:
     """(version row, verified snapshot folder): sha256-checked before any load."""
-    from hub.remote import materialize
+    from loradex.hub.remote import materialize
 
     row = ref if isinstance(ref, dict) else resolve(catalog, ref)
     folder = materialize(catalog, store, row["path"], row["files"], f"adapter {row['adapter']}@{row['version']}")

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from hub.errors import CatalogLocked, IntegrityError, LoradexError, RemoteUnsupported
+from loradex.hub.errors import CatalogLocked, IntegrityError, LoradexError, RemoteUnsupported
 
 OP_TIMEOUT_S = 900.0  # provisioning the default base on a cold server takes about a minute
 
@@ -88,7 +88,7 @@ class RemoteCatalog:
                                 f"wait for it to start, or stop it to use the catalog file directly") from None
 
     def call_op(self, name: str, payload: dict, *, write: bool = False):
-        from hub.ops import encode
+        from loradex.hub.ops import encode
 
         with self.request("POST", f"/v1/ops/{name}", encode(payload)) as resp:
             return json.loads(resp.read() or b"null")
@@ -124,7 +124,7 @@ def is_remote(catalog) -> bool:
 
 def connect(settings, *, wait_s: float | None = None):
     """The catalog for a short command: the file itself, or the owning server's API."""
-    from hub.catalog import Catalog
+    from loradex.hub.catalog import Catalog
 
     registry = os.environ.get("LORADEX_REGISTRY")
     if registry:
@@ -141,7 +141,7 @@ def connect(settings, *, wait_s: float | None = None):
 
 def materialize(catalog, store, relpath: str, files: dict[str, str], what: str) -> Path:
     """A verified local folder for a stored snapshot, fetching missing files by sha256 from a remote registry."""
-    from hub.store import manifest_digest
+    from loradex.hub.store import manifest_digest
 
     try:
         return store.verified_path(relpath, files, what)

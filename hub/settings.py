@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig
 
 
 def _default_store(env: dict) -> Path:

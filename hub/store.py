@@ -22,8 +22,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.catalog import pid_alive
-from hub.errors import IntegrityError
+from loradex.hub.catalog import pid_alive
+from loradex.hub.errors import IntegrityError
 
 CHUNK = 1 << 20
 

@@ -17,22 +17,18 @@ The rules, in order:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.bases import PICKLE_SUFFIXES
-from hub.errors import InvalidAdapter
-from hub.store import file_sha256
+from loradex.hub.bases import PICKLE_SUFFIXES
+from loradex.hub.errors import InvalidAdapter
+from loradex.hub.peft_format import CONFIG, DEFAULT_ALPHA, WEIGHTS, group_tensors, module_rank, read_config
+from loradex.hub.store import file_sha256
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 KEEP_SUFFIXES = (".json", ".safetensors", ".md", ".png", ".txt", ".jinja", ".yaml", ".yml", ".csv")
 MAX_RANK = 4096
-LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
 
 
 @dataclass
@@ -114,7 +110,7 @@ def _check_config(cfg: dict, allow_unsupported: bool) -> dict:
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
         raise InvalidAdapter(f"{CONFIG}: rank r={r!r} must be an integer between 1 and {MAX_RANK}")
-    alpha = cfg.get("lora_alpha", 8)
+    alpha = cfg.get("lora_alpha", DEFAULT_ALPHA)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0 or alpha > 16 * MAX_RANK:
         raise InvalidAdapter(f"{CONFIG}: lora_alpha={alpha!r} must be a positive finite number up to {16 * MAX_RANK}")
     for key, pattern_val in (("rank_pattern", cfg.get("rank_pattern") or {}), ("alpha_pattern", cfg.get("alpha_pattern") or {})):
@@ -137,6 +133,8 @@ def _check_config(cfg: dict, allow_unsupported: bool) -> dict:
         raise InvalidAdapter(f"{CONFIG}: use_dora=true; DoRA adapters cannot be batched with others and are not supported")
     if features["bias"] != "none":
         raise InvalidAdapter(f"{CONFIG}: bias={features['bias']!r} trains base biases; only bias='none' adapters are supported")
+    if cfg.get("lora_bias"):
+        raise InvalidAdapter(f"{CONFIG}: lora_bias=true adds a bias to lora_B; only plain A/B adapters are supported")
     if features["modules_to_save"]:
         raise InvalidAdapter(
             f"{CONFIG}: modules_to_save={features['modules_to_save']} stores full copies of base layers; not supported"
@@ -171,12 +169,7 @@ def validate_adapter(path: str | Path, base: dict, *, allow_noop: bool = False,
         raise InvalidAdapter(f"{folder}: missing {CONFIG} (is this a PEFT adapter folder?)")
     if WEIGHTS not in files:
         raise InvalidAdapter(f"{folder}: missing {WEIGHTS}")
-    try:
-        cfg = json.loads((folder / CONFIG).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidAdapter(f"{CONFIG}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise InvalidAdapter(f"{CONFIG}: expected a JSON object")
+    cfg = read_config(folder)
     features = _check_config(cfg, allow_unsupported)
     try:
         tensors = load_file(str(folder / WEIGHTS))
@@ -187,14 +180,9 @@ def validate_adapter(path: str | Path, base: dict, *, allow_noop: bool = False,
 
     layers = base["layers"]
     r_default = cfg["r"]
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = LORA_KEY.match(key)
-        if not m:
-            if allow_unsupported:
-                continue
-            raise InvalidAdapter(f"{WEIGHTS}: tensor {key!r} is not a LoRA A/B weight (magnitude vectors, biases and saved modules are not supported)")
-        parts.setdefault(m.group("module"), {})[m.group("part")] = t
+    parts, other = group_tensors(tensors)
+    if other and not allow_unsupported:
+        raise InvalidAdapter(f"{WEIGHTS}: tensor {other[0]!r} is not a LoRA A/B weight (magnitude vectors, biases and saved modules are not supported)")
     modules = sorted(parts)
     for module in modules:
         if module not in layers:
@@ -221,7 +209,7 @@ def validate_adapter(path: str | Path, base: dict, *, allow_noop: bool = False,
             r = a.shape[0]
             if a.shape[1] != out_f or b.shape[0] != in_f or b.shape[1] != r:
                 raise InvalidAdapter(f"{WEIGHTS}: {module} embedding LoRA shapes do not fit the base layer")
-        expected_r = _pattern_value(features["rank_pattern"], module, r_default)
+        expected_r = module_rank(cfg, module)
         if r != expected_r:
             raise InvalidAdapter(f"{WEIGHTS}: {module} has rank {r} but the config says r={expected_r}")
         if r > min(out_f, in_f):
@@ -244,17 +232,10 @@ def validate_adapter(path: str | Path, base: dict, *, allow_noop: bool = False,
         size_bytes=size,
         config=cfg,
         rank=r_default,
-        alpha=float(cfg.get("lora_alpha", 8)),
+        alpha=float(cfg.get("lora_alpha", DEFAULT_ALPHA)),
         target_modules=targets,
         modules=modules,
         param_count=sum(t.numel() for p in parts.values() for t in p.values()),
         features=features,
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
     )
-
-
-def _pattern_value(pattern: dict, module: str, default):
-    for key, val in pattern.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-            return val
-    return default

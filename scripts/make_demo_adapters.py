@@ -182,9 +182,9 @@ def style_hit(name: str, text: str) -> bool:
 
 
 def build(name: str, epochs: float, lr: float, threads: int) -> dict:
-    from hub.bases import DEFAULT_BASE
-    from hub.settings import Settings
-    from training import TrainConfig, train
+    from loradex.hub.bases import DEFAULT_BASE
+    from loradex.hub.settings import Settings
+    from loradex.training import TrainConfig, train
 
     train_path, eval_path = make_data(name)
     home = Path(tempfile.mkdtemp(prefix=f"loradex-demo-{name}-"))
@@ -219,8 +219,8 @@ def build(name: str, epochs: float, lr: float, threads: int) -> dict:
 
 def _copy_base_row(src_home: Path, settings) -> None:
     """Copy the default base's row from another catalog (the folder it points at is reused)."""
-    from hub.bases import DEFAULT_BASE
-    from hub.catalog import Catalog, to_json
+    from loradex.hub.bases import DEFAULT_BASE
+    from loradex.hub.catalog import Catalog, to_json
 
     with Catalog.open(src_home / "catalog.duckdb", wait_s=60) as src:
         row = src.one("SELECT * FROM bases WHERE name = ?", [DEFAULT_BASE])
@@ -247,8 +247,8 @@ def _check(name: str, adapter_dir: Path, settings) -> dict:
     """Greedy replies of base vs adapter on held-out prompts."""
     from peft import PeftModel
 
-    from hub.bases import DEFAULT_BASE
-    from hub.loading import load_base
+    from loradex.hub.bases import DEFAULT_BASE
+    from loradex.hub.loading import load_base
 
     base = load_base(DEFAULT_BASE, settings=settings, device="cpu")
     questions = HELD_OUT_QUESTIONS[:6]

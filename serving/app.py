@@ -19,9 +19,9 @@ from typing import Callable
 
 from fastapi import FastAPI
 
-from serving.config import EngineConfig, ServerConfig
-from serving.errors import NotReady, PayloadTooLarge, to_http
-from serving.metrics import serving_metrics
+from loradex.serving.config import EngineConfig, ServerConfig
+from loradex.serving.errors import NotReady, PayloadTooLarge, to_http
+from loradex.serving.metrics import serving_metrics
 
 log = logging.getLogger("loradex.serve")
 
@@ -64,7 +64,7 @@ class ServerState:
         self._thread.start()
 
     def _load(self) -> None:
-        from serving.engine import Engine
+        from loradex.serving.engine import Engine
 
         try:
             self.engine = Engine.load(self.config.engine, catalog=self.catalog, store=self.store,
@@ -87,7 +87,7 @@ class ServerState:
         if eng is None:
             return None
         if getattr(self, "_served_config", None) is None:
-            from evals.config import SERVE_ENGINE, serving_config
+            from loradex.evals.config import SERVE_ENGINE, serving_config
 
             loaded = eng.loaded
             self._served_config = serving_config(loaded.record, loaded.quantize, loaded.dtype, eng.device, SERVE_ENGINE)
@@ -186,15 +186,15 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
 
     ``registry_routes=False`` (a replica reading a remote registry) serves models only.
     """
-    from serving.routes import install
+    from loradex.serving.routes import install
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        from hub.catalog import Catalog
-        from hub.registry import cleanup_stale
-        from hub.remote import is_remote
-        from hub.settings import Settings
-        from hub.store import Store
+        from loradex.hub.catalog import Catalog
+        from loradex.hub.registry import cleanup_stale
+        from loradex.hub.remote import is_remote
+        from loradex.hub.settings import Settings
+        from loradex.hub.store import Store
 
         cfg = app.dependency_overrides.get(get_config, get_config)()
         st = settings or Settings()
@@ -208,7 +208,7 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
             state = ServerState(cfg, cat, sto, st, on_fatal)
             app.state.server = state
             if not is_remote(cat):
-                from serving.jobs import JobRunner
+                from loradex.serving.jobs import JobRunner
 
                 state.jobs = JobRunner(cat, sto, st)
                 failed = state.jobs.start()
@@ -240,12 +240,12 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
     if registry_routes:
         from fastapi import Depends
 
-        from serving.hub_routes import routers
-        from serving.routes import require_key
+        from loradex.serving.hub_routes import routers
+        from loradex.serving.routes import require_key
 
         for router in routers():
             app.include_router(router, dependencies=[Depends(require_key)])
-        from serving.web import api_routes, routes as web
+        from loradex.serving.web import api_routes, routes as web
 
         app.include_router(api_routes.router, dependencies=[Depends(require_key)])
         app.include_router(web.router)  # the page's shell and assets: open, like /health; its data calls need the key

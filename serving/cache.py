@@ -13,8 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from serving.lora import AdapterWeights, LoRABank
-from serving.metrics import Metrics
+from loradex.serving.lora import AdapterWeights, LoRABank
+from loradex.serving.metrics import Metrics
 
 
 class CacheBusy(Exception):

@@ -15,12 +15,12 @@ import logging
 import os
 import signal
 
-from hub.bases import DEFAULT_BASE
+from loradex.hub.bases import DEFAULT_BASE
 
 
 def add_commands(sub, common) -> None:
     p = sub.add_parser("serve", parents=[common], help="serve the base and its adapters over an OpenAI-compatible HTTP API",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__.replace("``", "`"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=DEFAULT_BASE, help=f"base model name, or a merged model's base name (default {DEFAULT_BASE})")
     p.add_argument("--quantize", default="nf4", help="base weights: nf4 (default), int8 or none")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
@@ -51,7 +51,7 @@ def add_commands(sub, common) -> None:
 
 
 def build_config(args):
-    from serving.config import EngineConfig, ServerConfig
+    from loradex.serving.config import EngineConfig, ServerConfig
 
     engine = EngineConfig(base=args.base, quantize=args.quantize, device=args.device, dtype=args.dtype,
                           max_loaded=args.max_loaded, pin=list(args.pin), max_batch=args.max_batch,
@@ -67,11 +67,11 @@ def build_config(args):
 def cmd_serve(ctx) -> int:
     import uvicorn
 
-    from hub.bases import get_base
-    from hub.catalog import Catalog
-    from hub.errors import LoradexError
-    from hub.registry import cleanup_stale
-    from serving.app import create_app
+    from loradex.hub.bases import get_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.errors import LoradexError
+    from loradex.hub.registry import cleanup_stale
+    from loradex.serving.app import create_app
 
     config = build_config(ctx.args)
     ctx.close_catalog()  # the server opens the catalog itself, as its owner
@@ -87,7 +87,7 @@ def cmd_serve(ctx) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     replica = ctx.args.registry is not None
     if replica:
-        from hub.remote import RemoteCatalog
+        from loradex.hub.remote import RemoteCatalog
 
         catalog = RemoteCatalog(ctx.args.registry)
     else:

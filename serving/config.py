@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hub.bases import DEFAULT_BASE
-from hub.errors import InvalidConfig
-from hub.loading import QUANTIZE_CHOICES
+from loradex.hub.bases import DEFAULT_BASE
+from loradex.hub.errors import InvalidConfig
+from loradex.hub.loading import QUANTIZE_CHOICES
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Plain Python (no web framework). Use it directly::
 
-    from serving.config import EngineConfig
-    from serving.engine import Engine
+    from loradex.serving.config import EngineConfig
+    from loradex.serving.engine import Engine
 
     engine = Engine.load(EngineConfig(base="smollm2-135m-instruct", quantize="nf4"), catalog=cat, store=store)
     out = engine.generate("Hello", adapter="support-bot@production", max_tokens=32, temperature=0)
@@ -26,15 +26,15 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from hub.errors import LoradexError
-from serving.cache import ref_label
-from serving.config import EngineConfig
-from serving.errors import AdapterLoadFailed, BadRequest, ContextTooLong, NotReady
-from serving.lora import read_adapter
-from serving.metrics import Metrics, serving_metrics
-from serving.router import Router, Target
-from serving.sampling import SamplingParams
-from serving.scheduler import Event, Handle, Scheduler, Sequence
+from loradex.hub.errors import LoradexError
+from loradex.serving.cache import ref_label
+from loradex.serving.config import EngineConfig
+from loradex.serving.errors import AdapterLoadFailed, BadRequest, ContextTooLong, NotReady
+from loradex.serving.lora import read_adapter
+from loradex.serving.metrics import Metrics, serving_metrics
+from loradex.serving.router import Router, Target
+from loradex.serving.sampling import SamplingParams
+from loradex.serving.scheduler import Event, Handle, Scheduler, Sequence
 
 __all__ = ["Completion", "Engine", "Event", "Handle", "Sequence", "Target"]
 
@@ -75,7 +75,7 @@ class Engine:
     @classmethod
     def load(cls, config: EngineConfig, *, catalog, store, settings=None, metrics: Metrics | None = None) -> "Engine":
         """Load the base once (quantized as configured), start the engine thread, load pinned adapters."""
-        from hub.loading import load_base
+        from loradex.hub.loading import load_base
 
         loaded = load_base(config.base, config.quantize, config.device, catalog=catalog, store=store,
                            settings=settings, dtype=config.dtype)
@@ -127,11 +127,12 @@ class Engine:
             if messages is not None:
                 if not messages:
                     raise BadRequest("messages must not be empty", param="messages")
-                try:
-                    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                from loradex.hub.chat import encode_chat
+
+                try:  # the one chat encoding training, evals, merge probes and the llama.cpp check use too
+                    ids = encode_chat(self.tokenizer, messages)
                 except Exception as exc:  # jinja errors: the template rejected these messages
                     raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             elif isinstance(prompt, str):
                 ids = self.tokenizer(prompt)["input_ids"]
             elif isinstance(prompt, list):
@@ -270,7 +271,7 @@ class Engine:
 
     # -- the adapter cache's loader (runs on the engine thread) --------------------------------------
     def _read_adapter(self, row: dict):
-        from hub.registry import adapter_folder
+        from loradex.hub.registry import adapter_folder
 
         try:
             _, folder = adapter_folder(self.catalog, self.store, row)

@@ -10,7 +10,7 @@ no web framework, so the engine can use its exceptions.
 """
 from __future__ import annotations
 
-from hub.errors import (
+from loradex.hub.errors import (
     CatalogLocked,
     Conflict,
     GateRefused,

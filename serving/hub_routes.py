@@ -22,11 +22,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 from pydantic import ConfigDict, create_model
 
-from hub.errors import NotFound
-from hub.ops import OPS, encode, load_all
-from serving.deps import get_state
-from serving.errors import BadRequest
-from serving.hub_protocol import (
+from loradex.hub.errors import NotFound
+from loradex.hub.ops import OPS, encode, load_all
+from loradex.serving.deps import get_state
+from loradex.serving.errors import BadRequest
+from loradex.serving.hub_protocol import (
     AddBaseRequest,
     AdapterDetail,
     AdapterVersion,
@@ -43,7 +43,7 @@ from serving.hub_protocol import (
 
 
 def _json(value: Any, status: int = 200) -> Response:
-    from hub.render import to_jsonable
+    from loradex.hub.render import to_jsonable
 
     return Response(encode(to_jsonable(value)), status_code=status, media_type="application/json")
 
@@ -69,14 +69,14 @@ bases = APIRouter(prefix="/v1/bases", tags=["bases"])
 
 @bases.get("", response_model=list[BaseRow], summary="List base models")
 async def list_bases(state=Depends(get_state)):
-    from hub.bases import list_bases as fn
+    from loradex.hub.bases import list_bases as fn
 
     return _json(await _run(fn, state.catalog))
 
 
 @bases.post("", response_model=BaseRow, status_code=201, summary="Add a base model")
 async def add_base(body: AddBaseRequest, state=Depends(get_state)):
-    from hub.bases import add_base as fn
+    from loradex.hub.bases import add_base as fn
 
     return _json(await _run(fn, state.catalog, state.store, body.name, body.source), 201)
 
@@ -97,10 +97,10 @@ def adapter_listing(state, base: Optional[str]) -> list[dict]:
     ``score`` is None when a version has no eval under this server's configuration
     (``score_note`` then says so and which command scores it as served).
     """
-    from evals.config import config_key, config_label
-    from evals.record import describe_score, scores_for_config
-    from hub.registry import list_adapters
-    from hub.render import to_jsonable
+    from loradex.evals.config import config_key, config_label
+    from loradex.evals.record import describe_score, scores_for_config
+    from loradex.hub.registry import list_adapters
+    from loradex.hub.render import to_jsonable
 
     rows = list_adapters(state.catalog, base=base)
     cfg = state.served_config
@@ -126,7 +126,7 @@ def adapter_listing(state, base: Optional[str]) -> list[dict]:
 
 @adapters.get("/{ref}/score", summary="A version's score under this server's configuration (or why there is none)")
 async def served_score(ref: str, state=Depends(get_state)):
-    from hub.registry import resolve
+    from loradex.hub.registry import resolve
 
     row = await _run(resolve, state.catalog, ref)
     listing = await _run(adapter_listing, state, row["base"])
@@ -135,14 +135,14 @@ async def served_score(ref: str, state=Depends(get_state)):
 
 @adapters.post("", status_code=201, summary="Register an adapter (server path as JSON, or a multipart upload)")
 async def register(request: Request, state=Depends(get_state)):
-    from serving.routes import register_from_request
+    from loradex.serving.routes import register_from_request
 
     return _json(await register_from_request(state, request), 201)
 
 
 @adapters.get("/{ref}", response_model=AdapterDetail, summary="An adapter: versions, files, run, scores, reviews, merges, exports")
 async def show(ref: str, state=Depends(get_state)):
-    from hub.queries import adapter_detail
+    from loradex.hub.queries import adapter_detail
 
     return _json(await _run(adapter_detail, state.catalog, ref, served_config=state.served_config))
 
@@ -154,7 +154,7 @@ async def delete(ref: str, state=Depends(get_state), force: bool = Query(False))
 
 
 def _delete(state, ref: str, force: bool) -> dict:
-    from hub.registry import delete_version
+    from loradex.hub.registry import delete_version
 
     row = delete_version(state.catalog, state.store, ref, force=force)
     forget(state, row)
@@ -169,7 +169,7 @@ def forget(state, row: dict) -> None:
 
 @adapters.get("/{ref}/verify", response_model=list[VerifyResult], summary="Re-hash stored files (sha256)")
 async def verify(ref: str, state=Depends(get_state)):
-    from hub.registry import verify as fn
+    from loradex.hub.registry import verify as fn
 
     return _json(await _run(fn, state.catalog, state.store, ref))
 
@@ -178,7 +178,7 @@ async def verify(ref: str, state=Depends(get_state)):
               summary="Point an alias at a version (production runs the promotion gate)")
 async def set_alias(name: str, alias: str, body: SetAliasRequest, request: Request, state=Depends(get_state)):
     """409 ``gate_refused`` with the gate's numbers when ``production`` fails the gate and ``force`` is not set."""
-    from hub.registry import set_alias as fn
+    from loradex.hub.registry import set_alias as fn
 
     return _json(await _run(fn, state.catalog, f"{name}@{body.version}", alias, force=body.force,
                             reason=body.reason, actor=actor_of(request, body.actor),
@@ -187,7 +187,7 @@ async def set_alias(name: str, alias: str, body: SetAliasRequest, request: Reque
 
 @adapters.delete("/{name}/aliases/{alias}", summary="Remove an alias")
 async def remove_alias(name: str, alias: str, request: Request, state=Depends(get_state)):
-    from hub.registry import remove_alias as fn
+    from loradex.hub.registry import remove_alias as fn
 
     await _run(fn, state.catalog, name, alias, actor=actor_of(request))
     return _json({"adapter": name, "alias": alias, "removed": True})
@@ -195,7 +195,7 @@ async def remove_alias(name: str, alias: str, request: Request, state=Depends(ge
 
 @adapters.get("/{name}/aliases", summary="Alias moves of an adapter, newest first (who, when, forced, reason)")
 async def alias_history(name: str, state=Depends(get_state)):
-    from hub.queries import alias_events
+    from loradex.hub.queries import alias_events
 
     return _json(await _run(alias_events, state.catalog, name))
 
@@ -206,14 +206,14 @@ scores = APIRouter(prefix="/v1", tags=["scores"])
 
 @scores.get("/evals", summary="Eval runs, newest first")
 async def list_evals(state=Depends(get_state), adapter: Optional[str] = Query(None)):
-    from hub.queries import eval_runs
+    from loradex.hub.queries import eval_runs
 
     return _json(await _run(eval_runs, state.catalog, adapter))
 
 
 @scores.get("/evals/{run_id}", summary="One eval run with its per-sample rows")
 async def show_eval(run_id: int, state=Depends(get_state)):
-    from evals.record import get_run, get_samples
+    from loradex.evals.record import get_run, get_samples
 
     run = await _run(get_run, state.catalog, run_id)
     return _json({"run": run, "samples": await _run(get_samples, state.catalog, run_id)})
@@ -221,70 +221,70 @@ async def show_eval(run_id: int, state=Depends(get_state)):
 
 @scores.post("/evals", status_code=201, summary="Record an eval run computed elsewhere")
 async def record_eval(body: RecordEvalRequest, state=Depends(get_state)):
-    from evals.record import store_run
+    from loradex.evals.record import store_run
 
     return _json(await _run(store_run, state.catalog, body.run, body.samples), 201)
 
 
 @scores.get("/runs", summary="Training runs, newest first")
 async def list_runs(state=Depends(get_state), adapter: Optional[str] = Query(None)):
-    from hub.queries import training_runs
+    from loradex.hub.queries import training_runs
 
     return _json(await _run(training_runs, state.catalog, adapter))
 
 
 @scores.get("/runs/{run_id}", summary="One training run: config, data, outcome, cost")
 async def show_run(run_id: int, state=Depends(get_state)):
-    from training.records import get_run
+    from loradex.training.records import get_run
 
     return _json(await _run(get_run, state.catalog, run_id))
 
 
 @scores.get("/runs/{run_id}/curve", summary="A training run's loss curve")
 async def run_curve(run_id: int, state=Depends(get_state)):
-    from hub.queries import loss_curve
+    from loradex.hub.queries import loss_curve
 
     return _json(await _run(loss_curve, state.catalog, run_id))
 
 
 @scores.get("/leaderboard", summary="Adapter versions ranked by eval score per data set, with CIs and lift")
 async def leaderboard(state=Depends(get_state), data: Optional[str] = Query(None, description="data sha256 (prefix)")):
-    from evals.leaderboard import build
+    from loradex.evals.leaderboard import build
 
     return _json({"sections": await _run(build, state.catalog, data)})
 
 
 @scores.get("/merges", summary="Merged models, newest first")
 async def list_merges(state=Depends(get_state), adapter: Optional[str] = Query(None)):
-    from hub.queries import merges
+    from loradex.hub.queries import merges
 
     return _json(await _run(merges, state.catalog, adapter))
 
 
 @scores.get("/exports", summary="Exports, newest first")
 async def list_exports(state=Depends(get_state), adapter: Optional[str] = Query(None)):
-    from hub.queries import exports
+    from loradex.hub.queries import exports
 
     return _json(await _run(exports, state.catalog, adapter))
 
 
 @scores.get("/reviews", summary="Human review rounds, newest first")
 async def list_reviews(state=Depends(get_state), adapter: Optional[str] = Query(None)):
-    from hub.queries import reviews
+    from loradex.hub.queries import reviews
 
     return _json(await _run(reviews, state.catalog, adapter))
 
 
 @scores.post("/reviews/export", status_code=201, summary="Write a blinded A/B review sheet (a path on the server)")
 async def review_export(body: ReviewExportRequest, state=Depends(get_state)):
-    from evals.review import export_sheet
+    from loradex.evals.review import export_sheet
 
     return _json(await _run(export_sheet, state.catalog, body.ref, body.out, n=body.n, seed=body.seed), 201)
 
 
 @scores.post("/reviews/import", summary="Import a filled review sheet (a path on the server)")
 async def review_import(body: ReviewImportRequest, state=Depends(get_state)):
-    from evals.review import import_sheet
+    from loradex.evals.review import import_sheet
 
     return _json(await _run(import_sheet, state.catalog, body.sheet))
 
@@ -301,14 +301,14 @@ async def start_job(body: JobRequest, request: Request, state=Depends(get_state)
 
 @jobs.get("", response_model=list[Job], summary="Jobs, newest first")
 async def list_jobs(state=Depends(get_state), job_state: Optional[str] = Query(None, alias="state")):
-    from hub.jobs import list_jobs as fn
+    from loradex.hub.jobs import list_jobs as fn
 
     return _json(await _run(fn, state.catalog, job_state))
 
 
 @jobs.get("/{job_id}", response_model=Job, summary="A job's state, progress and result or error")
 async def get_job(job_id: int, state=Depends(get_state)):
-    from hub.jobs import get_job as fn
+    from loradex.hub.jobs import get_job as fn
 
     return _json(await _run(fn, state.catalog, job_id))
 
@@ -332,7 +332,7 @@ server = APIRouter(prefix="/v1", tags=["server"])
 @server.get("/server", summary="What this server runs: base, quantization, dtype, device, and its config key")
 async def server_info(state=Depends(get_state)):
     """Scores shown by this server (``/v1/models``, ``/v1/adapters``, the gate) are those measured under ``config``."""
-    from evals.config import config_key, config_label
+    from loradex.evals.config import config_key, config_label
 
     cfg = state.served_config
     eng = state.engine

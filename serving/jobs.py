@@ -22,9 +22,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from hub import jobs as records
-from hub.catalog import utcnow
-from hub.errors import InvalidConfig, LoradexError
+from loradex.hub import jobs as records
+from loradex.hub.catalog import utcnow
+from loradex.hub.errors import InvalidConfig, LoradexError
 
 log = logging.getLogger("loradex.jobs")
 
@@ -74,7 +74,7 @@ class EvalJob:
 
 
 def _merge(ctx: "JobRunner", job: MergeJob, progress: Callable[[str], None]) -> dict:
-    from serving.merge import MergeConfig, merge_adapter
+    from loradex.promote.merge import MergeConfig, merge_adapter
 
     progress("merging")
     config = MergeConfig(dtype=job.dtype, name=job.name, probes=job.probes, max_new_tokens=job.check_tokens,
@@ -83,8 +83,8 @@ def _merge(ctx: "JobRunner", job: MergeJob, progress: Callable[[str], None]) -> 
 
 
 def _export(ctx: "JobRunner", job: ExportJob, progress: Callable[[str], None]) -> dict:
-    from serving.export.run import export_adapter
-    from serving.export.source import ExportOptions
+    from loradex.promote.export.run import export_adapter
+    from loradex.promote.export.source import ExportOptions
 
     progress("exporting")
     options = ExportOptions(format=job.format, quant=job.quant, dtype=job.dtype, pre=job.gguf_pre,
@@ -94,7 +94,7 @@ def _export(ctx: "JobRunner", job: ExportJob, progress: Callable[[str], None]) -
 
 
 def _eval(ctx: "JobRunner", job: EvalJob, progress: Callable[[str], None]) -> dict:
-    from evals.run import evaluate
+    from loradex.evals.run import evaluate
 
     progress("evaluating")
     return evaluate(ctx.catalog, ctx.store, job.ref, job.data, metrics=job.metrics,
@@ -172,7 +172,7 @@ class JobRunner:
             if not isinstance(exc, Exception):
                 raise
             return
-        from hub.render import to_jsonable
+        from loradex.hub.render import to_jsonable
 
         records.update(self.catalog, job_id, state="succeeded", result=to_jsonable(result), finished_at=utcnow(),
                        progress={"phase": "done"})

@@ -19,17 +19,14 @@ zeros. Weights go straight from ``adapter_model.safetensors`` into the slot.
 """
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hub.errors import InvalidAdapter
-from hub.validate import CONFIG, LORA_KEY, WEIGHTS
+from loradex.hub.errors import InvalidAdapter
+from loradex.hub.peft_format import WEIGHTS, group_tensors, module_scale, read_config, unbatchable
 
 
 @dataclass
@@ -40,41 +37,27 @@ class AdapterWeights:
     rank: int
 
 
-def _pattern_value(pattern: dict, module: str, default):
-    # Same matching rule as PEFT's rank_pattern/alpha_pattern (suffix or regex).
-    for key, val in pattern.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-            return val
-    return default
-
-
 def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32) -> AdapterWeights:
     """Read a (validated, sha256-verified) PEFT LoRA folder into scaled A/B pairs."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    cfg = read_config(folder)
     try:
-        cfg = json.loads((folder / CONFIG).read_text())
         tensors = load_file(str(folder / WEIGHTS))
     except (OSError, ValueError) as exc:
         raise InvalidAdapter(f"{folder}: cannot read the adapter ({exc})") from None
-    if cfg.get("use_dora") or (cfg.get("bias") or "none") != "none" or cfg.get("modules_to_save"):
-        raise InvalidAdapter(f"{folder}: DoRA, trained biases and modules_to_save cannot be served in a batch")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = LORA_KEY.match(key)
-        if not m:
-            raise InvalidAdapter(f"{WEIGHTS}: tensor {key!r} is not a LoRA A/B weight")
-        if m.group("part").startswith("lora_embedding"):
+    if unbatchable(cfg):
+        raise InvalidAdapter(f"{folder}: {', '.join(unbatchable(cfg))}: cannot be served in a batch")
+    parts, other = group_tensors(tensors)
+    if other:
+        raise InvalidAdapter(f"{WEIGHTS}: tensor {other[0]!r} is not a LoRA A/B weight")
+    for name, got in parts.items():
+        if any(p.startswith("lora_embedding") for p in got):
             raise InvalidAdapter(
-                f"{WEIGHTS}: {m.group('module')} is an embedding LoRA; the batched server applies LoRA to "
+                f"{WEIGHTS}: {name} is an embedding LoRA; the batched server applies LoRA to "
                 f"Linear layers only (merge this adapter with `loradex merge` and serve the merged model)"
             )
-        parts.setdefault(m.group("module"), {})[m.group("part")] = t
-    alpha = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora"))
-    rank_pat = cfg.get("rank_pattern") or {}
-    alpha_pat = cfg.get("alpha_pattern") or {}
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     max_r = 0
     for name, got in parts.items():
@@ -82,10 +65,9 @@ def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32) -> Adap
             raise InvalidAdapter(f"{WEIGHTS}: {name} has only one of lora_A/lora_B")
         a, b = got["lora_A"], got["lora_B"]
         r = a.shape[0]
-        if r != _pattern_value(rank_pat, name, cfg.get("r", r)):
+        cfg_r, _, scale = module_scale({"r": r, **cfg}, name)
+        if r != cfg_r:
             raise InvalidAdapter(f"{WEIGHTS}: {name} has rank {r}, which its config does not say")
-        mod_alpha = float(_pattern_value(alpha_pat, name, alpha))
-        scale = mod_alpha / math.sqrt(r) if rslora else mod_alpha / r
         modules[name] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
         max_r = max(max_r, r)
     if not modules:

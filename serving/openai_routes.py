@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
-from serving.deps import get_engine, get_state
-from serving.errors import BadRequest
-from serving.protocol import (
+from loradex.serving.deps import get_engine, get_state
+from loradex.serving.errors import BadRequest
+from loradex.serving.protocol import (
     ChatRequest,
     ChatResponse,
     CompletionRequest,
@@ -30,7 +30,7 @@ from serving.protocol import (
     new_id,
     now,
 )
-from serving.streaming import Run, sse_response
+from loradex.serving.streaming import Run, sse_response
 
 STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream"}}
 
@@ -177,10 +177,10 @@ def _usage_chunk(body, head: dict):
 
 
 def _model_cards(state, eng) -> ModelList:
-    from hub.registry import list_adapters
+    from loradex.hub.registry import list_adapters
 
-    from evals.config import config_label
-    from evals.record import describe_score, scores_for_config
+    from loradex.evals.config import config_label
+    from loradex.evals.record import describe_score, scores_for_config
 
     created = now()
     base = eng.base_name

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serving.errors import BadRequest
+from loradex.serving.errors import BadRequest
 
 
 class StreamOptions(BaseModel):

@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from hub.errors import InvalidName, NotFound
-from hub.names import parse_ref
-from serving.cache import ref_label
-from serving.config import EngineConfig
-from serving.errors import ModelNotFound
+from loradex.hub.errors import InvalidName, NotFound
+from loradex.hub.names import parse_ref
+from loradex.serving.cache import ref_label
+from loradex.serving.config import EngineConfig
+from loradex.serving.errors import ModelNotFound
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Router:
         field_name = "adapter" if adapter else "model"
         if ref is None or ref == "" or ref == base_name:
             return Target(self.engine, None, "base", base_name)
-        from hub.registry import resolve as resolve_ref
+        from loradex.hub.registry import resolve as resolve_ref
 
         try:
             row = resolve_ref(self.catalog, parse_ref(ref))
@@ -124,16 +124,10 @@ class Router:
 
 
 def merged_base_for(catalog, row: dict, served_base: str) -> str | None:
-    """Name of the newest merged base built from version ``row`` on ``served_base``, if one is usable."""
-    found = catalog.one(
-        "SELECT m.base_name FROM merges m JOIN bases b ON b.name = m.base_name "
-        "WHERE m.adapter_version_id = ? AND m.base = ? AND m.base_name IS NOT NULL "
-        "ORDER BY m.id DESC LIMIT 1",
-        [row["id"], served_base],
-    )
-    if found is None:
-        return None
-    base = catalog.one("SELECT path FROM bases WHERE name = ?", [found["base_name"]])
-    if base is None or not Path(base["path"]).is_dir():
+    """Name of the newest merged base built from version ``row`` on ``served_base``, if its folder is here."""
+    from loradex.hub.queries import merged_base
+
+    found = merged_base(catalog, row["id"], served_base)
+    if found is None or not Path(found["path"]).is_dir():
         return None
     return found["base_name"]

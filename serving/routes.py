@@ -16,11 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hub.errors import LoradexError
-from serving import openai_routes
-from serving.deps import get_state
-from serving.errors import BadRequest, Unauthorized, error_body, to_http
-from serving.protocol import RegisterRequest
+from loradex.hub.errors import LoradexError
+from loradex.serving import openai_routes
+from loradex.serving.deps import get_state
+from loradex.serving.errors import BadRequest, Unauthorized, error_body, to_http
+from loradex.serving.protocol import RegisterRequest
 
 
 def require_key(request: Request) -> None:
@@ -73,7 +73,7 @@ def install(app: FastAPI) -> None:
     @router.get("/adapters")
     async def list_adapters(request: Request, base: str | None = Query(None)):
         state = get_state(request)
-        from serving.hub_routes import adapter_listing
+        from loradex.serving.hub_routes import adapter_listing
 
         return {"adapters": await run_in_threadpool(adapter_listing, state, base)}
 
@@ -83,7 +83,7 @@ def install(app: FastAPI) -> None:
 
     @router.delete("/adapters/{ref}", summary="Delete NAME@VERSION (same as DELETE /v1/adapters/{ref})")
     async def delete(ref: str, request: Request, force: bool = Query(False)):
-        from serving.hub_routes import _delete
+        from loradex.serving.hub_routes import _delete
 
         row = await run_in_threadpool(_delete, get_state(request), ref, force)
         return {"adapter": row["adapter"], "version": row["version"], "deleted": True}
@@ -109,7 +109,7 @@ async def register_from_request(state, request: Request) -> dict:
         req = RegisterRequest.model_validate(data)
     except Exception as exc:
         raise RequestValidationError(getattr(exc, "errors", lambda: [])()) from None
-    from hub.registry import register_adapter
+    from loradex.hub.registry import register_adapter
 
     return await run_in_threadpool(register_adapter, state.catalog, state.store, req.path, req.name,
                                    base=req.base, allow_noop=req.allow_noop, description=req.description,
@@ -120,8 +120,8 @@ async def _register_upload(state, request: Request) -> dict:
     import shutil
     from pathlib import Path
 
-    from hub.registry import register_adapter
-    from serving.uploads import extract_archive
+    from loradex.hub.registry import register_adapter
+    from loradex.serving.uploads import extract_archive
 
     form = await request.form(max_files=1, max_fields=10)
     upload = form.get("file")
@@ -150,6 +150,6 @@ async def _register_upload(state, request: Request) -> dict:
 
 
 def _jsonable(data: Any) -> Any:
-    from hub.render import to_jsonable
+    from loradex.hub.render import to_jsonable
 
     return to_jsonable(data)

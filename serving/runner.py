@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from hub.errors import InvalidBase
+from loradex.hub.errors import InvalidBase
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 CAPACITY_STEP = 64

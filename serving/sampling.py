@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig
 
 
 @dataclass

@@ -29,14 +29,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hub.errors import LoradexError
-from serving.cache import AdapterCache, CacheBusy
-from serving.config import EngineConfig
-from serving.errors import Cancelled, ContextTooLong, GenerationFailed, NotReady, QueueFull
-from serving.lora import AdapterWeights, LoRABank
-from serving.metrics import Metrics
-from serving.runner import Runner
-from serving.sampling import SamplingParams, TextStream, sample
+from loradex.hub.errors import LoradexError
+from loradex.serving.cache import AdapterCache, CacheBusy
+from loradex.serving.config import EngineConfig
+from loradex.serving.errors import Cancelled, ContextTooLong, GenerationFailed, NotReady, QueueFull
+from loradex.serving.lora import AdapterWeights, LoRABank
+from loradex.serving.metrics import Metrics
+from loradex.serving.runner import Runner
+from loradex.serving.sampling import SamplingParams, TextStream, sample
 
 STEP_RECORD = 512  # forwards kept in the step record
 

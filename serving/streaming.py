@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from serving.errors import Cancelled, to_http
+from loradex.serving.errors import Cancelled, to_http
 
 DISCONNECT_POLL_S = 1.0
 

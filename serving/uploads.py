@@ -12,7 +12,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from hub.errors import InvalidAdapter
+from loradex.hub.errors import InvalidAdapter
 
 MAX_ENTRIES = 1000
 

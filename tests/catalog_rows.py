@@ -1,12 +1,13 @@
-"""Constructed catalog rows for the gate, review and leaderboard tests (no model needed; no tests here).
+"""Constructed catalog rows for the gate, review and leaderboard tests: no model needed, no tests here.
 
-Named test_eval_* to stay inside the evals stage's files; it would sit better in tests/helpers.py.
+``add_version`` inserts a ready adapter version, ``add_run`` an eval run with per-item
+adapter and base scores (and their intervals, through ``evals.record.store_run``).
 """
 from __future__ import annotations
 
-from evals import stats
-from evals.record import store_run
-from hub.catalog import utcnow
+from loradex.evals import stats
+from loradex.evals.record import store_run
+from loradex.hub.catalog import utcnow
 
 DATA_A = "a" * 64
 DATA_B = "b" * 64
@@ -27,7 +28,7 @@ def add_version(catalog, name: str, version: int, base: str = "tiny") -> dict:
 
 def config(quantize: str = "none", *, base: str = "tiny", dtype: str = "fp32", device: str = "cpu") -> dict:
     """A serving configuration as evaluate() records it, for a base whose files are {"model.safetensors": "0..0"}."""
-    from evals.config import serving_config
+    from loradex.evals.config import serving_config
 
     return serving_config({"name": base, "files": {"model.safetensors": "0" * 64}}, quantize, dtype, device)
 

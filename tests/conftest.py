@@ -20,9 +20,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LORADEX_THREADS", "1")
 
-from hub.catalog import Catalog  # noqa: E402
-from hub.settings import Settings  # noqa: E402
-from hub.store import Store  # noqa: E402
+from loradex.hub.catalog import Catalog  # noqa: E402
+from loradex.hub.settings import Settings  # noqa: E402
+from loradex.hub.store import Store  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def session_store(tmp_path_factory) -> Store:
 @pytest.fixture(scope="session")
 def smollm_folder(session_store) -> Path:
     """The default base converted once per session (about 40 s)."""
-    from hub.bases import convert_gguf, locate_default_gguf
+    from loradex.hub.bases import convert_gguf, locate_default_gguf
 
     return convert_gguf(locate_default_gguf(), session_store)
 
@@ -67,7 +67,7 @@ def smollm_folder(session_store) -> Path:
 def smol_tokenizer_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from hub.bases import DEFAULT_GGUF_FILE, locate_default_gguf
+    from loradex.hub.bases import DEFAULT_GGUF_FILE, locate_default_gguf
 
     gguf = locate_default_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=DEFAULT_GGUF_FILE)
@@ -100,7 +100,7 @@ def tiny_base_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
 
 @pytest.fixture
 def tiny_base(catalog, store, tiny_base_dir) -> dict:
-    from hub.bases import add_base
+    from loradex.hub.bases import add_base
 
     return add_base(catalog, store, "tiny", str(tiny_base_dir))
 
@@ -108,8 +108,8 @@ def tiny_base(catalog, store, tiny_base_dir) -> dict:
 @pytest.fixture
 def smollm(catalog, smollm_folder) -> dict:
     """Register the session's converted default base in this test's catalog."""
-    from hub.bases import DEFAULT_BASE, describe_folder
-    from hub.catalog import to_json, utcnow
+    from loradex.hub.bases import DEFAULT_BASE, describe_folder
+    from loradex.hub.catalog import to_json, utcnow
 
     info = _describe_cached(smollm_folder, describe_folder)
     with catalog.transaction() as cur:

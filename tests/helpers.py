@@ -36,5 +36,5 @@ def edit_config(folder: Path, **changes) -> None:
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "hub.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "loradex", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)

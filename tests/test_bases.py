@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from hub import bases
-from hub.bases import DEFAULT_BASE, INSTALL_DEFAULT, add_base, get_base, list_bases
-from hub.errors import InvalidBase, MissingDependency, NotFound
-from hub.loading import load_base
-from hub.registry import register_adapter
+from loradex.hub import bases
+from loradex.hub.bases import DEFAULT_BASE, INSTALL_DEFAULT, add_base, get_base, list_bases
+from loradex.hub.errors import InvalidBase, MissingDependency, NotFound
+from loradex.hub.loading import load_base
+from loradex.hub.registry import register_adapter
 from tests.helpers import make_adapter, run_cli
 
 
@@ -81,7 +81,7 @@ def test_load_base_tiny(catalog, store, tiny_base, settings, quantize):
 
 
 def test_load_base_rejects_bad_quantize(catalog, store, tiny_base, settings):
-    from hub.errors import InvalidConfig
+    from loradex.hub.errors import InvalidConfig
 
     with pytest.raises(InvalidConfig, match="--quantize"):
         load_base("tiny", quantize="fp8", catalog=catalog, store=store, settings=settings)

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import common  # noqa: E402
 from benchmarks.common import Metric, Report, interleave, percentile, ratios, summarize  # noqa: E402
-from hub.errors import InvalidConfig  # noqa: E402
+from loradex.hub.errors import InvalidConfig  # noqa: E402
 
 # Keys later runs compare by: renaming one breaks every comparison, so they are pinned here.
 STABLE_KEYS = {
@@ -147,7 +147,7 @@ def test_random_adapter_registers_and_loads_with_peft(catalog, store, tiny_base,
     from transformers import AutoModelForCausalLM
 
     from benchmarks.workspace import make_random_adapter
-    from hub.registry import register_adapter
+    from loradex.hub.registry import register_adapter
 
     folder = make_random_adapter(tiny_base, tmp_path / "a", rank=4, seed=1)
     row = register_adapter(catalog, store, folder, "gen", base="tiny")

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from hub import migrations
-from hub.catalog import Catalog
-from hub.errors import CatalogLocked
+from loradex.hub import migrations
+from loradex.hub.catalog import Catalog
+from loradex.hub.errors import CatalogLocked
 from tests.helpers import run_cli
 
 
@@ -61,7 +61,7 @@ def test_cursor_per_thread(catalog):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from hub.catalog import Catalog
+    from loradex.hub.catalog import Catalog
     cat = Catalog.open(sys.argv[1], role=sys.argv[2], url="http://127.0.0.1:9999")
     print("ready", flush=True)
     time.sleep(float(sys.argv[3]))

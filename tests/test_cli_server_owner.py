@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from hub.registry import register_adapter
+from loradex.hub.registry import register_adapter
 from tests.helpers import make_adapter, run_cli
 
 
@@ -25,7 +25,7 @@ def server(catalog, store, tiny_base, tiny_base_dir, tmp_path):
     register_adapter(catalog, store, make_adapter(tiny_base_dir, tmp_path / "first", r=2, alpha=4), "first", base="tiny")
     catalog.close()
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--base", "tiny", "--quantize", "none",
+    proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", "--base", "tiny", "--quantize", "none",
                              "--port", str(port), "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

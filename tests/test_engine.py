@@ -29,12 +29,12 @@ def adapter_dirs(tiny_base_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tiny_base_dir, adapter_dirs, tmp_path_factory):
     """A catalog with base 'tiny' and the adapters registered, and an engine over it (max_loaded 3)."""
-    from hub.bases import add_base
-    from hub.catalog import Catalog
-    from hub.registry import register_adapter
-    from hub.store import Store
-    from serving.config import EngineConfig
-    from serving.engine import Engine
+    from loradex.hub.bases import add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.registry import register_adapter
+    from loradex.hub.store import Store
+    from loradex.serving.config import EngineConfig
+    from loradex.serving.engine import Engine
 
     root = tmp_path_factory.mktemp("engine-home")
     cat = Catalog.open(root / "catalog.duckdb")
@@ -58,8 +58,8 @@ def test_batched_lora_matches_peft(tiny_base_dir, adapter_dirs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from serving.lora import LoRABank, read_adapter
-    from serving.runner import Runner
+    from loradex.serving.lora import LoRABank, read_adapter
+    from loradex.serving.runner import Runner
 
     names = ["qv8", "all4", "vd16"]
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32),
@@ -214,16 +214,28 @@ def test_lru_eviction_pins_and_counters(env):
     assert any(e["adapter"] == "q2" and e["pinned"] for e in eng.cache.loaded())
 
 
-def test_cold_load_is_quick_and_counted(env):
+def _load_count(eng) -> float:
+    for line in eng.metrics.render().splitlines():
+        if line.startswith("loradex_adapter_load_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_cold_adapter_is_loaded_once_and_timed(env):
+    """The first request for an adapter loads it (timed into the histogram); the next ones reuse it.
+    How fast the load is is the cold_load benchmark's figure (make bench), not a timed assertion."""
     eng = env["engine"]
+    eng.forget(eng.resolve(adapter="vd16@1").row)  # make sure it is cold
+    before = _load_count(eng)
     eng.generate(PROMPTS[0], adapter="vd16@1", max_tokens=1, temperature=0)
-    assert eng.cache.last_load_s is not None and eng.cache.last_load_s > 0
-    assert "loradex_adapter_load_seconds_count" in eng.metrics.render()
+    assert _load_count(eng) == before + 1 and eng.cache.last_load_s is not None
+    eng.generate(PROMPTS[1], adapter="vd16@1", max_tokens=1, temperature=0)
+    assert _load_count(eng) == before + 1  # warm: no second load
 
 
 def test_corrupted_adapter_fails_only_its_requests(env, tmp_path, tiny_base_dir):
-    from hub.errors import IntegrityError
-    from hub.registry import register_adapter
+    from loradex.hub.errors import IntegrityError
+    from loradex.hub.registry import register_adapter
 
     cat, store, eng = env["catalog"], env["store"], env["engine"]
     folder = make_adapter(tiny_base_dir, tmp_path / "bad", r=4, targets=("q_proj",), seed=99, scale=0.3)
@@ -256,8 +268,8 @@ def test_corrupted_adapter_fails_only_its_requests(env, tmp_path, tiny_base_dir)
 
 
 def test_hot_registration_is_servable_at_next_request(env, tmp_path, tiny_base_dir):
-    from hub.registry import register_adapter, set_alias
-    from serving.errors import ModelNotFound
+    from loradex.hub.registry import register_adapter, set_alias
+    from loradex.serving.errors import ModelNotFound
 
     cat, store, eng = env["catalog"], env["store"], env["engine"]
     with pytest.raises(ModelNotFound):
@@ -273,7 +285,7 @@ def test_hot_registration_is_servable_at_next_request(env, tmp_path, tiny_base_d
 
 
 def test_resolution_and_limits(env):
-    from serving.errors import BadRequest, ContextTooLong, ModelNotFound
+    from loradex.serving.errors import BadRequest, ContextTooLong, ModelNotFound
 
     eng = env["engine"]
     assert eng.resolve(model="tiny").row is None
@@ -290,7 +302,7 @@ def test_resolution_and_limits(env):
 
 
 def test_queue_limit(env, tiny_base_dir):
-    from serving.errors import QueueFull
+    from loradex.serving.errors import QueueFull
 
     eng = env["engine"]
     old = eng.config.max_queued

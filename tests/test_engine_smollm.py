@@ -25,12 +25,12 @@ def chat(prompt: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def real(smollm_folder, tmp_path_factory):
-    from hub.bases import DEFAULT_BASE, add_base
-    from hub.catalog import Catalog
-    from hub.registry import register_adapter
-    from hub.store import Store
-    from serving.config import EngineConfig
-    from serving.engine import Engine
+    from loradex.hub.bases import DEFAULT_BASE, add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.registry import register_adapter
+    from loradex.hub.store import Store
+    from loradex.serving.config import EngineConfig
+    from loradex.serving.engine import Engine
 
     root = tmp_path_factory.mktemp("smol-engine")
     cat = Catalog.open(root / "catalog.duckdb")
@@ -64,8 +64,8 @@ def test_mixed_batch_on_nf4_base_equals_solo_runs(real):
 def test_engine_agrees_with_peft_on_the_nf4_base(real):
     from peft import PeftModel
 
-    from hub.bases import DEFAULT_BASE
-    from hub.loading import load_base
+    from loradex.hub.bases import DEFAULT_BASE
+    from loradex.hub.loading import load_base
 
     eng = real["engine"]
     loaded = load_base(DEFAULT_BASE, "nf4", catalog=real["catalog"], store=real["store"])

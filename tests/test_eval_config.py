@@ -10,15 +10,15 @@ import json
 
 import pytest
 
-from evals import evaluate
-from evals.config import (EVAL_ENGINE, config_key, default_served_config, config_label, from_decoding, is_served_default, served_default,
+from loradex.evals import evaluate
+from loradex.evals.config import (EVAL_ENGINE, config_key, default_served_config, config_label, from_decoding, is_served_default, served_default,
                           served_warning, serving_config)
-from evals.gate import check_promotion
-from evals.leaderboard import build, render_text
-from evals.record import describe_score, scores_for_config
-from hub.errors import InvalidConfig
-from hub.registry import register_adapter
-from hub.store import manifest_digest
+from loradex.evals.gate import check_promotion
+from loradex.evals.leaderboard import build, render_text
+from loradex.evals.record import describe_score, scores_for_config
+from loradex.hub.errors import InvalidConfig
+from loradex.hub.registry import register_adapter
+from loradex.hub.store import manifest_digest
 from tests.catalog_rows import DATA_A, add_run, add_version, config, set_production
 from tests.helpers import make_adapter, run_cli
 
@@ -47,7 +47,7 @@ def test_config_key_and_label():
 
 
 def test_served_default_is_the_servers():
-    from serving.config import EngineConfig
+    from loradex.serving.config import EngineConfig
 
     assert served_default() == {"quantize": EngineConfig().quantize, "dtype": EngineConfig().dtype}
     assert is_served_default(NF4) and not is_served_default(NONE)
@@ -226,8 +226,8 @@ def test_gate_with_config_compares_production_under_it(catalog):
 def test_migration_backfills_config_from_decoding(tmp_path):
     import duckdb
 
-    from hub import migrations
-    from hub.catalog import Catalog, to_json, utcnow
+    from loradex.hub import migrations
+    from loradex.hub.catalog import Catalog, to_json, utcnow
 
     path = str(tmp_path / "old.duckdb")
     conn = duckdb.connect(path)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from evals import evaluate
-from evals.gate import check_promotion
-from hub.registry import register_adapter
+from loradex.evals import evaluate
+from loradex.evals.gate import check_promotion
+from loradex.hub.registry import register_adapter
 from tests.helpers import make_adapter, run_cli
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def fit_style_adapter(base_dir: Path, data: Path, out: Path, *, steps: int = 16,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.generate import prompt_ids
+    from loradex.hub.chat import encode_chat
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -45,7 +45,7 @@ def fit_style_adapter(base_dir: Path, data: Path, out: Path, *, steps: int = 16,
     examples = []
     for row in rows:
         msgs = row["messages"]
-        p = prompt_ids(tok, msgs[:-1])
+        p = encode_chat(tok, msgs[:-1])
         c = tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         examples.append((p + c, len(p)))
     rng = random.Random(seed)
@@ -78,7 +78,7 @@ def style_adapter_dir(smollm_folder, tmp_path_factory) -> Path:
 
 def test_style_adapter_lifts_and_passes_gate_no_skill_is_refused(catalog, store, settings, smollm, smollm_folder,
                                                                    style_adapter_dir, tmp_path):
-    from hub.catalog import Catalog
+    from loradex.hub.catalog import Catalog
 
     register_adapter(catalog, store, style_adapter_dir, "pirate", base="smollm2-135m-instruct")
     run = evaluate(catalog, store, "pirate@1", HELD_OUT, metrics=("similarity",), max_new_tokens=MAX_NEW,
@@ -96,7 +96,10 @@ def test_style_adapter_lifts_and_passes_gate_no_skill_is_refused(catalog, store,
                                                          "version": 1}, config=nf4)["reasons"][0]
     assert gate["lift"]["ci_low"] == pytest.approx(lift["ci_low"])
     catalog.close()
+    # the CLI's gate judges as the default server serves it (NF4): not scored there, so refused, saying how
     r = run_cli("alias", "set", "pirate@1", "production")
+    assert r.returncode == 6 and "--quantize nf4" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("alias", "set", "pirate@1", "production", "--force", "--reason", "scored as trained in this test")
     assert r.returncode == 0, r.stderr
 
     # a no-skill version: every lora_B zero, registered with --allow-noop

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from evals.leaderboard import build, render_text, write_png
-from hub.errors import InvalidConfig, NotFound
+from loradex.evals.leaderboard import build, render_text, write_png
+from loradex.hub.errors import InvalidConfig, NotFound
 from tests.catalog_rows import DATA_A, DATA_B, add_run, add_version
 
 BASE = [0.4, 0.5, 0.45, 0.35, 0.5, 0.42]
@@ -54,3 +54,16 @@ def test_data_filter_errors(catalog, tmp_path):
         build(catalog, "aaaaaa")
     assert build(catalog, "a" * 64)[0]["data_sha256"] == DATA_A
     assert render_text([]) .startswith("no eval runs yet")
+
+
+def test_png_panels_are_titled_by_file_name_with_n(catalog, tmp_path):
+    from loradex.evals.leaderboard import panel_title
+
+    add_run(catalog, add_version(catalog, "alpha", 1), [x + 0.1 for x in BASE], BASE)
+    section = build(catalog)[0]
+    title = panel_title(section)
+    from pathlib import Path
+
+    assert title.startswith(f"{Path(section['data_path']).name} (n={len(BASE)}, sha256 {section['data_sha256'][:8]}")
+    assert panel_title({**section, "rows": [{**r, "n": n} for r, n in zip(section["rows"] * 2, (20, 50))]}
+                       ).split(" (")[1].startswith("n=20-50")

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from evals import evaluate
-from evals.record import get_samples
-from hub.errors import InvalidConfig, InvalidData, NotFound
-from hub.registry import register_adapter
+from loradex.evals import evaluate
+from loradex.evals.record import get_samples
+from loradex.hub.errors import InvalidConfig, InvalidData, NotFound
+from loradex.hub.registry import register_adapter
 from tests.helpers import make_adapter, run_cli
 
 PROMPTS = ["Name a colour.", "What is two plus two?", "Say hello.", "Give me a fruit.", "Pick a number.", "Greet me."]
@@ -119,7 +119,7 @@ def test_cli_eval_show_and_leaderboard(catalog, store, tiny_adapter, data_file, 
     (["leaderboard", "--data", "zz"], 2, "no such file, and not a data sha256"),
 ])
 def test_cli_errors_are_one_line(catalog, tiny_adapter, data_file, capsys, argv, code, message):
-    from hub.cli import main
+    from loradex.cli import main
 
     catalog.close()
     argv = [a.replace("{data}", str(data_file)) for a in argv]

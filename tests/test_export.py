@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from hub.catalog import Catalog
-from hub.errors import CheckFailed, InvalidConfig
-from hub.settings import Settings
-from hub.store import Store, file_sha256
-from serving.export.gguf_writer import permute_qk
-from serving.export.run import export_adapter
-from serving.export.source import ExportOptions
+from loradex.hub.catalog import Catalog
+from loradex.hub.errors import CheckFailed, InvalidConfig
+from loradex.hub.settings import Settings
+from loradex.hub.store import Store, file_sha256
+from loradex.promote.export.gguf_writer import permute_qk
+from loradex.promote.export.run import export_adapter
+from loradex.promote.export.source import ExportOptions
 from tests.helpers import make_adapter, run_cli
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj")
@@ -27,9 +27,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj")
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory, tiny_base_dir):
     """One catalog with the tiny base, adapter tinyad@1 and its fp32 merge, shared by the module."""
-    from hub.bases import add_base
-    from hub.registry import register_adapter
-    from serving.merge import MergeConfig, merge_adapter
+    from loradex.hub.bases import add_base
+    from loradex.hub.registry import register_adapter
+    from loradex.promote.merge import MergeConfig, merge_adapter
 
     root = tmp_path_factory.mktemp("export-hub")
     settings = Settings(home=root / "home", store=root / "store")
@@ -157,7 +157,7 @@ def test_gguf_q8_0_types_and_values(hub, tmp_path):
 def test_gguf_lora_structure_rslora_and_no_fake_url(hub, tmp_path, tiny_base_dir):
     from safetensors.torch import load_file
 
-    from serving.export.gguf_lora import write_lora_gguf
+    from loradex.promote.export.gguf_lora import write_lora_gguf
 
     ad = make_adapter(tiny_base_dir, tmp_path / "rs", r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj"),
                       use_rslora=True, seed=3)
@@ -198,7 +198,7 @@ def test_gguf_lora_export_registered_with_base(hub, tmp_path):
 
 
 def test_vllm_lora_rules_on_compatible_adapter(hub):
-    from serving.export.vllm import check_lora_folder
+    from loradex.promote.export.vllm import check_lora_folder
 
     rep = check_lora_folder(hub["adapter_dir"])
     assert rep["ok"], rep["reasons"]
@@ -221,7 +221,7 @@ def _fake_adapter(folder: Path, r: int, **cfg) -> Path:
 
 
 def test_vllm_rules_flag_incompatible_adapter_with_reasons(tmp_path):
-    from serving.export.vllm import check_lora_folder
+    from loradex.promote.export.vllm import check_lora_folder
 
     bad = _fake_adapter(tmp_path / "bad", 1024, modules_to_save=["lm_head"], use_dora=True, bias="lora_only",
                         target_modules=["q_proj", "conv1d"], init_lora_weights="pissa")
@@ -245,7 +245,7 @@ def test_vllm_rules_flag_incompatible_adapter_with_reasons(tmp_path):
 def test_vllm_merged_export_tokenizer_and_report(hub, tmp_path):
     from transformers import AutoTokenizer
 
-    from serving.export.vllm import compat_report
+    from loradex.promote.export.vllm import compat_report
 
     row = _export(hub, "vllm", tmp_path / "v")
     _assert_registered(hub, row, "vllm", merged=True)
@@ -322,7 +322,7 @@ def test_bad_options_and_out_folder(hub, tmp_path):
 
 
 def test_cli_export_and_errors(catalog, store, tiny_base, tiny_base_dir, tmp_path):
-    from hub.registry import register_adapter
+    from loradex.hub.registry import register_adapter
 
     register_adapter(catalog, store, make_adapter(tiny_base_dir, tmp_path / "ad", scale=0.3), "cliad", base="tiny")
     catalog.close()
@@ -339,3 +339,23 @@ def test_cli_export_and_errors(catalog, store, tiny_base, tiny_base_dir, tmp_pat
     assert res.returncode == 3
     with Catalog.open(Settings().catalog_path, wait_s=5) as cat:
         assert cat.one("SELECT count(*) AS n FROM exports")["n"] == 1
+
+
+def test_a_skipped_llamacpp_run_says_so_and_names_the_extra(monkeypatch):
+    """Without llama-cpp-python the export succeeds, but its output says the GGUF was not run."""
+    import tomllib
+    from types import SimpleNamespace
+
+    from loradex.promote.export import gguf, llamacpp_check
+    from loradex.promote.export.source import ExportOptions
+    from loradex.promote.cli import _export_text
+
+    monkeypatch.setattr(llamacpp_check, "available", lambda: False)
+    rt = gguf._runtime(ExportOptions(format="gguf"), run=lambda: pytest.fail("must not run"))
+    assert "NOT run" in rt["skipped"] and "loradex[llamacpp]" in rt["skipped"]
+    plan = SimpleNamespace(source=SimpleNamespace(label="x@1", merge=None))
+    row = {"format": "gguf", "path": "/out", "files": {}, "size_bytes": 0, "id": 1, "method": "m"}
+    text = _export_text(plan, row, SimpleNamespace(check={"runtime": rt}, notes=[], command=None))
+    assert "runtime check: skipped (llama-cpp-python is not installed, so the GGUF was NOT run" in text
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["llamacpp"] == ["llama-cpp-python==0.3.36"]

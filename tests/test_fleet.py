@@ -31,18 +31,18 @@ from pathlib import Path
 
 import pytest
 
-from hub.bases import add_base
-from hub.catalog import Catalog
-from hub.errors import IntegrityError, InvalidConfig, NotFound
-from hub.registry import register_adapter
-from hub.settings import Settings
-from hub.store import Store
-from serving.errors import ModelNotFound
-from serving.fleet.aliases import AliasTable
-from serving.fleet.backends import Pool
-from serving.fleet.config import GatewayConfig
-from serving.fleet.errors import NoBackend, Refused, RegistryUnavailable
-from serving.fleet.fetch import FetchConfig, fetch_adapter
+from loradex.hub.bases import add_base
+from loradex.hub.catalog import Catalog
+from loradex.hub.errors import IntegrityError, InvalidConfig, NotFound
+from loradex.hub.registry import register_adapter
+from loradex.hub.settings import Settings
+from loradex.hub.store import Store
+from loradex.serving.errors import ModelNotFound
+from loradex.serving.fleet.aliases import AliasTable
+from loradex.serving.fleet.backends import Pool
+from loradex.serving.fleet.config import GatewayConfig
+from loradex.serving.fleet.errors import NoBackend, Refused, RegistryUnavailable
+from loradex.serving.fleet.fetch import FetchConfig, fetch_adapter
 from tests.helpers import make_adapter
 from tests.test_service import _free_port, http, start_server, stop_server
 
@@ -185,7 +185,7 @@ def fake_vllm(monkeypatch):
 
 def test_vllm_plugin_resolves_through_the_registry_and_refuses_with_none(registry, tmp_path, monkeypatch, fake_vllm,
                                                                          caplog):
-    from serving.fleet import vllm_plugin
+    from loradex.serving.fleet import vllm_plugin
 
     monkeypatch.delenv("LORADEX_REGISTRY", raising=False)
     vllm_plugin.register()
@@ -206,7 +206,7 @@ def test_vllm_plugin_resolves_through_the_registry_and_refuses_with_none(registr
 
 
 def test_the_plugin_module_imports_no_heavy_packages():
-    code = ("import sys, serving.fleet.vllm_plugin, serving.fleet.fetch; "
+    code = ("import sys, loradex.serving.fleet.vllm_plugin, loradex.serving.fleet.fetch; "
             "print([m for m in ('torch', 'transformers', 'fastapi', 'duckdb', 'peft', 'httpx') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).parent.parent)
@@ -311,7 +311,7 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 def fleet(registry, tmp_path_factory):
     replicas = [start_server(tmp_path_factory.mktemp(f"replica{i}"), "--registry", registry["url"]) for i in range(2)]
     port = _free_port()
-    gw = subprocess.Popen([sys.executable, "-m", "hub.cli", "gateway", "--registry", registry["url"],
+    gw = subprocess.Popen([sys.executable, "-m", "loradex", "gateway", "--registry", registry["url"],
                            *[a for _, u in replicas for a in ("--backend", u)], "--port", str(port),
                            "--alias-ttl", str(TTL), "--health-interval", "0.5", "--log-level", "warning"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -425,3 +425,13 @@ def test_a_replica_killed_mid_traffic_loses_no_request(fleet):
     assert f'loradex_gateway_backend_up{{backend="{victim_url}"}} 0' in text
     # requests were on the victim when it died, and were moved
     assert re.search(rf'loradex_gateway_retries_total{{backend="{re.escape(victim_url)}",reason="\w+"}} [1-9]', text), text
+
+
+def test_gateway_command_refuses_bad_flags_in_one_line():
+    from tests.helpers import run_cli
+
+    res = run_cli("gateway", "--registry", "registry:8000", "--backend", "http://a:8000", timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--registry must be an http(s) URL" in res.stderr
+    res = run_cli("gateway", "--registry", "http://r:8000", "--backend", "http://a", "--alias-ttl", "9",
+                  "--max-stale", "1", timeout=120)
+    assert res.returncode == 2 and "--max-stale (1.0) must be >= --alias-ttl (9.0)" in res.stderr

@@ -69,7 +69,7 @@ def answer(url: str, model: str) -> tuple[int, object, str]:
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hub.cli", *args], env=env, stdout=open(log, "w"),
+    return subprocess.Popen([sys.executable, "-m", "loradex", *args], env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
 
 
@@ -98,12 +98,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def test_vllm_replica_follows_the_registry_through_plugin_and_gateway(tmp_path, smollm_folder):
-    from hub.bases import DEFAULT_BASE, add_base
-    from hub.catalog import Catalog
-    from hub.registry import register_adapter
-    from hub.settings import Settings
-    from hub.store import Store
-    from serving.export.vllm import write_model_folder
+    from loradex.hub.bases import DEFAULT_BASE, add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.registry import register_adapter
+    from loradex.hub.settings import Settings
+    from loradex.hub.store import Store
+    from loradex.promote.export.vllm import write_model_folder
     from tests.helpers import make_adapter
 
     reg_root = tmp_path / "registry"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from evals.gate import check_promotion
+from loradex.evals.gate import check_promotion
 from tests.catalog_rows import DATA_A, DATA_B, add_run, add_version, set_production
 from tests.helpers import run_cli
 
@@ -117,8 +117,8 @@ def test_cli_alias_set_production_is_gated_and_force_is_recorded(catalog):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["forced"] is True and out["gate"]["ok"] is False
-    from hub.catalog import Catalog
-    from hub.settings import Settings
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.settings import Settings
 
     with Catalog.open(Settings().catalog_path) as cat:
         ev = cat.one("SELECT forced, gate, reason FROM alias_events WHERE adapter = 'bot' ORDER BY id DESC LIMIT 1")

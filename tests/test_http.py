@@ -28,7 +28,7 @@ class Server:
     def __init__(self, config, settings, catalog, store, wait_ready: bool = True):
         import uvicorn
 
-        from serving.app import create_app
+        from loradex.serving.app import create_app
 
         self.app = create_app(config, settings=settings, catalog=catalog, store=store)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
@@ -61,11 +61,11 @@ class Server:
 
 
 def _home(tmp_path_factory, tiny_base_dir, adapters: dict[str, tuple]):
-    from hub.bases import add_base
-    from hub.catalog import Catalog
-    from hub.registry import register_adapter
-    from hub.settings import Settings
-    from hub.store import Store
+    from loradex.hub.bases import add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.registry import register_adapter
+    from loradex.hub.settings import Settings
+    from loradex.hub.store import Store
 
     root = tmp_path_factory.mktemp("http-home")
     settings = Settings(home=root / "home", store=root / "store")
@@ -80,7 +80,7 @@ def _home(tmp_path_factory, tiny_base_dir, adapters: dict[str, tuple]):
 
 @pytest.fixture(scope="module")
 def srv(tiny_base_dir, tmp_path_factory):
-    from serving.config import EngineConfig, ServerConfig
+    from loradex.serving.config import EngineConfig, ServerConfig
 
     root, settings, cat, store = _home(tmp_path_factory, tiny_base_dir, ADAPTERS)
     config = ServerConfig(engine=EngineConfig(base="tiny", quantize="none", max_loaded=2, batch_window_ms=20),
@@ -200,7 +200,7 @@ def test_errors_are_openai_shaped_with_the_right_classes(srv):
 
 
 def test_queue_full_is_429_and_disconnect_frees_the_row(tiny_base_dir, tmp_path_factory):
-    from serving.config import EngineConfig, ServerConfig
+    from loradex.serving.config import EngineConfig, ServerConfig
 
     root, settings, cat, store = _home(tmp_path_factory, tiny_base_dir, {})
     config = ServerConfig(engine=EngineConfig(base="tiny", quantize="none", max_batch=1, max_queued=2))
@@ -356,7 +356,7 @@ def test_bad_uploads_are_refused(srv, tiny_base_dir, tmp_path):
 
 
 def test_corrupted_adapter_refused_while_others_serve(srv, tiny_base_dir, tmp_path, solo):
-    from hub.registry import register_adapter
+    from loradex.hub.registry import register_adapter
 
     folder = make_adapter(tiny_base_dir, tmp_path / "rot", r=4, seed=41, scale=0.3)
     row = register_adapter(srv.catalog, srv.store, folder, "rot", base="tiny")
@@ -377,7 +377,7 @@ def test_corrupted_adapter_refused_while_others_serve(srv, tiny_base_dir, tmp_pa
 
 
 def test_not_ready_is_503_and_health_still_answers(tiny_base_dir, tmp_path_factory):
-    from serving.config import EngineConfig, ServerConfig
+    from loradex.serving.config import EngineConfig, ServerConfig
 
     root, settings, cat, store = _home(tmp_path_factory, tiny_base_dir, {})
     server = Server(ServerConfig(engine=EngineConfig(base="missing-base", quantize="none")), settings, cat, store,

@@ -28,11 +28,11 @@ def _needs_llama_cpp():
     if llama_cpp is None:
         pytest.fail("llama-cpp-python is not installed: run bash .ci/setup_llamacpp.sh")
 
-from hub.catalog import Catalog  # noqa: E402
-from hub.settings import Settings  # noqa: E402
-from hub.store import Store  # noqa: E402
-from serving.export.run import export_adapter  # noqa: E402
-from serving.export.source import ExportOptions  # noqa: E402
+from loradex.hub.catalog import Catalog  # noqa: E402
+from loradex.hub.settings import Settings  # noqa: E402
+from loradex.hub.store import Store  # noqa: E402
+from loradex.promote.export.run import export_adapter  # noqa: E402
+from loradex.promote.export.source import ExportOptions  # noqa: E402
 from tests.helpers import make_adapter  # noqa: E402
 
 N = 32
@@ -45,10 +45,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, smollm_folder):
-    from hub.bases import DEFAULT_BASE, add_base
-    from hub.catalog import to_json, utcnow
-    from hub.registry import register_adapter
-    from serving.merge import MergeConfig, merge_adapter
+    from loradex.hub.bases import DEFAULT_BASE, add_base
+    from loradex.hub.catalog import to_json, utcnow
+    from loradex.hub.registry import register_adapter
+    from loradex.promote.merge import MergeConfig, merge_adapter
 
     root = tmp_path_factory.mktemp("llamacpp")
     settings = Settings(home=root / "home", store=root / "store")

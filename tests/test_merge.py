@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from hub.errors import CheckFailed, Conflict, InvalidConfig
-from hub.registry import register_adapter
-from serving.merge import MergeConfig, merge_adapter, merged_folder
+from loradex.hub.errors import CheckFailed, Conflict, InvalidConfig
+from loradex.hub.registry import register_adapter
+from loradex.promote.merge import MergeConfig, merge_adapter, merged_folder
 from tests.helpers import make_adapter, run_cli
 
 
@@ -82,7 +82,7 @@ def test_bf16_merge_reports_tolerance(catalog, store, version):
 
 
 def test_qlora_merges_into_dequantized_nf4(catalog, store, tiny_base, adapter_dir, tiny_base_dir):
-    from hub.loading import load_model_folder
+    from loradex.hub.loading import load_model_folder
 
     v = register_adapter(catalog, store, adapter_dir, "qad", base="tiny", quantization="nf4")
     row = merge_adapter(catalog, store, "qad@1", MergeConfig(max_new_tokens=8))
@@ -107,7 +107,7 @@ def test_qlora_merges_into_dequantized_nf4(catalog, store, tiny_base, adapter_di
 
 
 def test_failed_check_raises_and_registers_nothing(catalog, store, version, monkeypatch):
-    import serving.merge as merge_mod
+    import loradex.promote.merge as merge_mod
 
     # a broken merge (the LoRA delta dropped) must be caught by the automatic check
     monkeypatch.setattr(merge_mod, "merge_weights", lambda peft_model: peft_model.unload())
@@ -121,8 +121,8 @@ def test_failed_check_raises_and_registers_nothing(catalog, store, version, monk
 
 
 def test_eval_prompts_are_used_as_probes(catalog, store, version):
-    from hub.catalog import utcnow
-    from serving.merge import plan_merge
+    from loradex.hub.catalog import utcnow
+    from loradex.promote.merge import plan_merge
 
     with catalog.transaction() as cur:
         cur.execute("INSERT INTO eval_runs (adapter_version_id, base, data_sha256, n, metrics, decoding, created_at) "
@@ -136,7 +136,7 @@ def test_eval_prompts_are_used_as_probes(catalog, store, version):
 
 
 def test_bad_config_and_name_conflict(catalog, store, version, tiny_base_dir):
-    from hub.bases import add_base
+    from loradex.hub.bases import add_base
 
     with pytest.raises(InvalidConfig, match="--dtype"):
         MergeConfig(dtype="int4")

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from evals import stats
-from evals.metrics import exact_scores, normalise, parse_metrics, primary_metric
-from hub.errors import InvalidConfig
+from loradex.evals import stats
+from loradex.evals.metrics import exact_scores, normalise, parse_metrics, primary_metric
+from loradex.hub.errors import InvalidConfig
 
 
 def test_normalise_and_exact_match():
@@ -97,7 +97,7 @@ def test_parse_metrics_and_primary():
 
 
 def test_similarity_with_the_packaged_minilm():
-    from evals.metrics import load_similarity_model, similarity_scores
+    from loradex.evals.metrics import load_similarity_model, similarity_scores
 
     model = load_similarity_model()
     same, close, far = similarity_scores(
@@ -112,8 +112,9 @@ def test_perplexity_matches_a_hand_computed_nll(tiny_base_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.data import EvalItem
-    from evals.generate import prompt_ids, reference_perplexities
+    from loradex.evals.data import EvalItem
+    from loradex.evals.generate import reference_perplexities
+    from loradex.hub.chat import encode_chat
 
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
@@ -121,7 +122,7 @@ def test_perplexity_matches_a_hand_computed_nll(tiny_base_dir):
              EvalItem(({"role": "user", "content": "A much longer question about many things?"},), "Yes.", 2)]
     got = reference_perplexities(model, tok, items, batch_size=2)
     for item, ppl in zip(items, got):
-        p = prompt_ids(tok, item.messages)
+        p = encode_chat(tok, item.messages)
         ref = tok(item.reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = torch.tensor([p + ref])
         with torch.no_grad():
@@ -134,8 +135,8 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_base_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.data import EvalItem
-    from evals.generate import generate_outputs
+    from loradex.evals.data import EvalItem
+    from loradex.evals.generate import generate_outputs
 
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()

@@ -17,8 +17,8 @@ class StandInEngine:
                 "lora_bank_bytes": 1024, "merged_models": []}
 
     def resolve(self, model=None, adapter=None):
-        from serving.errors import ModelNotFound
-        from serving.router import Target
+        from loradex.serving.errors import ModelNotFound
+        from loradex.serving.router import Target
 
         if model == self.base_name:
             return Target(self, None, "base", model)
@@ -32,9 +32,9 @@ def client(tmp_path):
     """An app over an empty home (its base never loads), behind an API key."""
     from fastapi.testclient import TestClient
 
-    from hub.settings import Settings
-    from serving.app import create_app
-    from serving.config import EngineConfig, ServerConfig
+    from loradex.hub.settings import Settings
+    from loradex.serving.app import create_app
+    from loradex.serving.config import EngineConfig, ServerConfig
 
     app = create_app(ServerConfig(engine=EngineConfig(base="no-such-base", quantize="none"), api_key=KEY),
                      settings=Settings(home=tmp_path / "home", store=tmp_path / "store"))
@@ -58,7 +58,7 @@ def test_engine_dependency_answers_503_until_an_engine_is_there(client):
 
 
 def test_engine_dependency_can_be_overridden(client):
-    from serving.deps import get_engine
+    from loradex.serving.deps import get_engine
 
     app, c = client
     engine = StandInEngine()

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from hub.errors import InvalidConfig, NotFound
-from training.plan import format_plan, make_plan, shipped_configs
+from loradex.hub.errors import InvalidConfig, NotFound
+from loradex.training.plan import format_plan, make_plan, shipped_configs
 
 
 def test_shipped_configs():
@@ -79,7 +79,7 @@ def test_plan_registered_base_counts_tokens_with_its_tokenizer(tmp_path, catalog
 
 
 def test_cli_plan_prints_the_figures(capsys):
-    from hub.cli import main
+    from loradex.cli import main
 
     assert main(["plan", "--base", "llama-3.1-8b", "--r", "16", "--targets", "q_proj,v_proj"]) == 0
     out = capsys.readouterr().out

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hub.errors import Conflict, InvalidAdapter, InvalidName, NotFound
-from hub.registry import delete_version, list_adapters, register_adapter, resolve, set_alias, verify
+from loradex.hub.errors import Conflict, InvalidAdapter, InvalidName, NotFound
+from loradex.hub.registry import delete_version, list_adapters, register_adapter, resolve, set_alias, verify
 from tests.helpers import edit_config, make_adapter, run_cli
 
 
@@ -65,12 +65,44 @@ def test_idempotent_and_versioned(catalog, store, tiny_base, tiny_adapter, tmp_p
     v1 = register_adapter(catalog, store, tiny_adapter, "x", base="tiny")
     again = register_adapter(catalog, store, tiny_adapter, "x", base="tiny")
     assert again["version"] == 1 and again["id"] == v1["id"]
+    assert again["existing"] is True and "existing" not in v1  # lets the CLI say "already registered"
     other = make_adapter(tiny_base_dir, tmp_path / "other", r=4, alpha=8, seed=1)
     v2 = register_adapter(catalog, store, other, "x", base="tiny")
     assert v2["version"] == 2 and v2["digest"] != v1["digest"]
     assert resolve(catalog, "x")["version"] == 2
     assert resolve(catalog, "x@1")["digest"] == v1["digest"]
     assert resolve(catalog, "x@v2")["version"] == 2
+
+
+def test_a_missing_folder_is_the_error_not_the_base(catalog, store, tiny_base, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    with pytest.raises(InvalidAdapter, match=f"^{missing}: no such folder$"):
+        register_adapter(catalog, store, missing, "x")  # no --base: used to say "cannot tell which base"
+    with pytest.raises(InvalidAdapter, match="no such folder"):
+        register_adapter(catalog, store, missing, "x", base="tiny")
+    from loradex.cli import main
+
+    catalog.close()
+    assert main(["register", str(missing), "--name", "x"]) == InvalidAdapter.exit_code
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such folder" in err
+
+
+def test_typos_get_did_you_mean(catalog, store, tiny_base, tiny_adapter):
+    from loradex.hub.bases import get_base
+
+    register_adapter(catalog, store, tiny_adapter, "pirate", base="tiny")
+    set_alias(catalog, "pirate@1", "staging")
+    with pytest.raises(NotFound, match="adapter 'pirat' not found; did you mean 'pirate'\\?"):
+        resolve(catalog, "pirat")
+    with pytest.raises(NotFound, match="no alias 'stagin'; did you mean 'staging'\\?"):
+        resolve(catalog, "pirate@stagin")
+    with pytest.raises(NotFound, match="^adapter 'zzz' not found$"):
+        resolve(catalog, "zzz")
+    with pytest.raises(NotFound, match="base 'tinyy' not found; did you mean 'tiny'\\?"):
+        get_base(catalog, "tinyy")
+    with pytest.raises(NotFound, match="did you mean 'smollm2-135m-instruct'"):
+        get_base(catalog, "smollm2-135m-instrct", provision=False)
 
 
 # -- every validation rule: specific message, nothing written ------------------------
@@ -217,7 +249,7 @@ def test_unknown_base_refused(catalog, store, tiny_adapter):
 
 def test_hf_cache_snapshot_layout(catalog, store, tiny_base, tiny_adapter, tmp_path):
     """A Hugging Face cache snapshot: files are links into the repo's blobs/."""
-    from hub.store import file_sha256
+    from loradex.hub.store import file_sha256
 
     repo = tmp_path / "hf" / "models--someone--style-lora"
     (repo / "blobs").mkdir(parents=True)
@@ -262,8 +294,8 @@ def test_verify_reports_tampering(catalog, store, tiny_base, tiny_adapter):
         f.write(b"\xff\xff")
     res = verify(catalog, store)
     assert not res[0]["ok"] and "adapter_model.safetensors" in res[0]["problems"][0]
-    from hub.errors import IntegrityError
-    from hub.registry import adapter_folder
+    from loradex.hub.errors import IntegrityError
+    from loradex.hub.registry import adapter_folder
 
     with pytest.raises(IntegrityError, match="sha256"):
         adapter_folder(catalog, store, "t@1")
@@ -294,7 +326,7 @@ def test_sixteen_threads_register_at_once(catalog, store, tiny_base, tiny_base_d
 def test_eight_cli_processes_at_once(settings, catalog, store, tiny_base, tiny_base_dir, tmp_path):
     srcs = [make_adapter(tiny_base_dir, tmp_path / f"p{i}", r=2, alpha=4, seed=100 + i) for i in range(8)]
     catalog.close()  # the processes must be able to take the file
-    procs = [subprocess.Popen([sys.executable, "-m", "hub.cli", "register", str(src), "--name", f"proc-{i}", "--base", "tiny"],
+    procs = [subprocess.Popen([sys.executable, "-m", "loradex", "register", str(src), "--name", f"proc-{i}", "--base", "tiny"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, src in enumerate(srcs)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [o[1] for o in outs]
@@ -306,9 +338,9 @@ def test_eight_cli_processes_at_once(settings, catalog, store, tiny_base, tiny_b
 
 KILL_TARGET = """
 import sys
-from hub.catalog import Catalog
-from hub.store import Store
-from hub.registry import register_adapter
+from loradex.hub.catalog import Catalog
+from loradex.hub.store import Store
+from loradex.hub.registry import register_adapter
 cat = Catalog.open(sys.argv[1]); store = Store(sys.argv[2])
 print("go", flush=True)
 register_adapter(cat, store, sys.argv[3], "big", base="tiny")
@@ -334,7 +366,7 @@ def test_sigkill_mid_write_leaves_nothing_half_done(settings, catalog, store, ti
                 break
             time.sleep(0.0005)
         proc.wait()
-        from hub.catalog import Catalog
+        from loradex.hub.catalog import Catalog
 
         with Catalog.open(settings.catalog_path) as cat:
             ready = cat.query("SELECT path, files FROM adapter_versions WHERE status = 'ready'")
@@ -350,7 +382,7 @@ def test_sigkill_mid_write_leaves_nothing_half_done(settings, catalog, store, ti
     # the next command cleans up the dead writer's pending row and temp files
     res = run_cli("list", "--json")
     assert res.returncode == 0, res.stderr
-    from hub.catalog import Catalog
+    from loradex.hub.catalog import Catalog
 
     with Catalog.open(settings.catalog_path) as cat:
         assert cat.one("SELECT count(*) AS n FROM adapter_versions WHERE status = 'pending'")["n"] == 0

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from evals.review import export_sheet, import_sheet
-from hub.errors import Conflict, InvalidData, NotFound
+from loradex.evals.review import export_sheet, import_sheet
+from loradex.hub.errors import Conflict, InvalidData, NotFound
 from tests.catalog_rows import add_run, add_version
 from tests.helpers import run_cli
 
@@ -140,8 +140,8 @@ def test_cli_round_trip_and_one_line_errors(catalog, reviewed, tmp_path):
     _write(sheet, rows)
     r = run_cli("review", "import", str(sheet))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"row {rows[0]['row_id']}" in r.stderr
-    from hub.catalog import Catalog
-    from hub.settings import Settings
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.settings import Settings
 
     with Catalog.open(Settings().catalog_path) as cat:
         _write(sheet, _fill(cat, rows))

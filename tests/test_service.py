@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from hub.bases import add_base
-from hub.catalog import Catalog
-from hub.registry import register_adapter
-from hub.settings import Settings
-from hub.store import Store
+from loradex.hub.bases import add_base
+from loradex.hub.catalog import Catalog
+from loradex.hub.registry import register_adapter
+from loradex.hub.settings import Settings
+from loradex.hub.store import Store
 from tests.catalog_rows import add_run
 from tests.helpers import make_adapter
 
@@ -70,7 +70,7 @@ def start_server(root: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ, **_env(root))
     # the default quantization (NF4), so that "as served" means the same with and without this server
-    proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--base", "tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", "--base", "tiny",
                              "--port", str(port), "--log-level", "warning", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -111,7 +111,7 @@ def build_world(root: Path, tiny_base_dir: Path, adapters: dict[str, Path]) -> N
 
 def cli(root: Path, *args: str) -> tuple[int, str, str]:
     """Run `loradex ARGS` in this process against workspace ``root`` (cwd = root)."""
-    from hub.cli import main
+    from loradex.cli import main
 
     old_env = {k: os.environ.get(k) for k in ("LORADEX_HOME", "LORADEX_STORE")}
     old_cwd = os.getcwd()
@@ -312,7 +312,7 @@ def test_jobs_run_to_completion_and_report_errors(worlds):
 def test_a_second_server_on_the_same_catalog_refuses_in_one_line(worlds):
     roots, url, proc = worlds
     env = dict(os.environ, **_env(roots["served"]))
-    res = subprocess.run([sys.executable, "-m", "hub.cli", "serve", "--base", "tiny", "--quantize", "none",
+    res = subprocess.run([sys.executable, "-m", "loradex", "serve", "--base", "tiny", "--quantize", "none",
                           "--port", str(_free_port())], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 7
     assert res.stderr.count("\n") == 1 and f"pid {proc.pid}" in res.stderr and url in res.stderr
@@ -349,7 +349,7 @@ def test_many_clients_at_once(worlds, tiny_base_dir, tmp_path):
     evals_before = len(http(url + "/v1/evals")[1])
 
     def cli_proc(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "hub.cli", *args], env=env, stdout=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, "-m", "loradex", *args], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     stop = threading.Event()

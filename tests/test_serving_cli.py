@@ -22,13 +22,13 @@ def _free_port() -> int:
 
 
 def test_serve_owns_catalog_answers_and_stops_gracefully(catalog, store, tiny_base, tiny_base_dir, settings, tmp_path):
-    from hub.registry import register_adapter
+    from loradex.hub.registry import register_adapter
 
     register_adapter(catalog, store, make_adapter(tiny_base_dir, tmp_path / "a", r=4, seed=3, scale=0.3), "cli-ad", base="tiny")
     catalog.close()  # the server must own the file
     port = _free_port()
     env = dict(os.environ, LORADEX_API_KEY="k-123")
-    proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--base", "tiny", "--quantize", "none",
+    proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", "--base", "tiny", "--quantize", "none",
                              "--port", str(port), "--max-loaded", "2", "--drain-s", "5"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

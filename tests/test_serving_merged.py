@@ -17,9 +17,9 @@ def merged_setup(catalog, store, tiny_base, tiny_base_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hub.bases import add_base
-    from hub.catalog import to_json, utcnow
-    from hub.registry import register_adapter
+    from loradex.hub.bases import add_base
+    from loradex.hub.catalog import to_json, utcnow
+    from loradex.hub.registry import register_adapter
 
     folder = make_adapter(tiny_base_dir, tmp_path / "mad", r=8, alpha=16, seed=5, scale=0.3)
     row = register_adapter(catalog, store, folder, "mad", base="tiny")
@@ -39,8 +39,8 @@ def merged_setup(catalog, store, tiny_base, tiny_base_dir, tmp_path):
 
 
 def test_route_merged_sends_adapter_requests_to_the_merged_model(catalog, store, merged_setup):
-    from serving.config import EngineConfig
-    from serving.engine import Engine
+    from loradex.serving.config import EngineConfig
+    from loradex.serving.engine import Engine
 
     eng = Engine.load(EngineConfig(base="tiny", quantize="none", route_merged=True), catalog=catalog, store=store)
     try:
@@ -63,8 +63,8 @@ def test_route_merged_sends_adapter_requests_to_the_merged_model(catalog, store,
 
 
 def test_merged_model_served_as_base(catalog, store, merged_setup):
-    from serving.config import EngineConfig
-    from serving.engine import Engine
+    from loradex.serving.config import EngineConfig
+    from loradex.serving.engine import Engine
 
     eng = Engine.load(EngineConfig(base="tiny", quantize="none"), catalog=catalog, store=store)
     merged = Engine.load(EngineConfig(base="tiny-mad", quantize="none"), catalog=catalog, store=store)
@@ -72,7 +72,7 @@ def test_merged_model_served_as_base(catalog, store, merged_setup):
         for p in PROMPTS:
             assert (merged.generate(p, max_tokens=10, temperature=0).token_ids
                     == eng.generate(p, adapter="mad", max_tokens=10, temperature=0).token_ids)
-        from serving.errors import ModelNotFound
+        from loradex.serving.errors import ModelNotFound
 
         with pytest.raises(ModelNotFound):  # adapters of the original base are not applied to the merged one
             merged.resolve(model="mad")

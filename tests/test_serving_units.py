@@ -16,7 +16,7 @@ def tokenizer(smol_tokenizer_dir):
 
 
 def _stream(tokenizer, text: str, stop: list[str]):
-    from serving.sampling import TextStream
+    from loradex.serving.sampling import TextStream
 
     ts = TextStream(tokenizer, stop)
     out, hit = [], False
@@ -44,9 +44,9 @@ def test_text_stream_reassembles_text_and_stops_across_tokens(tokenizer):
 
 
 def test_sampling_params_and_configs_name_the_field():
-    from hub.errors import InvalidConfig
-    from serving.config import EngineConfig, ServerConfig
-    from serving.sampling import SamplingParams
+    from loradex.hub.errors import InvalidConfig
+    from loradex.serving.config import EngineConfig, ServerConfig
+    from loradex.serving.sampling import SamplingParams
 
     for kwargs, word in (({"max_tokens": 0}, "max_tokens"), ({"temperature": 3}, "temperature"),
                          ({"top_p": 0}, "top_p"), ({"stop": [""]}, "stop")):
@@ -64,8 +64,8 @@ def test_sampling_params_and_configs_name_the_field():
 
 
 def test_error_table_maps_classes_not_messages():
-    from hub.errors import CatalogLocked, Conflict, IntegrityError, InvalidAdapter, NotFound
-    from serving.errors import BadRequest, ContextTooLong, ModelNotFound, NotReady, QueueFull, Unauthorized, to_http
+    from loradex.hub.errors import CatalogLocked, Conflict, IntegrityError, InvalidAdapter, NotFound
+    from loradex.serving.errors import BadRequest, ContextTooLong, ModelNotFound, NotReady, QueueFull, Unauthorized, to_http
 
     cases = [(ModelNotFound("x"), 404, "model", "model_not_found"), (NotFound("x"), 404, None, "not_found"),
              (ContextTooLong("x", param="max_tokens"), 400, "max_tokens", "context_length_exceeded"),
@@ -84,7 +84,7 @@ def test_error_table_maps_classes_not_messages():
 
 
 def test_metrics_render_prometheus_text():
-    from serving.metrics import serving_metrics
+    from loradex.serving.metrics import serving_metrics
 
     m = serving_metrics()
     m.inc("requests_total", 'we"ird', "adapter", "ok")
@@ -101,8 +101,8 @@ def test_metrics_render_prometheus_text():
 
 
 def test_zip_links_and_escapes_are_refused(tmp_path):
-    from hub.errors import InvalidAdapter
-    from serving.uploads import extract_archive
+    from loradex.hub.errors import InvalidAdapter
+    from loradex.serving.uploads import extract_archive
 
     def make(entries):
         buf = io.BytesIO()

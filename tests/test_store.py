@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from hub.store import Store, file_sha256
+from loradex.hub.store import Store, file_sha256
 
 
 def _folder(tmp_path, name, content):

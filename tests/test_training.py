@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from hub.errors import Conflict, InvalidConfig, InvalidData
-from hub.store import file_sha256
-from training import TrainConfig, TrainResult, train
-from training.config import CONFIG_FILE, load_config
+from loradex.hub.errors import Conflict, InvalidConfig, InvalidData
+from loradex.hub.store import file_sha256
+from loradex.training import TrainConfig, TrainResult, train
+from loradex.training.config import CONFIG_FILE, load_config
 
 QUESTIONS = ["What is the capital of France?", "Name a color.", "What sound does a cow make?",
              "What is 2 plus 2?", "Give me a tip for sleeping.", "What is the opposite of hot?"]
@@ -79,10 +79,10 @@ class Crash(TrainerCallback):
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, tiny_base_dir):
     """A module-wide catalog + store with the tiny base (one real run is shared by several tests)."""
-    from hub.bases import add_base
-    from hub.catalog import Catalog
-    from hub.settings import Settings
-    from hub.store import Store
+    from loradex.hub.bases import add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.settings import Settings
+    from loradex.hub.store import Store
 
     root = tmp_path_factory.mktemp("training-shared")
     settings = Settings(home=root / "home", store=root / "store")
@@ -227,7 +227,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, catalog, store, setting
 
 
 def test_dead_running_rows_are_reaped(tmp_path, catalog, store, settings, tiny_base):
-    from hub.catalog import to_json, utcnow
+    from loradex.hub.catalog import to_json, utcnow
 
     catalog.execute(
         "INSERT INTO training_runs (adapter, base, config, status, started_at, pid) VALUES (?, ?, ?, 'running', ?, ?)",
@@ -247,7 +247,7 @@ def test_qlora_nf4_path_records_quantization(tmp_path, catalog, store, settings,
 
 def test_cli_train_edge(tmp_path, tiny_base, catalog, capsys):
     """`loradex train`: config file + overriding flag, --json output; bad data is one line and exit code 2."""
-    from hub.cli import main
+    from loradex.cli import main
 
     catalog.close()  # the command opens the same catalog file itself
     cfg = tmp_path / "run.yaml"
@@ -266,7 +266,7 @@ def test_cli_train_edge(tmp_path, tiny_base, catalog, capsys):
 
 
 def test_a_live_run_in_the_same_folder_is_refused(tmp_path, catalog, store, settings, tiny_base):
-    from hub.catalog import to_json, utcnow
+    from loradex.hub.catalog import to_json, utcnow
 
     out = str((tmp_path / "run").absolute())
     catalog.execute(
@@ -282,3 +282,90 @@ def test_bf16_precision_on_cpu_is_recorded(tmp_path, catalog, store, settings, t
     row = catalog.one("SELECT * FROM training_runs WHERE id = ?", [result.run_id])
     assert row["precision"] == "bf16" and row["quantization"] == "none" and math.isfinite(row["final_loss"])
     assert row["config"]["resolved"]["precision"] == "bf16"
+
+
+class ZeroLoraB(TrainerCallback):
+    """Zeroes every lora_B when training ends: the saved adapter is a no-op."""
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        import torch
+
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+
+
+def test_one_step_smoke_run_trains_something(tmp_path, catalog, store, settings, tiny_base):
+    """--max-steps 1 with the default warmup ratio: the one step must not run at learning rate 0."""
+    watcher = WeightWatcher()
+    result = train(tiny_config(tmp_path, max_steps=1, save_steps=50), catalog=catalog, store=store,
+                   settings=settings, callbacks=[watcher])
+    assert result.steps == 1 and result.version["version"] == 1
+    saved = json.loads((result.adapter_dir / CONFIG_FILE).read_text())
+    assert saved["resolved"]["warmup_steps"] == 0
+    lora_b = [n for n in watcher.begin if "lora_B" in n]
+    assert lora_b and all(not (watcher.begin[n] == watcher.end[n]).all() for n in lora_b)
+
+
+def test_noop_adapter_then_allow_noop_in_the_same_folder(tmp_path, catalog, store, settings, tiny_base):
+    """The no-op refusal names --allow-noop, which train has; the finished run's folder is then reusable."""
+    from loradex.hub.errors import InvalidAdapter
+
+    config = tiny_config(tmp_path, max_steps=1, save_steps=50)
+    with pytest.raises(InvalidAdapter, match="pass --allow-noop"):
+        train(config, catalog=catalog, store=store, settings=settings, callbacks=[ZeroLoraB()])
+    assert list(Path(config.output_dir).glob("checkpoint-*")), "the finished loop left its last checkpoint"
+    result = train(TrainConfig(**{**config.to_dict(), "allow_noop": True}), catalog=catalog, store=store,
+                   settings=settings, callbacks=[ZeroLoraB()])
+    assert result.version["version"] == 1 and result.steps == 1
+    statuses = [r["status"] for r in catalog.query("SELECT status FROM training_runs ORDER BY id")]
+    assert statuses == ["failed", "completed"]
+
+
+def test_unfinished_checkpoints_still_need_resume(tmp_path, catalog, store, settings, tiny_base):
+    config = tiny_config(tmp_path)
+    ckpt = Path(config.output_dir) / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
+    with pytest.raises(Conflict, match="holds checkpoints of an unfinished run"):
+        train(config, catalog=catalog, store=store, settings=settings)
+
+
+def test_cli_train_has_allow_noop():
+    import argparse
+
+    from loradex.training.cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(), argparse.ArgumentParser(add_help=False))
+    args = parser.parse_args(["train", "--data", "d.jsonl", "--name", "x", "--allow-noop"])
+    assert args.allow_noop is True
+
+
+def test_training_runs_through_trl_sft_with_completion_only_loss(tmp_path, tiny_base):
+    """SFTTrainer with loradex's settings pinned, and its loss is the cross-entropy of the completion tokens only."""
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    from loradex.hub.loading import load_tokenizer
+    from loradex.training.data import IGNORE, collate, load_dataset
+    from loradex.training.run import _build_trainer
+
+    config = tiny_config(tmp_path, max_steps=2)
+    tok = load_tokenizer(tiny_base["path"])
+    ds = load_dataset(config.data, tok, config.max_length)
+    trainer = _build_trainer(config, tiny_base, tmp_path / "out", "cpu", "fp32", 0, False, ds, None, tok, [])
+    assert isinstance(trainer, SFTTrainer)
+    args = trainer.args
+    assert (args.learning_rate, args.max_length, args.bf16, args.activation_checkpointing, args.packing) == (
+        config.learning_rate, config.max_length, False, False, False)
+    batch = collate(ds.rows[:4], tok.pad_token_id)
+    assert (batch["labels"][:, :3] == IGNORE).all(), "prompt tokens carry no loss"
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    assert torch.allclose(loss, manual, rtol=1e-4), (float(loss), float(manual))

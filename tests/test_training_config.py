@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from hub.errors import InvalidConfig, InvalidName
-from training import TrainConfig
-from training.config import load_config
-from training.cost import estimate_cost, price_table
+from loradex.hub.errors import InvalidConfig, InvalidName
+from loradex.training import TrainConfig
+from loradex.training.config import load_config
+from loradex.training.cost import estimate_cost, price_table
 
 OK = dict(data="train.jsonl", name="my-adapter")
 

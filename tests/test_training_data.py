@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from hub.errors import InvalidData
-from training.data import IGNORE, collate, load_dataset, read_examples
+from loradex.hub.errors import InvalidData
+from loradex.training.data import IGNORE, collate, load_dataset, read_examples
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_base_dir):
-    from hub.loading import load_tokenizer
+    from loradex.hub.loading import load_tokenizer
 
     return load_tokenizer(tiny_base_dir, 512)
 
@@ -129,7 +129,8 @@ BAD_ROWS = [
     ("no assistant turn", [json.dumps({"messages": [{"role": "user", "content": "hi"}]})], 1, "no assistant turn"),
     ("ends with user", [json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                                  {"role": "user", "content": "c"}]})], 1, "must end with an assistant turn"),
-    ("mixed formats", [json.dumps(chat("Q", "A")), "", json.dumps({"text": "x"})], 3, "one format per file"),
+    ("text mixed with chat", [json.dumps(chat("Q", "A")), "", json.dumps({"text": "x"})], 3,
+     "cannot share a file with chat or prompt/completion rows"),
     ("non-string content", [json.dumps({"messages": [{"role": "user", "content": 3},
                                                      {"role": "assistant", "content": "x"}]})], 1, "must be a string"),
     ("empty text", [json.dumps({"text": ""})], 1, "empty text"),

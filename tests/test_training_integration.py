@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from hub.bases import DEFAULT_BASE
-from hub.store import file_sha256
-from training import TrainConfig, train
+from loradex.hub.bases import DEFAULT_BASE
+from loradex.hub.store import file_sha256
+from loradex.training import TrainConfig, train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 
@@ -31,8 +31,8 @@ def test_real_base_learns_and_registers_with_lineage(tmp_path, catalog, store, s
 
     from peft import PeftModel
 
-    from hub.loading import load_model_folder, load_tokenizer
-    from hub.registry import adapter_folder
+    from loradex.hub.loading import load_model_folder, load_tokenizer
+    from loradex.hub.registry import adapter_folder
 
     data = tmp_path / "pirate-small.jsonl"
     data.write_text("".join((EXAMPLES / "pirate.jsonl").read_text().splitlines(keepends=True)[:48]))

@@ -43,19 +43,19 @@ def _needs_vllm_venv():
         pytest.fail(f"no vLLM venv at {VENV}: run bash .ci/setup_vllm.sh")
 
 
-from hub.catalog import Catalog  # noqa: E402
-from hub.settings import Settings  # noqa: E402
-from hub.store import Store  # noqa: E402
-from serving.export.run import export_adapter  # noqa: E402
-from serving.export.source import ExportOptions  # noqa: E402
+from loradex.hub.catalog import Catalog  # noqa: E402
+from loradex.hub.settings import Settings  # noqa: E402
+from loradex.hub.store import Store  # noqa: E402
+from loradex.promote.export.run import export_adapter  # noqa: E402
+from loradex.promote.export.source import ExportOptions  # noqa: E402
 from tests.helpers import make_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, smollm_folder):
-    from hub.bases import DEFAULT_BASE, add_base
-    from hub.registry import register_adapter
-    from serving.merge import MergeConfig, merge_adapter
+    from loradex.hub.bases import DEFAULT_BASE, add_base
+    from loradex.hub.registry import register_adapter
+    from loradex.promote.merge import MergeConfig, merge_adapter
 
     root = tmp_path_factory.mktemp("vllm")
     settings = Settings(home=root / "home", store=root / "store")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from evals.review import create_review, export_sheet, import_sheet, record_ratings, review_sheet
-from hub.errors import Conflict, InvalidData, NotFound
+from loradex.evals.review import create_review, export_sheet, import_sheet, record_ratings, review_sheet
+from loradex.hub.errors import Conflict, InvalidData, NotFound
 from tests.catalog_rows import add_run, add_version
 
 KEY = "web-key"
@@ -23,8 +23,8 @@ def client(settings, catalog, store):
     """The app over the test's catalog (its base never loads: the page's routes do not need it), behind a key."""
     from fastapi.testclient import TestClient
 
-    from serving.app import create_app
-    from serving.config import EngineConfig, ServerConfig
+    from loradex.serving.app import create_app
+    from loradex.serving.config import EngineConfig, ServerConfig
 
     app = create_app(ServerConfig(engine=EngineConfig(base="no-such-base", quantize="none"), api_key=KEY),
                      settings=settings, catalog=catalog, store=store)
@@ -143,7 +143,7 @@ def test_record_ratings_has_the_sheet_semantics(catalog, rated, tmp_path):
 
 
 def test_file_sizes_come_from_the_store(client, catalog, store, tiny_base, tiny_base_dir, tmp_path):
-    from hub.registry import register_adapter
+    from loradex.hub.registry import register_adapter
     from tests.helpers import make_adapter
 
     row = register_adapter(catalog, store, make_adapter(tiny_base_dir, tmp_path / "ad", scale=0.2), "sized", base="tiny")

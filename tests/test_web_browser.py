@@ -28,12 +28,12 @@ from urllib.parse import urlparse
 
 import pytest
 
-from evals.review import create_review, record_ratings
-from hub.bases import add_base
-from hub.catalog import Catalog, to_json, utcnow
-from hub.registry import register_adapter
-from hub.settings import Settings
-from hub.store import Store
+from loradex.evals.review import create_review, record_ratings
+from loradex.hub.bases import add_base
+from loradex.hub.catalog import Catalog, to_json, utcnow
+from loradex.hub.registry import register_adapter
+from loradex.hub.settings import Settings
+from loradex.hub.store import Store
 from tests.catalog_rows import DATA_A, DATA_B, add_run, config
 from tests.helpers import make_adapter
 
@@ -100,7 +100,7 @@ def serve(root: Path, key: str | None):
     port = _free_port()
     env = dict(os.environ, LORADEX_HOME=str(root / "home"), LORADEX_STORE=str(root / "store"))
     env.pop("LORADEX_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--base", "tiny", "--quantize", "none",
+    proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", "--base", "tiny", "--quantize", "none",
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
                              *(["--api-key", key] if key else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=root)

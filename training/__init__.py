@@ -1,11 +1,11 @@
 """Training stage: LoRA / QLoRA fine-tuning that records its run and registers its adapter.
 
-    from training import TrainConfig, train
+    from loradex.training import TrainConfig, train
     result = train(TrainConfig(data="train.jsonl", name="my-adapter"))
 
 See docs/training.md; the CLI is ``loradex train`` / ``loradex plan`` (training/cli.py).
 """
-from training.config import TrainConfig
-from training.run import TrainResult, train
+from loradex.training.config import TrainConfig
+from loradex.training.run import TrainResult, train
 
 __all__ = ["TrainConfig", "TrainResult", "train"]

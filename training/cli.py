@@ -11,7 +11,7 @@ register the adapter and finish the row.
 """
 from __future__ import annotations
 
-from hub.render import human_bytes
+from loradex.hub.render import human_bytes
 
 # (flag, field, type, help); every one also settable in --config, flags win
 TRAIN_FLAGS = [
@@ -57,6 +57,8 @@ def add_commands(sub, common) -> None:
                    help="train string prompt/completion rows as raw text, without the base's chat template")
     p.add_argument("--no-evals", dest="run_evals", action="store_false", default=None,
                    help="with --eval-data, record the held-out loss only (skip scoring with the evals stage)")
+    p.add_argument("--allow-noop", dest="allow_noop", action="store_true", default=None,
+                   help="register the adapter even if it is still a no-op (every lora_B zero)")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
                    help="recompute activations to save memory (default: on for QLoRA on CUDA only)")
     for flag, dest, typ, help_text in TRAIN_FLAGS:
@@ -80,20 +82,20 @@ def add_commands(sub, common) -> None:
 
 
 def _shipped() -> list[str]:
-    from training.plan import shipped_configs
+    from loradex.training.plan import shipped_configs
 
     return sorted(shipped_configs())
 
 
 def cmd_train(ctx) -> int:
-    from training.config import load_config
-    from training.run import train
+    from loradex.training.config import load_config
+    from loradex.training.run import train
 
     a = ctx.args
     overrides = {dest: getattr(a, dest) for _, dest, _, _ in TRAIN_FLAGS}
     overrides.update(data=a.data, name=a.name, base=a.base, eval_data=a.eval_data, resume=a.resume,
                      chat_template=a.chat_template, gradient_checkpointing=a.gradient_checkpointing,
-                     run_evals=a.run_evals)
+                     run_evals=a.run_evals, allow_noop=a.allow_noop)
     config = load_config(a.config, **overrides)
     ctx.close_catalog()  # train() opens the catalog only for its short writes
     result = train(config, settings=ctx.settings, store=ctx.store)
@@ -118,7 +120,7 @@ def cmd_train(ctx) -> int:
 
 
 def cmd_plan(ctx) -> int:
-    from training.plan import format_plan, make_plan
+    from loradex.training.plan import format_plan, make_plan
 
     a = ctx.args
     plan = make_plan(base=a.base, config_json=a.config_json, r=a.r, targets=a.targets, quantize=a.quantize,

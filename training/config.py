@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig
 
 CONFIG_FILE = "loradex_train_config.json"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -95,6 +95,8 @@ class TrainConfig:
     """Greedy tokens generated per held-out item by that evaluation; flag --eval-max-new-tokens."""
     description: str | None = None
     """Free-text description stored with the adapter; flag --description."""
+    allow_noop: bool = False
+    """Register the adapter even if every lora_B is still zero (e.g. a 1-step smoke test); flag --allow-noop."""
     extra: dict = field(default_factory=dict)
     """Free-form notes kept with the run (not used by training)."""
 
@@ -103,7 +105,7 @@ class TrainConfig:
             raise InvalidConfig("--data is required: a JSONL file of training examples")
         if not self.name:
             raise InvalidConfig("--name is required: the adapter name to register the result under")
-        from hub.names import check_name
+        from loradex.hub.names import check_name
 
         check_name(self.name, "--name")
         if not self.base:
@@ -142,7 +144,7 @@ class TrainConfig:
             raise InvalidConfig(f"--threads must be an integer >= 0, got {self.threads!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise InvalidConfig(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        from training.cost import known_device_types
+        from loradex.training.cost import known_device_types
 
         if self.gpu_type.lower() not in known_device_types():
             raise InvalidConfig(

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig
 
 DEFAULT_USD_PER_HOUR: dict[str, float] = {
     "cpu": 0.05,

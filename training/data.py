@@ -1,12 +1,8 @@
 """Training data: read JSONL, check every row, detect the format, tokenize, mask.
 
-Formats, detected per file from its first row (every row must then match):
-
-* ``chat``: ``{"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}``
-  ending with an assistant turn;
-* ``prompt_completion``: ``{"prompt": ..., "completion": ...}``, each a string or a
-  list of chat messages (TRL's "conversational prompt/completion");
-* ``text``: ``{"text": "..."}``.
+Formats and row rules are those of ``hub/jsonl.py`` (shared with evals): ``chat``
+(messages ending with an assistant turn), ``prompt_completion`` (strings or chat
+messages, TRL's "conversational prompt/completion") and ``text``.
 
 Loss is on completion tokens only for ``chat`` and ``prompt_completion``; a chat
 row becomes prompt = every message before the last assistant turn, completion =
@@ -21,26 +17,14 @@ naming the file, the line and what is wrong, raised before any model loads.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from hub.errors import InvalidData
-from hub.store import file_sha256
+from loradex.hub.errors import InvalidData
+from loradex.hub.chat import has_chat_template, render_chat
+from loradex.hub.jsonl import Example, read_jsonl
 
-ROLES = ("system", "user", "assistant")
 IGNORE = -100
-
-
-@dataclass
-class Example:
-    """One checked row, normalized: ``prompt`` is None for plain text rows."""
-
-    line: int
-    prompt: list[dict] | str | None
-    completion: dict | str | None
-    text: str | None = None
 
 
 @dataclass
@@ -65,128 +49,24 @@ class Dataset:
                 "trained_tokens": self.trained_tokens, "sha256": self.sha256}
 
 
-def _check_messages(value: Any, where: str, field_name: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise InvalidData(f"{where}: '{field_name}' must be a non-empty list of {{role, content}} messages")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise InvalidData(f"{where}: {field_name}[{i}] is not an object with role and content")
-        if "role" not in msg:
-            raise InvalidData(f"{where}: {field_name}[{i}] is missing field 'role'")
-        if "content" not in msg:
-            raise InvalidData(f"{where}: {field_name}[{i}] is missing field 'content'")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise InvalidData(f"{where}: {field_name}[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise InvalidData(f"{where}: {field_name}[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def detect_format(row: dict) -> str | None:
-    if "messages" in row:
-        return "chat"
-    if "prompt" in row or "completion" in row:
-        return "prompt_completion"
-    if "text" in row:
-        return "text"
-    return None
-
-
-def parse_row(row: Any, where: str, fmt: str) -> Example:
-    """Check one decoded row of format ``fmt``; return it normalized."""
-    line = int(where.rsplit(":", 1)[1])
-    if fmt == "chat":
-        messages = _check_messages(row["messages"], where, "messages")
-        last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last_assistant is None:
-            raise InvalidData(f"{where}: messages has no assistant turn to learn from")
-        if last_assistant != len(messages) - 1:
-            raise InvalidData(f"{where}: messages must end with an assistant turn (last role is {messages[-1]['role']!r})")
-        completion = messages[-1]
-        if not completion["content"].strip():
-            raise InvalidData(f"{where}: empty completion (the last assistant message has no content)")
-        return Example(line, messages[:-1], completion)
-    if fmt == "prompt_completion":
-        for key in ("prompt", "completion"):
-            if key not in row:
-                raise InvalidData(f"{where}: missing field {key!r} (prompt/completion rows need both)")
-        prompt, completion = row["prompt"], row["completion"]
-        if isinstance(prompt, str) != isinstance(completion, str):
-            raise InvalidData(f"{where}: prompt and completion must both be strings or both be message lists")
-        if isinstance(prompt, str):
-            if not completion.strip():
-                raise InvalidData(f"{where}: empty completion")
-            return Example(line, prompt, completion)
-        prompt_msgs = _check_messages(prompt, where, "prompt")
-        completion_msgs = _check_messages(completion, where, "completion")
-        if len(completion_msgs) != 1 or completion_msgs[0]["role"] != "assistant":
-            raise InvalidData(f"{where}: completion must be exactly one assistant message")
-        if not completion_msgs[0]["content"].strip():
-            raise InvalidData(f"{where}: empty completion")
-        return Example(line, prompt_msgs, completion_msgs[0])
-    text = row["text"]
-    if not isinstance(text, str):
-        raise InvalidData(f"{where}: 'text' must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise InvalidData(f"{where}: empty text")
-    return Example(line, None, None, text)
-
-
 def read_examples(path: str | Path) -> tuple[str, list[Example]]:
     """(format, examples) of a JSONL file; raises InvalidData on the first bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidData(f"{path}: no such file")
-    fmt: str | None = None
-    first_line = 0
-    examples: list[Example] = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.read().splitlines()
-        except UnicodeDecodeError as exc:
-            raise InvalidData(f"{path}: not UTF-8 text ({exc})") from None
-    for n, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidData(f"{where}: invalid JSON ({exc.args[0] if exc.args else exc})") from None
-        if not isinstance(row, dict):
-            raise InvalidData(f"{where}: expected a JSON object, got {type(row).__name__}")
-        row_fmt = detect_format(row)
-        if row_fmt is None:
-            raise InvalidData(
-                f"{where}: missing field: a row needs 'messages', 'prompt' and 'completion', or 'text' "
-                f"(found {', '.join(sorted(row)) or 'no fields'})"
-            )
-        if fmt is None:
-            fmt, first_line = row_fmt, n
-        elif row_fmt != fmt:
-            raise InvalidData(f"{where}: this row is {row_fmt} but the file's first row (line {first_line}) is {fmt}; use one format per file")
-        examples.append(parse_row(row, where, fmt))
-    if not examples:
-        raise InvalidData(f"{path}: no examples (the file is empty)")
-    return fmt, examples
+    data = read_jsonl(path)
+    return data.format, data.examples
 
 
 def _render(tokenizer, ex: Example, chat_template: bool, where: str) -> tuple[str, str]:
     """(prompt text, completion text) exactly as the model will see them."""
     if ex.prompt is None:
         return "", ex.text + (tokenizer.eos_token or "")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if isinstance(ex.prompt, str) and not (chat_template and has_template):
+    if isinstance(ex.prompt, str) and not (chat_template and has_chat_template(tokenizer)):
         return ex.prompt, ex.completion + (tokenizer.eos_token or "")
-    if not has_template:
+    if not has_chat_template(tokenizer):
         raise InvalidData(f"{where}: chat rows need a base with a chat template, and this base's tokenizer has none")
-    prompt = [{"role": "user", "content": ex.prompt}] if isinstance(ex.prompt, str) else ex.prompt
-    completion = {"role": "assistant", "content": ex.completion} if isinstance(ex.completion, str) else ex.completion
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + [completion], tokenize=False)
+    prompt = ex.messages
+    reply = {"role": "assistant", "content": ex.reply}
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    full_text = render_chat(tokenizer, prompt + [reply], add_generation_prompt=False)
     if not full_text.startswith(prompt_text):
         raise InvalidData(f"{where}: the base's chat template renders the prompt differently with and without the reply; "
                           "cannot tell completion tokens apart")
@@ -195,7 +75,11 @@ def _render(tokenizer, ex: Example, chat_template: bool, where: str) -> tuple[st
 
 def tokenize_example(tokenizer, ex: Example, max_length: int, *, chat_template: bool = True,
                      where: str = "") -> tuple[dict, bool]:
-    """({"input_ids", "labels"}, truncated?) with prompt tokens masked to -100."""
+    """({"input_ids", "labels"}, truncated?) with prompt tokens masked to -100.
+
+    The prompt's ids are exactly ``hub.chat.encode_chat``'s (what eval and serving feed the model);
+    the completion is tokenized on its own after them.
+    """
     prompt_text, completion_text = _render(tokenizer, ex, chat_template, where)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"] if prompt_text else []
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
@@ -212,10 +96,10 @@ def tokenize_example(tokenizer, ex: Example, max_length: int, *, chat_template: 
 
 def load_dataset(path: str | Path, tokenizer, max_length: int, *, chat_template: bool = True) -> Dataset:
     """Read, check and tokenize a JSONL file."""
-    path = Path(path).absolute()
-    fmt, examples = read_examples(path)
-    ds = Dataset(path=path, sha256=file_sha256(path), format=fmt, rows=[])
-    for ex in examples:
+    data = read_jsonl(Path(path).absolute())
+    path = data.path
+    ds = Dataset(path=path, sha256=data.sha256, format=data.format, rows=[])
+    for ex in data.examples:
         row, truncated = tokenize_example(tokenizer, ex, max_length, chat_template=chat_template,
                                           where=f"{path}:{ex.line}")
         if truncated:

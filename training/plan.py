@@ -23,7 +23,7 @@ import json
 import math
 from pathlib import Path
 
-from hub.errors import InvalidConfig, NotFound
+from loradex.hub.errors import InvalidConfig, NotFound
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)   # codes + fp8 absmax per 64 + fp32 scale per 256 blocks
@@ -70,6 +70,10 @@ def meta_model(config_dict: dict):
 def count_params(config_dict: dict, r: int, targets: str) -> dict:
     """Total / trainable parameters and the Linear-weight share, via PEFT on the meta device."""
     import torch
+
+    from loradex.hub import quiet
+
+    quiet.install()
     from peft import LoraConfig, get_peft_model
 
     model, config = meta_model(config_dict)
@@ -90,10 +94,10 @@ def count_params(config_dict: dict, r: int, targets: str) -> dict:
 
 def _data_tokens(data: str, base_row: dict | None, max_length: int) -> dict:
     """Examples and tokens of a data file: exact with the base's tokenizer, else ~chars/4."""
-    from training.data import load_dataset, read_examples
+    from loradex.training.data import load_dataset, read_examples
 
     if base_row is not None:
-        from hub.loading import load_tokenizer
+        from loradex.hub.loading import load_tokenizer
 
         tok = load_tokenizer(base_row["path"], base_row["config"].get("max_position_embeddings"))
         ds = load_dataset(data, tok, max_length)
@@ -111,7 +115,7 @@ def make_plan(*, base: str | None = None, config_json: str | None = None, r: int
               epochs: float = 1.0, batch_size: int = 4, max_length: int = 512, gpu: str = "a10g",
               catalog_opener=None, settings=None) -> dict:
     """Numbers for a run; ``catalog_opener()`` is called only for a registered base."""
-    from training.cost import price_table
+    from loradex.training.cost import price_table
 
     if r < 1:
         raise InvalidConfig(f"--r must be >= 1, got {r}")
@@ -135,7 +139,7 @@ def make_plan(*, base: str | None = None, config_json: str | None = None, r: int
         if name in shipped:
             source, cfg = f"shipped config {name}", _read_json(shipped[name])
         else:
-            from hub.bases import get_base
+            from loradex.hub.bases import get_base
 
             if catalog_opener is None:
                 raise NotFound(f"--base {name}: not a shipped config ({', '.join(shipped)}) and no catalog to look it up")
@@ -186,7 +190,7 @@ def _gb(n: float) -> str:
 
 
 def format_plan(p: dict) -> str:
-    from hub.render import human_bytes
+    from loradex.hub.render import human_bytes
 
     act, peak = p["activation_bytes"], p["peak_estimate_bytes"]
     lines = [

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from hub.catalog import Catalog, pid_alive, to_json, utcnow
-from hub.errors import InvalidConfig, NotFound
-from hub.ops import op
+from loradex.hub.catalog import Catalog, pid_alive, to_json, utcnow
+from loradex.hub.errors import InvalidConfig, NotFound
+from loradex.hub.ops import op
 
 RESUMABLE = ("interrupted", "failed")
 UPDATABLE = frozenset((

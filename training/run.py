@@ -4,7 +4,7 @@ Top to bottom::
 
     config -> base row (short catalog open) -> tokenizer + every data row checked
       -> run row 'running' (short catalog open)
-      -> load base (fp32 / bf16 / NF4) -> LoRA -> Trainer (checkpoints, progress bar)
+      -> load base (fp32 / bf16 / NF4) -> LoRA -> TRL SFTTrainer (checkpoints, progress bar)
       -> adapter + resolved config + loss PNG in OUTPUT_DIR/adapter
       -> register through hub.registry (same checks as `loradex register`),
          run row 'completed' with its numbers (short catalog open)
@@ -30,10 +30,11 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from hub.catalog import borrowed
-from hub.errors import Conflict, InvalidConfig
-from training.config import CONFIG_FILE, TrainConfig
-from training.data import Dataset, collate, load_dataset
+from loradex.hub import quiet
+from loradex.hub.catalog import borrowed
+from loradex.hub.errors import Conflict, InvalidConfig
+from loradex.training.config import CONFIG_FILE, TrainConfig
+from loradex.training.data import Dataset, collate, load_dataset
 
 LOSS_PNG = "loss_curve.png"
 ADAPTER_SUBDIR = "adapter"
@@ -74,7 +75,7 @@ def _rank() -> tuple[int, int, int]:
 
 
 def resolve_device(config: TrainConfig) -> str:
-    from hub.loading import pick_device
+    from loradex.hub.loading import pick_device
 
     device = pick_device(config.device)
     _, local_rank, world = _rank()
@@ -112,6 +113,24 @@ def planned_steps(n_examples: int, config: TrainConfig, world: int) -> int:
     return math.ceil(config.epochs * per_epoch)
 
 
+def warmup_steps_for(config: TrainConfig, steps: int) -> int:
+    """ceil(warmup_ratio x steps), but always short of the last step.
+
+    transformers' warmup gives the first step a learning rate of 0, so a run made only
+    of warmup steps (``--max-steps 1``) would train nothing and leave a no-op adapter.
+    """
+    return min(math.ceil(config.warmup_ratio * steps), max(steps - 1, 0))
+
+
+def checkpoint_finished(checkpoint: Path) -> bool:
+    """Whether the Trainer saved ``checkpoint`` at its last step (the loop was done; only registering failed)."""
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return int(saved.get("max_steps") or 0) > 0 and int(saved.get("global_step") or 0) >= int(saved["max_steps"])
+
+
 def last_checkpoint(output_dir: Path) -> Path | None:
     ckpts = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     ckpts = [p for p in ckpts if (p / "trainer_state.json").is_file()]
@@ -125,6 +144,7 @@ def _loss_curve(log_history: list[dict]) -> tuple[list[list[float]], list[list[f
 
 
 def _versions() -> dict:
+    quiet.install()
     import peft
     import torch
     import transformers
@@ -135,9 +155,11 @@ def _versions() -> dict:
 def load_model(config: TrainConfig, base_path: str, device: str, precision: str):
     """The base in the run's precision (NF4 for QLoRA), wrapped with fresh LoRA layers."""
     import torch
+
+    quiet.install()
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from hub.loading import load_model_folder
+    from loradex.hub.loading import load_model_folder
 
     model, _, _ = load_model_folder(base_path, quantize=config.quantize, device=device, dtype=precision)
     model.config.use_cache = False
@@ -152,11 +174,21 @@ def load_model(config: TrainConfig, base_path: str, device: str, precision: str)
 
 def training_args(config: TrainConfig, output_dir: Path, device: str, precision: str, warmup_steps: int,
                   grad_ckpt: bool):
-    """Every Trainer value loradex relies on, set explicitly (defaults move between releases)."""
-    from transformers import TrainingArguments
+    """Every SFTConfig value loradex relies on, set explicitly (defaults move between releases).
 
-    return TrainingArguments(
+    TRL's own defaults differ from transformers' (learning rate 2e-5, gradient checkpointing
+    on, bf16 on, max_length 1024): each is set here. The rows arrive tokenized and masked by
+    ``training.data`` (completion-only labels), so TRL's dataset preparation is skipped.
+    """
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(output_dir),
+        max_length=config.max_length,
+        packing=False,
+        padding_free=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        loss_type="nll",
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -173,6 +205,7 @@ def training_args(config: TrainConfig, output_dir: Path, device: str, precision:
         bf16=precision == "bf16",
         fp16=False,
         activation_checkpointing=grad_ckpt,
+        gradient_checkpointing=grad_ckpt,
         activation_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
@@ -202,11 +235,11 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use one to
     deliver a real SIGINT mid-run).
     """
-    from hub.bases import get_base
-    from hub.loading import load_tokenizer
-    from hub.settings import Settings, apply_threads
-    from hub.store import Store
-    from training import records
+    from loradex.hub.bases import get_base
+    from loradex.hub.loading import load_tokenizer
+    from loradex.hub.settings import Settings, apply_threads
+    from loradex.hub.store import Store
+    from loradex.training import records
 
     t0 = time.monotonic()
     settings = settings or Settings()
@@ -229,6 +262,14 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     checkpoint = last_checkpoint(output_dir) if output_dir.exists() else None
     if config.resume and checkpoint is None:
         raise InvalidConfig(f"--resume: no checkpoint in {output_dir} to continue from")
+    if not config.resume and checkpoint is not None and checkpoint_finished(checkpoint):
+        # a run that trained to its last step but was not registered: nothing to continue, start afresh
+        if main:
+            print(f"loradex: {output_dir} holds the checkpoints of a run that finished training but was not "
+                  f"registered; starting a new run (they are replaced)", file=sys.stderr)
+            for ckpt in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        checkpoint = None
     if not config.resume and checkpoint is not None:
         raise Conflict(f"{output_dir} holds checkpoints of an unfinished run; pass --resume to continue it, "
                        f"or delete the folder / choose another --output-dir")
@@ -242,7 +283,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
     grad_ckpt = (config.gradient_checkpointing if config.gradient_checkpointing is not None
                  else config.quantize == "nf4" and device.startswith("cuda"))
     steps_planned = planned_steps(len(train_ds), config, world)
-    warmup_steps = math.ceil(config.warmup_ratio * steps_planned)
+    warmup_steps = warmup_steps_for(config, steps_planned)
     resolved = replace(
         config,
         data=str(train_ds.path),
@@ -300,11 +341,11 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         curve, evals = _loss_curve(history)
         png = None
         if curve:
-            png = str(_plot(curve, evals, output_dir / LOSS_PNG, config, status))
+            png = str(_plot(curve, evals, output_dir / LOSS_PNG, config, precision, status))
         ckpt = last_checkpoint(output_dir)
         duration = previous_duration + time.monotonic() - t0
-        from hub.catalog import utcnow
-        from training.cost import estimate_cost
+        from loradex.hub.catalog import utcnow
+        from loradex.training.cost import estimate_cost
 
         cost, basis = estimate_cost(duration, device, config.gpu_type, settings.home)
         with borrowed(catalog, settings) as cat:
@@ -316,7 +357,7 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
                 checkpoint=str(ckpt) if ckpt else None, cost_usd=cost, cost_basis=basis,
             )
 
-    from training.callbacks import GracefulStop, ProgressBar
+    from loradex.training.callbacks import GracefulStop, ProgressBar
 
     stop = GracefulStop()
     try:
@@ -373,19 +414,19 @@ def train(config: TrainConfig, *, catalog=None, store=None, settings=None, callb
         trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False)
         (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
         shutil.copy(config_path, adapter_dir / CONFIG_FILE)
-        png = _plot(curve, evals, adapter_dir / LOSS_PNG, config, "completed")
+        png = _plot(curve, evals, adapter_dir / LOSS_PNG, config, precision, "completed")
         shutil.copy(png, output_dir / LOSS_PNG)
         duration = previous_duration + time.monotonic() - t0
-        from hub.catalog import utcnow
-        from hub.registry import register_adapter
-        from training.cost import estimate_cost
+        from loradex.hub.catalog import utcnow
+        from loradex.hub.registry import register_adapter
+        from loradex.training.cost import estimate_cost
 
         cost, basis = estimate_cost(duration, device, config.gpu_type, settings.home)
         with borrowed(catalog, settings) as cat:
             version = register_adapter(
                 cat, store, adapter_dir, config.name, base=config.base, training_run_id=run_id,
                 quantization=config.quantize, description=config.description,
-                source=f"loradex train (run {run_id})",
+                source=f"loradex train (run {run_id})", allow_noop=config.allow_noop,
             )
             records.update_run(
                 cat, run_id, status="completed", error=None, ended_at=utcnow(), duration_s=duration,
@@ -415,9 +456,9 @@ def _run_evals(config: TrainConfig, version: dict, catalog, store, settings, run
     """
     if not config.run_evals:
         return None
-    from evals import evaluate
-    from hub.errors import LoradexError
-    from training import records
+    from loradex.evals import evaluate
+    from loradex.hub.errors import LoradexError
+    from loradex.training import records
 
     try:
         run = evaluate(catalog, store, version, config.eval_data, max_new_tokens=config.eval_max_new_tokens,
@@ -430,23 +471,29 @@ def _run_evals(config: TrainConfig, version: dict, catalog, store, settings, run
     return int(run["id"])
 
 
-def _plot(curve, evals, path: Path, config: TrainConfig, status: str) -> Path:
-    from training.plot import loss_png
+def _plot(curve, evals, path: Path, config: TrainConfig, precision: str, status: str) -> Path:
+    from loradex.training.plot import loss_png, method_label
 
-    title = f"{config.name} on {config.base} (r={config.r}, {config.quantize}, {status})"
-    return loss_png(curve, path, title=title, eval_points=evals)
+    # the held-out loss before the first step (logged at step 0) is the base's: LoRA starts as a no-op
+    base_loss = next((loss for step, loss in evals if step == 0), None)
+    after = [[step, loss] for step, loss in evals if step > 0]
+    title = f"{config.name} on {config.base} ({method_label(config.quantize, precision)}, r={config.r}, {status})"
+    return loss_png(curve, path, title=title, eval_points=after, base_loss=base_loss)
 
 
 def _build_trainer(config, base_row, output_dir, device, precision, warmup_steps, grad_ckpt,
                    train_ds: Dataset, eval_ds: Dataset | None, tokenizer, callbacks):
-    from transformers import PrinterCallback, Trainer
+    from datasets import Dataset as HFDataset
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
 
     model = load_model(config, base_row["path"], device, precision)
     args = training_args(config, output_dir, device, precision, warmup_steps, grad_ckpt)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds.rows,
-        eval_dataset=eval_ds.rows if eval_ds is not None else None,
-        data_collator=partial(collate, pad_id=tokenizer.pad_token_id),
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=HFDataset.from_list(train_ds.rows),
+        eval_dataset=HFDataset.from_list(eval_ds.rows) if eval_ds is not None else None,
+        processing_class=tokenizer,
+        data_collator=partial(collate, pad_id=tokenizer.pad_token_id),  # keeps training.data's loss mask
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressBar reports instead of printing log dicts

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from hub.errors import InvalidName, NotFound
-from hub.names import parse_ref
-from serving.errors import ModelNotFound
-from serving.fleet.errors import RegistryUnavailable
+from loradex.hub.errors import InvalidName, NotFound
+from loradex.hub.names import parse_ref
+from loradex.serving.errors import ModelNotFound
+from loradex.serving.fleet.errors import RegistryUnavailable
 
 # ref -> "NAME@V"; None when the registry has no adapter of that name (a base model, say)
 Lookup = Callable[[str], Awaitable["str | None"]]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serving.fleet.errors import NoBackend
+from loradex.serving.fleet.errors import NoBackend
 
 
 @dataclass

@@ -35,7 +35,7 @@ def add_commands(sub, common) -> None:
 
 
 def build_config(args):
-    from serving.fleet.config import GatewayConfig
+    from loradex.serving.fleet.config import GatewayConfig
 
     return GatewayConfig(registry=args.registry, backends=list(args.backend), host=args.host, port=args.port,
                          alias_ttl_s=args.alias_ttl, max_stale_s=args.max_stale,
@@ -47,7 +47,7 @@ def build_config(args):
 def cmd_gateway(ctx) -> int:
     import uvicorn
 
-    from serving.fleet.gateway_app import create_app
+    from loradex.serving.fleet.gateway_app import create_app
 
     config = build_config(ctx.args)  # a bad flag is one line (InvalidConfig), before binding the port
     logging.basicConfig(level=getattr(logging, ctx.args.log_level.upper(), logging.INFO),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig
 
 
 @dataclass

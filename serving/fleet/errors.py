@@ -1,8 +1,8 @@
 """The fleet's exceptions; ``serving.errors.to_http`` turns them into OpenAI-shaped answers by class."""
 from __future__ import annotations
 
-from hub.errors import LoradexError
-from serving.errors import NotReady
+from loradex.hub.errors import LoradexError
+from loradex.serving.errors import NotReady
 
 
 class Refused(LoradexError):

@@ -9,7 +9,7 @@
     (base == the replica's base?)              refuse otherwise
     GET /v1/store/objects/{sha256}       --->  cache/objects/..  (hashed while written)
                                                cache/snapshots/<digest>/  (re-hashed before use)
-    serving.export.vllm.check_lora_folder      refuse what vLLM cannot serve
+    promote.export.vllm.check_lora_folder      refuse what vLLM cannot serve
     rank <= max_lora_rank                      refuse otherwise
 
 The cache is a loradex ``Store`` (content-addressed, immutable, written through tmp +
@@ -24,9 +24,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.errors import InvalidConfig
-from serving.export.vllm import MAX_LORA_RANKS, check_lora_folder  # vLLM's LoRA rules, shared with `loradex export`
-from serving.fleet.errors import Refused
+from loradex.hub.errors import InvalidConfig
+from loradex.promote.export.vllm import MAX_LORA_RANKS, check_lora_folder  # vLLM's LoRA rules, shared with `loradex export`
+from loradex.serving.fleet.errors import Refused
 
 DEFAULT_CACHE = "~/.cache/loradex/vllm-loras"
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's own --max-lora-rank default
@@ -96,8 +96,8 @@ def fetch_adapter(cfg: FetchConfig, ref: str, served_base: str | None = None) ->
     or alias), ``IntegrityError`` (a downloaded file does not match its sha256) and
     ``CatalogLocked`` (the registry did not answer).
     """
-    from hub.remote import RemoteCatalog, materialize
-    from hub.store import Store
+    from loradex.hub.remote import RemoteCatalog, materialize
+    from loradex.hub.store import Store
 
     registry = RemoteCatalog(cfg.registry, cfg.api_key or "", timeout=cfg.timeout_s,
                              owner=f"the loradex registry at {cfg.registry}")

@@ -24,14 +24,14 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from hub.errors import LoradexError
-from hub.remote import raise_remote
-from serving.errors import BadRequest, Unauthorized, to_http
-from serving.fleet.aliases import AliasTable
-from serving.fleet.backends import Backend, Pool
-from serving.fleet.config import GatewayConfig
-from serving.fleet.errors import NoBackend, RegistryUnavailable
-from serving.metrics import LATENCY_BUCKETS, Metrics
+from loradex.hub.errors import LoradexError
+from loradex.hub.remote import raise_remote
+from loradex.serving.errors import BadRequest, Unauthorized, to_http
+from loradex.serving.fleet.aliases import AliasTable
+from loradex.serving.fleet.backends import Backend, Pool
+from loradex.serving.fleet.config import GatewayConfig
+from loradex.serving.fleet.errors import NoBackend, RegistryUnavailable
+from loradex.serving.metrics import LATENCY_BUCKETS, Metrics
 
 log = logging.getLogger("loradex.gateway")
 RETRY_STATUSES = (502, 503)  # a replica still loading or shutting down: try the next one

@@ -27,8 +27,8 @@ import asyncio
 import hashlib
 import logging
 
-from hub.errors import LoradexError
-from serving.fleet.fetch import FetchConfig, fetch_adapter
+from loradex.hub.errors import LoradexError
+from loradex.serving.fleet.fetch import FetchConfig, fetch_adapter
 
 RESOLVER_NAME = "loradex"
 

@@ -16,8 +16,8 @@ from typing import Optional
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from serving.deps import get_state
-from serving.hub_routes import _json, _run
+from loradex.serving.deps import get_state
+from loradex.serving.hub_routes import _json, _run
 
 
 class ReviewCreateRequest(BaseModel):
@@ -41,21 +41,21 @@ router = APIRouter(prefix="/v1", tags=["web"])
 
 @router.post("/reviews", status_code=201, summary="Start a blinded A/B review round in the browser (no file)")
 async def create_review(body: ReviewCreateRequest, state=Depends(get_state)):
-    from evals.review import create_review as fn
+    from loradex.evals.review import create_review as fn
 
     return _json(await _run(fn, state.catalog, body.ref, n=body.n, seed=body.seed), 201)
 
 
 @router.get("/reviews/{review_id}", summary="A review round's blinded rows, status and result")
 async def review_sheet(review_id: int, state=Depends(get_state)):
-    from evals.review import review_sheet as fn
+    from loradex.evals.review import review_sheet as fn
 
     return _json(await _run(fn, state.catalog, review_id))
 
 
 @router.post("/reviews/{review_id}/ratings", summary="Rate a whole round (same checks as a sheet's import)")
 async def record_ratings(review_id: int, body: RatingsRequest, state=Depends(get_state)):
-    from evals.review import record_ratings as fn
+    from loradex.evals.review import record_ratings as fn
 
     ratings = [r.model_dump(exclude_none=True) for r in body.ratings]
     return _json(await _run(fn, state.catalog, review_id, ratings))
@@ -68,7 +68,7 @@ async def files(ref: str, state=Depends(get_state)):
 
 def file_sizes(catalog, store, ref: str) -> dict:
     """{adapter, version, digest, files: [{file, sha256, size_bytes}]} of the version ``ref`` names."""
-    from hub.registry import resolve
+    from loradex.hub.registry import resolve
 
     row = resolve(catalog, ref)
     files = []

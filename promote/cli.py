@@ -1,4 +1,4 @@
-"""``loradex merge`` and ``loradex export``: the CLI edge of serving/merge.py and serving/export/.
+"""``loradex merge`` and ``loradex export``: the CLI edge of promote/merge.py and promote/export/.
 
     loradex merge NAME[@V|@ALIAS] [--dtype bf16|fp16|fp32] [--name MERGED]
     loradex export NAME[@V] --format vllm|vllm-lora|gguf|gguf-lora|ollama --out DIR [--quant f16|q8_0]
@@ -9,8 +9,8 @@ writing run with it closed, so other commands are not blocked.
 """
 from __future__ import annotations
 
-from hub.errors import CheckFailed, InvalidConfig
-from hub.render import human_bytes
+from loradex.hub.errors import CheckFailed, InvalidConfig
+from loradex.hub.render import human_bytes
 
 
 def _quiet_progress() -> None:
@@ -21,7 +21,7 @@ def _quiet_progress() -> None:
 
 
 def cmd_merge(ctx) -> int:
-    from serving.merge import MergeConfig, plan_merge, record_merge, run_merge
+    from loradex.promote.merge import MergeConfig, plan_merge, record_merge, run_merge
 
     _quiet_progress()
     a = ctx.args
@@ -58,9 +58,9 @@ def cmd_export(ctx) -> int:
     if not a.ref or not a.format or not a.out:
         raise InvalidConfig("export needs NAME[@V] --format FORMAT --out DIR (or --check-vllm PATH)")
     _quiet_progress()
-    from serving.export.run import (attach_merge, merge_config, plan_export, record_export, write_export)
-    from serving.export.source import ExportOptions
-    from serving.merge import plan_merge, record_merge, run_merge
+    from loradex.promote.export.run import (attach_merge, merge_config, plan_export, record_export, write_export)
+    from loradex.promote.export.source import ExportOptions
+    from loradex.promote.merge import plan_merge, record_merge, run_merge
 
     options = ExportOptions(format=a.format, quant=a.quant, dtype=a.dtype, pre=a.gguf_pre, as_adapter=a.as_adapter,
                             run_check=not a.no_run_check, check_tokens=a.check_tokens,
@@ -109,7 +109,7 @@ def _export_text(plan, row: dict, result) -> str:
 
 
 def _check_vllm(ctx) -> int:
-    from serving.export.vllm import check_lora_folder
+    from loradex.promote.export.vllm import check_lora_folder
 
     report = check_lora_folder(ctx.args.check_vllm)
 
@@ -140,7 +140,9 @@ def add_commands(sub, common) -> None:
 
     p = sub.add_parser("export", parents=[common], help="export an adapter for vLLM, llama.cpp or Ollama (checked, registered)")
     p.add_argument("ref", nargs="?", help="NAME, NAME@VERSION or NAME@ALIAS")
-    p.add_argument("--format", choices=("vllm", "vllm-lora", "gguf", "gguf-lora", "ollama"))
+    p.add_argument("--format", choices=("vllm", "vllm-lora", "gguf", "gguf-lora", "ollama"),
+                   help="vllm: merged HF folder; vllm-lora: base folder + PEFT adapter; gguf: merged GGUF for "
+                        "llama.cpp; gguf-lora: GGUF LoRA over the base's GGUF; ollama: Modelfile + GGUF")
     p.add_argument("--out", help="output folder (must be empty unless --force)")
     p.add_argument("--quant", help="GGUF type: gguf/ollama f16 (default), q8_0, f32; gguf-lora f32 (default), f16")
     p.add_argument("--dtype", help="export the merge of this dtype (fp32, bf16, fp16); merges in fp32 if none exists")

@@ -22,8 +22,8 @@ import json
 import shlex
 from pathlib import Path
 
-from hub.errors import CheckFailed
-from serving.export.source import ExportOptions, ExportResult, ExportSource, link_or_copy
+from loradex.hub.errors import CheckFailed
+from loradex.promote.export.source import ExportOptions, ExportResult, ExportSource, link_or_copy
 
 METHOD_MERGED = "loradex vllm: merged safetensors folder + tokenizer_config for transformers<5.20"
 METHOD_LORA = "loradex vllm-lora: PEFT adapter folder + vLLM-loadable base folder"

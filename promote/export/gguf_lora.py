@@ -18,40 +18,25 @@ A local ``base_model_name_or_path`` is never turned into a hub URL in metadata.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 
-from hub.errors import InvalidConfig
-from serving.export.gguf_writer import hparams, permute_qk
+from loradex.hub.errors import InvalidConfig
+from loradex.hub.peft_format import (DEFAULT_ALPHA, LINEAR_PARTS, WEIGHTS, group_tensors, module_scale, read_config,
+                              unbatchable)
+from loradex.promote.export.gguf_writer import hparams, permute_qk
 
 METHOD = "loradex gguf_lora (gguf package; lora_B of q/k permuted, per-module scale folded into lora_B)"
-LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight$")
 HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 DTYPES = ("f32", "f16")
 
 
-def _pattern(pattern: dict, module: str, default):
-    for key, val in (pattern or {}).items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-            return val
-    return default
-
-
-def module_scale(cfg: dict, module: str) -> tuple[int, float, float]:
-    """(r, alpha, PEFT scale) for one module, honouring rank/alpha patterns and rsLoRA."""
-    r = _pattern(cfg.get("rank_pattern"), module, cfg["r"])
-    alpha = float(_pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)))
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return r, alpha, scale
-
-
 def gguf_alpha(cfg: dict) -> float:
     """The single ``adapter.lora.alpha`` written to the file (rsLoRA: alpha * sqrt(r))."""
-    r, alpha = cfg["r"], float(cfg.get("lora_alpha", 8))
+    r, alpha = cfg["r"], float(cfg.get("lora_alpha", DEFAULT_ALPHA))
     return alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha
 
 
@@ -74,21 +59,19 @@ def write_lora_gguf(adapter_folder: str | Path, base_config: dict, out_path: str
     if dtype not in DTYPES:
         raise InvalidConfig(f"--quant for --format gguf-lora must be one of {', '.join(DTYPES)}, got {dtype!r}")
     adapter_folder, out_path = Path(adapter_folder), Path(out_path)
-    cfg = json.loads((adapter_folder / "adapter_config.json").read_text())
-    if cfg.get("use_dora") or (cfg.get("bias") or "none") != "none" or cfg.get("modules_to_save"):
-        raise InvalidConfig("--format gguf-lora: DoRA, trained biases and modules_to_save have no GGUF LoRA form")
+    cfg = read_config(adapter_folder)
+    if unbatchable(cfg):
+        raise InvalidConfig(f"--format gguf-lora: {', '.join(unbatchable(cfg))}: no GGUF LoRA form")
     hp = hparams(base_config)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layer"])
-    tensors = load_file(str(adapter_folder / "adapter_model.safetensors"))
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, t in tensors.items():
-        m = LORA_KEY.match(key)
-        if not m:
-            raise InvalidConfig(
-                f"--format gguf-lora: tensor {key!r} is not a Linear LoRA A/B weight "
-                f"(embedding and lm_head LoRA have no GGUF LoRA form here)"
-            )
-        pairs.setdefault(m.group("module"), {})[m.group("part")] = t.to(torch.float32).numpy()
+    grouped, other = group_tensors(load_file(str(adapter_folder / WEIGHTS)))
+    other += [f"{module}.{part}" for module, got in grouped.items() for part in got if part not in LINEAR_PARTS]
+    if other:
+        raise InvalidConfig(
+            f"--format gguf-lora: tensor {other[0]!r} is not a Linear LoRA A/B weight "
+            f"(embedding and lm_head LoRA have no GGUF LoRA form here)"
+        )
+    pairs = {module: {part: t.to(torch.float32).numpy() for part, t in got.items()} for module, got in grouped.items()}
 
     alpha_out = gguf_alpha(cfg)
     ftype = gguf.GGMLQuantizationType.F32 if dtype == "f32" else gguf.GGMLQuantizationType.F16

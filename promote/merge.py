@@ -27,10 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub.catalog import Catalog, to_json, utcnow
-from hub.errors import CheckFailed, Conflict, InvalidConfig
-from hub.ops import op
-from hub.store import Store
+from loradex.hub import quiet
+from loradex.hub.catalog import Catalog, to_json, utcnow
+from loradex.hub.chat import encode_chat, has_chat_template
+from loradex.hub.errors import CheckFailed, Conflict, InvalidConfig
+from loradex.hub.ops import op
+from loradex.hub.store import Store
 
 DTYPES = ("fp32", "bf16", "fp16")
 MERGED_INTO = {"none": "full-precision", "nf4": "dequantized-nf4", "int8": "dequantized-int8"}
@@ -122,9 +124,9 @@ def find_merge(catalog: Catalog, version_id: int, dtype: str | None = None) -> d
 
 @op("merges.plan")
 def plan_merge(catalog: Catalog, store: Store, ref: str | dict, config: MergeConfig) -> MergePlan:
-    from hub.bases import get_base
-    from hub.names import check_name
-    from hub.registry import adapter_folder
+    from loradex.hub.bases import get_base
+    from loradex.hub.names import check_name
+    from loradex.hub.registry import adapter_folder
 
     version, adapter_dir = adapter_folder(catalog, store, ref)
     base = get_base(catalog, version["base"], store=store)
@@ -150,7 +152,7 @@ def plan_merge(catalog: Catalog, store: Store, ref: str | dict, config: MergeCon
 
 def load_trained_against(base_path: str, quantization: str, device: str):
     """The weights the adapter was trained against, as plain float32 modules (never packed 4-bit)."""
-    from hub.loading import load_model_folder
+    from loradex.hub.loading import load_model_folder
 
     model, dev, _ = load_model_folder(base_path, quantize=quantization, device=device, dtype="fp32")
     if quantization != "none":
@@ -170,15 +172,10 @@ def merge_weights(peft_model):
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    out = []
-    for text in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            enc = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)
-            out.append(list(enc["input_ids"]))
-        else:
-            out.append(tokenizer(text)["input_ids"])
-    return out
+    """Each probe as one user turn through the chat template (raw text for a base without one)."""
+    if not has_chat_template(tokenizer):
+        return [tokenizer(text)["input_ids"] for text in prompts]
+    return [encode_chat(tokenizer, [{"role": "user", "content": text}]) for text in prompts]
 
 
 def greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int]) -> list[list[int]]:
@@ -252,10 +249,12 @@ def compare(reference: list[list[int]], merged: list[list[int]], dtype: str, tf:
 def run_merge(plan: MergePlan, store: Store, settings=None) -> MergeResult:
     """Merge, save into a store temp dir and check; raises CheckFailed (nothing kept) on disagreement."""
     import torch
+
+    quiet.install()
     from peft import PeftModel
 
-    from hub.loading import load_model_folder, load_tokenizer, pick_dtype
-    from hub.settings import Settings, apply_threads
+    from loradex.hub.loading import load_model_folder, load_tokenizer, pick_dtype
+    from loradex.hub.settings import Settings, apply_threads
 
     settings = settings or Settings()
     apply_threads(settings.threads)
@@ -319,7 +318,7 @@ def agreement_with_quantized(plan: MergePlan, prompts, merged_tokens, cfg: Merge
     """Informational: merged greedy tokens vs the adapter on its packed quantized base (how it serves)."""
     from peft import PeftModel
 
-    from hub.loading import load_model_folder
+    from loradex.hub.loading import load_model_folder
 
     model, _, _ = load_model_folder(plan.base["path"], quantize=plan.quantization, device=cfg.device, dtype="fp32")
     peft_model = PeftModel.from_pretrained(model, str(plan.adapter_dir), is_trainable=False)
@@ -358,7 +357,7 @@ def failure_message(plan: MergePlan, check: dict) -> str:
 @op("merges.record", write=True)
 def record_merge(catalog: Catalog, store: Store, plan: MergePlan, result: MergeResult) -> dict:
     """Store the merged folder, register it as a base and write the merges row; returns the row."""
-    from hub.bases import add_base
+    from loradex.hub.bases import add_base
 
     try:
         files = sorted(str(p.relative_to(result.folder)) for p in result.folder.rglob("*") if p.is_file())

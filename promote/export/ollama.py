@@ -16,8 +16,8 @@ import json
 import re
 from pathlib import Path
 
-from serving.export import gguf as gguf_export
-from serving.export.source import ExportOptions, ExportResult, ExportSource
+from loradex.promote.export import gguf as gguf_export
+from loradex.promote.export.source import ExportOptions, ExportResult, ExportSource
 
 METHOD = "loradex ollama: Modelfile (FROM/TEMPLATE/SYSTEM/PARAMETER) over loradex GGUF files"
 CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system

@@ -17,9 +17,11 @@ import contextlib
 import importlib.util
 from pathlib import Path
 
-from hub.errors import MissingDependency
+from loradex.hub.chat import encode_chat, render_chat
+from loradex.hub.errors import MissingDependency
 
-INSTALL = "bash .ci/setup_llamacpp.sh"
+# the `llamacpp` extra; its sdist compiles llama.cpp (~15 min; portable flags in docs/export.md)
+INSTALL = "pip install 'loradex[llamacpp]' (or bash .ci/setup_llamacpp.sh in a checkout)"
 
 
 def available() -> bool:
@@ -42,14 +44,8 @@ def open_gguf(path: Path, *, lora: Path | None = None, logits_all: bool = False,
 
 def hf_prompts(tokenizer, texts: list[str]) -> tuple[list[str], list[list[int]]]:
     """(rendered prompt text, transformers token ids) for each probe, through the chat template."""
-    rendered, ids = [], []
-    for text in texts:
-        msgs = [{"role": "user", "content": text}]
-        r = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        rendered.append(r)
-        ids.append(list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]))
-    return rendered, ids
+    chats = [[{"role": "user", "content": text}] for text in texts]
+    return [render_chat(tokenizer, msgs) for msgs in chats], [encode_chat(tokenizer, msgs) for msgs in chats]
 
 
 def llama_greedy(llm, ids: list[int], n: int, eos: set[int]) -> list[int]:
@@ -74,7 +70,7 @@ def llama_teacher_forced(llm, ids: list[int], cont: list[int]) -> int:
 def compare(gguf: Path, hf_model, tokenizer, texts: list[str], *, mode: str, n_tokens: int,
             eos: list[int], lora: Path | None = None, min_agreement: float = 0.9) -> dict:
     """Run the probes through llama.cpp and transformers; returns the numbers and ``ok``."""
-    from serving.merge import cut_at_eos, greedy
+    from loradex.promote.merge import cut_at_eos, greedy
 
     rendered, hf_ids = hf_prompts(tokenizer, texts)
     reference = greedy(hf_model, hf_ids, n_tokens, eos)

@@ -4,7 +4,8 @@ gguf:       OUT/<name>.<quant>.gguf             the merged model
 gguf-lora:  OUT/<adapter>.lora.<dtype>.gguf     the adapter as a GGUF LoRA
             OUT/<base>.f16.gguf                 the base it applies over (llama.cpp needs both)
 
-Runtime check (recorded; skipped with a reason when llama-cpp-python is absent):
+Runtime check (recorded; skipped, saying the file was not run, when llama-cpp-python
+is absent: it is the optional ``loradex[llamacpp]`` extra):
 f16/f32 must reproduce transformers' greedy tokens exactly; q8_0 must reach the
 teacher-forced top-1 agreement ``--min-agreement``; a GGUF LoRA over the f16 base
 must reproduce base + adapter exactly.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hub.errors import CheckFailed
-from serving.export import gguf_lora, gguf_writer, llamacpp_check
-from serving.export.source import ExportOptions, ExportResult, ExportSource
+from loradex.hub import quiet
+from loradex.hub.errors import CheckFailed
+from loradex.promote.export import gguf_lora, gguf_writer, llamacpp_check
+from loradex.promote.export.source import ExportOptions, ExportResult, ExportSource
 
 
 # GGUF value types (spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md)
@@ -95,7 +97,7 @@ def _parse(data, gguf, struct) -> dict:  # noqa: C901 - one pass over the docume
 
 
 def _probe_texts(src: ExportSource) -> list[str]:
-    from serving.merge import FIXED_PROBES
+    from loradex.promote.merge import FIXED_PROBES
 
     return src.probes or list(FIXED_PROBES)
 
@@ -104,7 +106,8 @@ def _runtime(opts: ExportOptions, run) -> dict:
     if not opts.run_check:
         return {"skipped": "--no-run-check"}
     if not llamacpp_check.available():
-        return {"skipped": f"llama-cpp-python not installed ({llamacpp_check.INSTALL})"}
+        return {"skipped": f"llama-cpp-python is not installed, so the GGUF was NOT run, only read back; "
+                           f"add the check with {llamacpp_check.INSTALL}"}
     result = run()
     if not result.get("ok"):
         raise CheckFailed(f"llama.cpp check failed: {_numbers(result)}; the export was not registered")
@@ -128,8 +131,8 @@ def write_merged_gguf(src: ExportSource, out: Path, opts: ExportOptions) -> tupl
                                         pre=opts.pre)
 
     def run() -> dict:
-        from hub.loading import load_model_folder, load_tokenizer
-        from serving.merge import eos_ids
+        from loradex.hub.loading import load_model_folder, load_tokenizer
+        from loradex.promote.merge import eos_ids
 
         model, _, _ = load_model_folder(src.merged_dir, device="cpu", dtype="fp32")
         tok = load_tokenizer(src.merged_dir)
@@ -159,10 +162,11 @@ def write_lora_gguf(src: ExportSource, out: Path, dtype: str, *, run_check: bool
                                      base_name=src.base["name"], name=f"{src.version['adapter']}-v{src.version['version']}")
 
     def run() -> dict:
+        quiet.install()
         from peft import PeftModel
 
-        from hub.loading import load_model_folder, load_tokenizer
-        from serving.merge import eos_ids
+        from loradex.hub.loading import load_model_folder, load_tokenizer
+        from loradex.promote.merge import eos_ids
 
         model, _, _ = load_model_folder(src.base_dir, device="cpu", dtype="fp32")
         model = PeftModel.from_pretrained(model, str(src.adapter_dir), is_trainable=False).eval()

@@ -16,12 +16,12 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hub.catalog import Catalog, to_json, utcnow
-from hub.ops import op
-from hub.store import Store, file_sha256
-from serving.export import FORMATS
-from serving.export.source import ExportOptions, ExportResult, ExportSource, prepare_out
-from serving.merge import FIXED_PROBES, MergeConfig, find_merge, merged_folder, probe_prompts
+from loradex.hub.catalog import Catalog, to_json, utcnow
+from loradex.hub.ops import op
+from loradex.hub.store import Store, file_sha256
+from loradex.promote.export import FORMATS
+from loradex.promote.export.source import ExportOptions, ExportResult, ExportSource, prepare_out
+from loradex.promote.merge import FIXED_PROBES, MergeConfig, find_merge, merged_folder, probe_prompts
 
 MANIFEST = "loradex_export.json"
 
@@ -39,8 +39,8 @@ class ExportPlan:
 
 @op("exports.plan")
 def plan_export(catalog: Catalog, store: Store, ref: str | dict, out: str | Path, options: ExportOptions) -> ExportPlan:
-    from hub.bases import get_base
-    from hub.registry import adapter_folder
+    from loradex.hub.bases import get_base
+    from loradex.hub.registry import adapter_folder
 
     version, adapter_dir = adapter_folder(catalog, store, ref)
     base = get_base(catalog, version["base"], store=store)
@@ -120,7 +120,7 @@ def record_export(catalog: Catalog, plan: ExportPlan, result: ExportResult) -> d
 def export_adapter(catalog: Catalog, store: Store, ref: str | dict, out: str | Path, options: ExportOptions,
                    settings=None) -> dict:
     """Plan, merge if needed, write, check and register one export; returns the exports row."""
-    from serving.merge import merge_adapter
+    from loradex.promote.merge import merge_adapter
 
     plan = plan_export(catalog, store, ref, out, options)
     if plan.missing_merge:

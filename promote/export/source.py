@@ -1,7 +1,7 @@
 """What every export format receives and returns.
 
 An exporter is a plain function ``fn(src: ExportSource, out: Path, opts: ExportOptions) -> ExportResult``
-(see ``FORMATS`` in ``serving/export/__init__.py``). ``src`` holds sha256-verified
+(see ``FORMATS`` in ``promote/export/__init__.py``). ``src`` holds sha256-verified
 folders: the adapter version, its base and, for formats that ship a merged model,
 the merge the export is built from.
 """
@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig
 
 FORMAT_NAMES = ("vllm", "vllm-lora", "gguf", "gguf-lora", "ollama")
 NEEDS_MERGE = {"vllm": True, "vllm-lora": False, "gguf": True, "gguf-lora": False, "ollama": True}

@@ -1,6 +1,6 @@
 """Training throughput by precision: fp32 vs bf16 vs NF4 (QLoRA) on one base.
 
-    LORADEX_THREADS=1 .venv/bin/python -m training.bench [--base smollm2-135m-instruct]
+    LORADEX_THREADS=1 .venv/bin/python -m benchmarks.training_precision [--base smollm2-135m-instruct]
         [--data examples/data/pirate.jsonl] [--batch-size 4] [--steps 8] [--rounds 2]
 
 Each precision is loaded exactly as ``loradex train`` loads it (training.run.load_model)
@@ -20,8 +20,8 @@ import time
 def time_steps(config, base_row, rows, pad_id, steps: int, precision: str) -> float:
     import torch
 
-    from training.data import collate
-    from training.run import load_model
+    from loradex.training.data import collate
+    from loradex.training.run import load_model
 
     model = load_model(config, base_row["path"], "cpu", precision)
     model.train()
@@ -45,13 +45,13 @@ def time_steps(config, base_row, rows, pad_id, steps: int, precision: str) -> fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hub.bases import DEFAULT_BASE, get_base
-    from hub.catalog import Catalog
-    from hub.loading import load_tokenizer
-    from hub.settings import Settings, apply_threads
-    from hub.store import Store
-    from training.config import TrainConfig
-    from training.data import load_dataset
+    from loradex.hub.bases import DEFAULT_BASE, get_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.loading import load_tokenizer
+    from loradex.hub.settings import Settings, apply_threads
+    from loradex.hub.store import Store
+    from loradex.training.config import TrainConfig
+    from loradex.training.data import load_dataset
 
     p = argparse.ArgumentParser(description="fp32 vs bf16 vs NF4 training steps/s")
     p.add_argument("--base", default=DEFAULT_BASE)

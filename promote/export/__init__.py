@@ -2,15 +2,15 @@
 
 ``FORMATS`` maps each format to a plain function
 ``fn(src: ExportSource, out: Path, opts: ExportOptions) -> ExportResult``;
-``serving/export/run.py`` resolves the source (merging first where a format ships
+``promote/export/run.py`` resolves the source (merging first where a format ships
 a merged model), calls the function and registers the export.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from serving.export import gguf, ollama, vllm
-from serving.export.source import ExportOptions, ExportResult, ExportSource
+from loradex.promote.export import gguf, ollama, vllm
+from loradex.promote.export.source import ExportOptions, ExportResult, ExportSource
 
 FORMATS: dict[str, Callable[[ExportSource, "object", ExportOptions], ExportResult]] = {
     "vllm": vllm.export_merged,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig
 
 QUANTS = ("f32", "f16", "q8_0")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
