@@ -36,6 +36,7 @@ from loradex.serving.metrics import LATENCY_BUCKETS, Metrics
 log = logging.getLogger("loradex.gateway")
 RETRY_STATUSES = (502, 503)  # a replica still loading or shutting down: try the next one
 PASSED_HEADERS = ("authorization", "content-type", "accept")
+RETURNED_HEADERS = ("retry-after", "x-loradex-error", "x-loradex-exit")  # a backend's error stays typed
 
 
 def gateway_metrics(pool: Pool) -> Metrics:
@@ -196,6 +197,7 @@ class Gateway:
             self.metrics.inc("routing_total", label, decision)
             self.metrics.observe("time_to_first_byte_seconds", time.monotonic() - started, label)
             extra["X-Loradex-Backend"] = backend.url
+            extra.update({k: v for k, v in resp.headers.items() if k.lower() in RETURNED_HEADERS})
             if not stream or resp.status_code != 200:
                 try:
                     rest = b"".join([c async for c in chunks])
