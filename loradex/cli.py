@@ -5,7 +5,7 @@ Each stage owns its commands and adds them with ``add_commands(sub, common)``:
     hub        init, base, register, list, show, alias, delete, verify, jobs
     training   train, plan
     evals      eval, leaderboard, review
-    serving    serve
+    serving    serve, gateway (serving/fleet/cli.py)
     promote    merge, export
 
 A :class:`LoradexError` becomes one line on stderr and its exit code; anything
@@ -22,9 +22,10 @@ from loradex.hub import cli as hub_cli
 from loradex.hub.errors import LoradexError
 from loradex.promote import cli as promote_cli
 from loradex.serving import cli as serving_cli
+from loradex.serving.fleet import cli as fleet_cli
 from loradex.training import cli as training_cli
 
-STAGES = (hub_cli, training_cli, evals_cli, serving_cli, promote_cli)
+STAGES = (hub_cli, training_cli, evals_cli, serving_cli, fleet_cli, promote_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
