@@ -44,7 +44,8 @@ from loradex.serving.fleet.config import GatewayConfig
 from loradex.serving.fleet.errors import NoBackend, Refused, RegistryUnavailable
 from loradex.serving.fleet.fetch import FetchConfig, fetch_adapter
 from tests.helpers import make_adapter
-from tests.test_service import _free_port, http, start_server, stop_server
+from tests.helpers import free_port as _free_port
+from tests.test_service import http, start_server, stop_server
 
 TTL = 1.0  # the gateway's --alias-ttl in these tests
 
