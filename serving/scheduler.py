@@ -172,13 +172,19 @@ class Scheduler:
         if len(prompt_ids) + params.max_tokens > self.context:
             raise ContextTooLong(f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceed the "
                                  f"context of {self.context} tokens", param="max_tokens")
+        # Build the sequence (its generator may refuse the seed) before it is counted: a request that
+        # fails here must not hold a --max-queued slot for ever.
+        seq = Sequence(prompt_ids, target, params, sink, self.tokenizer, self.device)
         with self._pending_lock:
             if self._pending >= self.config.max_queued:
                 raise QueueFull(f"{self._pending} requests are already waiting (--max-queued "
                                 f"{self.config.max_queued}); retry shortly", retry_after=1)
             self._pending += 1
-        seq = Sequence(prompt_ids, target, params, sink, self.tokenizer, self.device)
-        self._incoming.put(seq)
+        try:
+            self._incoming.put(seq)
+        except BaseException:
+            self._left_waiting()
+            raise
         return Handle(seq)
 
     # -- status (any thread) ---------------------------------------------------------------
