@@ -71,3 +71,153 @@ def test_1_a_submit_that_fails_after_counting_returns_its_slot(hsrv):
             eng.submit(eng.encode("Hi"), target, params, lambda ev: None)
     assert eng.counts()["waiting"] == 0
     assert eng.generate("Hi", model="tiny", max_tokens=1, temperature=0).completion_tokens == 1
+
+
+# -- 2. ReDoS: pattern keys were run as backtracking regexes ---------------------------------------------
+
+EVIL = "(.*.*)*X"
+
+
+def test_2_an_evil_pattern_key_is_matched_in_linear_time():
+    from loradex.hub.peft_format import module_scale, pattern_key
+
+    module = "model.layers.0.self_attn.q_proj" * 4  # re.match would take far longer than the age of the test run
+    t0 = time.perf_counter()
+    assert pattern_key({EVIL: 2, "q_proj": 4}, module) == "q_proj"
+    assert module_scale({"r": 8, "lora_alpha": 16, "rank_pattern": {EVIL: 2}}, module)[0] == 8
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("key", [
+    "q_proj", "self_attn.q_proj", r"layers\.0\..*", r"^model\.layers\.[0-9]{1,3}\.mlp\..*", r"(q|v)_proj$",
+    r"[^q]_proj", r"\w+\.\d+\..*_proj", r"lay(er)+s\.0.*", r"l.{5}\.0.*", r".*", "", r"layers\.1?0\..*", r"(ab)*q_proj",
+])
+@pytest.mark.parametrize("module", [
+    "model.layers.0.self_attn.q_proj", "model.layers.10.mlp.down_proj", "lm_head", "q_proj", "x.", "",
+    "model.layers.0.self_attn.q_proj_extra",
+])
+def test_2_pattern_matching_equals_peft_s_regex_rule(key, module):
+    import re
+
+    from loradex.hub.patterns import matches
+
+    assert matches(key, module) == bool(re.match(rf"(.*\.)?({key})$", module))
+
+
+@pytest.mark.parametrize("key, says", [
+    (r"(a)\1", "GROUPREF"), (r"(?=q)", "ASSERT"), (r"(?i)q_proj", "flags"), (r"a{100000}", "too complex"),
+    ("a" * 600, "at most"), ("(", "not a valid regular expression"), (r"(?>a)", "ATOMIC_GROUP"),
+])
+def test_2_keys_that_cannot_be_matched_safely_are_refused_at_validation(tmp_path, tiny_base, tiny_base_dir, key, says):
+    from loradex.hub.errors import InvalidAdapter
+    from loradex.hub.validate import validate_adapter
+    from tests.helpers import edit_config
+
+    folder = make_adapter(tiny_base_dir, tmp_path / "a", scale=0.3)
+    edit_config(folder, rank_pattern={key: 8})
+    with pytest.raises(InvalidAdapter, match="rank_pattern") as e:
+        validate_adapter(folder, tiny_base)
+    assert says in str(e.value)
+
+
+def test_2_evil_key_registers_and_serves_fast(hsrv, tiny_base_dir, tmp_path):
+    """The issue's reproduction: `register` of an adapter with key (.*.*)*X hung, and serving it froze /health."""
+    from loradex.hub.registry import register_adapter
+    from tests.helpers import edit_config
+
+    folder = make_adapter(tiny_base_dir, tmp_path / "evil", r=4, alpha=8, scale=0.3)
+    edit_config(folder, alpha_pattern={EVIL: 4}, rank_pattern={EVIL: 2})
+    t0 = time.perf_counter()
+    register_adapter(hsrv.catalog, hsrv.store, folder, "evil", base="tiny")
+    with hsrv.http() as h:
+        r = h.post("/v1/completions", json={"model": "evil", "prompt": "Hi", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert h.get("/health").status_code == 200
+    assert time.perf_counter() - t0 < 30
+
+
+# -- 3. one poisoned adapter failed every request in its batch --------------------------------------------
+
+@pytest.mark.parametrize("changes", [
+    {"alpha_pattern": {"q_proj": float("nan")}}, {"alpha_pattern": {"q_proj": 1e30}},
+    {"rank_pattern": {"q_proj": 0}}, {"rank_pattern": {"q_proj": 2.5}}, {"rank_pattern": ["q_proj"]},
+    {"alpha_pattern": {"q_proj": True}}, {"target_modules": [1]}, {"use_rslora": "yes"},
+])
+def test_3_insane_config_numbers_and_types_are_refused(tmp_path, tiny_base, tiny_base_dir, changes):
+    from loradex.hub.errors import InvalidAdapter
+    from loradex.hub.validate import validate_adapter
+    from tests.helpers import edit_config
+
+    folder = make_adapter(tiny_base_dir, tmp_path / "a", scale=0.3)
+    edit_config(folder, **changes)
+    with pytest.raises(InvalidAdapter, match=next(iter(changes))):
+        validate_adapter(folder, tiny_base)
+
+
+def test_3_huge_finite_weights_are_refused(tmp_path, tiny_base, tiny_base_dir):
+    from safetensors.torch import load_file, save_file
+
+    from loradex.hub.errors import InvalidAdapter
+    from loradex.hub.validate import validate_adapter
+
+    folder = make_adapter(tiny_base_dir, tmp_path / "a", scale=0.3)
+    path = folder / "adapter_model.safetensors"
+    tensors = {k: (v * 1e36 if "lora_B" in k else v) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path))
+    with pytest.raises(InvalidAdapter, match="values up to"):
+        validate_adapter(folder, tiny_base)
+
+
+def test_3_a_poisoned_adapter_fails_alone_and_its_batch_goes_on(hsrv, tiny_base_dir, tmp_path):
+    """A registered adapter whose weights turn into NaN at serving time (what validation cannot see):
+    sampled in one batch with three healthy requests, only its own request fails, naming it."""
+    import threading
+
+    import torch
+
+    from loradex.hub.registry import register_adapter
+
+    eng = hsrv.engine
+    folder = make_adapter(tiny_base_dir, tmp_path / "poison", r=4, alpha=8, scale=0.3)
+    register_adapter(hsrv.catalog, hsrv.store, folder, "poison", base="tiny")
+    real = eng.cache._load
+
+    def load(row):
+        w = real(row)
+        if row["adapter"] == "poison":
+            w.modules = {k: (a, b * float("nan")) for k, (a, b) in w.modules.items()}
+        return w
+
+    eng.cache._load = load
+    try:
+        bodies = [{"model": "poison", "prompt": "Hi", "max_tokens": 4, "temperature": 1.0, "seed": 1},
+                  {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "temperature": 0},
+                  {"model": "good", "prompt": "Hello there", "max_tokens": 4, "temperature": 1.0, "seed": 2},
+                  {"model": "tiny", "prompt": "Once", "max_tokens": 4, "temperature": 0.7, "seed": 3}]
+        out: dict[int, httpx.Response] = {}
+        blocker = threading.Thread(target=lambda: eng.scheduler.call(lambda: time.sleep(1.0)))
+        blocker.start()  # hold the engine so the four land in one prefill
+        time.sleep(0.1)
+
+        def post(i):
+            with hsrv.http() as h:
+                out[i] = h.post("/v1/completions", json=bodies[i])
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        blocker.join()
+        bad = out[0]
+        assert bad.status_code == 500 and bad.json()["error"]["code"] == "generation_failed", bad.text
+        assert "poison@1" in bad.json()["error"]["message"] and "non-finite" in bad.json()["error"]["message"]
+        for i in (1, 2, 3):
+            assert out[i].status_code == 200, out[i].text
+            assert out[i].json()["usage"]["completion_tokens"] == 4
+        steps = eng.scheduler.recent_steps()
+        assert any("poison@1" in s["labels"] and len(s["labels"]) == 4 for s in steps)  # they did share a batch
+        assert _idle(eng) == {"active": 0, "waiting": 0}
+    finally:
+        eng.cache._load = real
+        eng.scheduler.call(lambda: [eng.cache.drop(e) for e in list(eng.cache.entries)])
