@@ -221,3 +221,39 @@ def test_3_a_poisoned_adapter_fails_alone_and_its_batch_goes_on(hsrv, tiny_base_
     finally:
         eng.cache._load = real
         eng.scheduler.call(lambda: [eng.cache.drop(e) for e in list(eng.cache.entries)])
+
+
+# -- 4. the store trusted objects and snapshots it already had -------------------------------------------
+
+def test_4_registering_intact_bytes_again_heals_a_corrupted_store(catalog, store, tiny_base, tiny_base_dir, tmp_path):
+    import os
+
+    from loradex.hub.registry import register_adapter, resolve, verify
+
+    folder = make_adapter(tiny_base_dir, tmp_path / "a", scale=0.3)
+    register_adapter(catalog, store, folder, "heal", base="tiny")
+    obj = store.object_path(resolve(catalog, "heal")["files"]["adapter_model.safetensors"])
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:  # corrupt in place: the snapshot's hard link sees it too
+        f.seek(100)
+        f.write(b"\x00" * 64)
+    assert not verify(catalog, store, "heal")[0]["ok"]
+    register_adapter(catalog, store, folder, "heal2", base="tiny")   # the same, intact bytes again
+    results = verify(catalog, store)
+    assert len(results) == 2 and all(r["ok"] for r in results), results  # new version intact, old one healed
+
+
+def test_4_store_rehashes_before_reuse(tmp_path):
+    from loradex.hub.store import Store, file_sha256
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"intact" * 1000)
+    store = Store(tmp_path / "store")
+    snap = store.put_folder(src)
+    obj = store.object_path(snap.files["w.bin"])
+    obj.chmod(0o644)
+    obj.write_bytes(b"broken")
+    again = store.put_folder(src)
+    assert again.digest == snap.digest and store.verify(again.relpath, again.files) == []
+    assert file_sha256(obj) == snap.files["w.bin"]
