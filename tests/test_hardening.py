@@ -257,3 +257,45 @@ def test_4_store_rehashes_before_reuse(tmp_path):
     again = store.put_folder(src)
     assert again.digest == snap.digest and store.verify(again.relpath, again.files) == []
     assert file_sha256(obj) == snap.files["w.bin"]
+
+
+# -- 5. client disconnects were ignored for non-streamed and queued requests -----------------------------
+
+def test_5_non_streamed_and_queued_requests_stop_when_the_client_goes(hsrv):
+    import threading
+
+    eng = hsrv.engine
+    m = eng.metrics
+    ok0, cancelled0 = (m.value("requests_total", "tiny", "base", s) for s in ("ok", "cancelled"))
+    slow = threading.Event()
+
+    def slow_steps():  # a command between every decode step: ~30 ms a token, so 400 tokens would take 12 s
+        while not slow.is_set():
+            eng.scheduler.call(lambda: time.sleep(0.03))
+
+    slower = threading.Thread(target=slow_steps)
+    slower.start()
+    try:
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 400, "temperature": 0}
+        t0 = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):  # non-streamed; the client hangs up after 1 s
+            with hsrv.http() as h:
+                h.post("/v1/completions", json=body, timeout=1.0)
+        # queued: the engine is held, the client gives up before admission
+        blocker = threading.Thread(target=lambda: eng.scheduler.call(lambda: time.sleep(3.0)))
+        blocker.start()
+        time.sleep(0.1)
+        with pytest.raises(httpx.ReadTimeout):
+            with hsrv.http() as h:
+                h.post("/v1/completions", json=body, timeout=1.0)
+        blocker.join()
+        deadline = time.monotonic() + 8
+        while m.value("requests_total", "tiny", "base", "cancelled") < cancelled0 + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert m.value("requests_total", "tiny", "base", "cancelled") == cancelled0 + 2
+        assert m.value("requests_total", "tiny", "base", "ok") == ok0  # neither ran to the end
+        assert time.monotonic() - t0 < 10
+    finally:
+        slow.set()
+        slower.join()
+    assert _idle(eng) == {"active": 0, "waiting": 0}
