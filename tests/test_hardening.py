@@ -299,3 +299,15 @@ def test_5_non_streamed_and_queued_requests_stop_when_the_client_goes(hsrv):
         slow.set()
         slower.join()
     assert _idle(eng) == {"active": 0, "waiting": 0}
+
+
+# -- 6. the smaller ones -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["good2\n", "good\r", "a\nb", "x" * 129, "..", "a..b"])
+def test_6_names_with_a_trailing_newline_or_worse_are_refused(name):
+    from loradex.hub.errors import InvalidName
+    from loradex.hub.names import check_name
+
+    with pytest.raises(InvalidName):
+        check_name(name)
+    assert check_name("good2") == "good2"
