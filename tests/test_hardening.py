@@ -311,3 +311,67 @@ def test_6_names_with_a_trailing_newline_or_worse_are_refused(name):
     with pytest.raises(InvalidName):
         check_name(name)
     assert check_name("good2") == "good2"
+
+
+def test_6_server_paths_are_off_by_default_and_confined_to_allowed_roots(hsrv, tiny_base_dir, tmp_path):
+    folder = make_adapter(tiny_base_dir, tmp_path / "srvpath", r=4, scale=0.3)
+    with hsrv.http() as h:
+        for path in ("/", "/root", str(folder)):
+            r = h.post("/adapters", json={"path": path, "name": "bypath"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed", r.text
+        hsrv.app.state.server.config.allow_path_register = [str(tmp_path / "allowed")]
+        try:
+            (tmp_path / "allowed").mkdir()
+            (tmp_path / "allowed" / "link").symlink_to(folder)  # a link out of the root does not count
+            for path in ("/", str(folder), str(tmp_path / "allowed" / "link"), str(tmp_path / "allowed" / ".." / "srvpath")):
+                assert h.post("/adapters", json={"path": path, "name": "bypath"}).status_code == 403
+            import shutil
+            shutil.copytree(folder, tmp_path / "allowed" / "ok")
+            r = h.post("/adapters", json={"path": str(tmp_path / "allowed" / "ok"), "name": "bypath"})
+            assert r.status_code == 201, r.text
+        finally:
+            hsrv.app.state.server.config.allow_path_register = []
+
+
+def _tgz(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_6_broken_archives_are_400_and_tar_gz_stops_at_the_limit(hsrv, tmp_path):
+    import io
+    import zipfile
+
+    from loradex.hub.errors import InvalidAdapter
+    from loradex.serving.uploads import extract_archive
+
+    good = _tgz({"adapter_config.json": b"{}", "adapter_model.safetensors": b"x" * 5000})
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("adapter_config.json", b"{}" + b" " * 20000)
+    raw = bytearray(zbuf.getvalue())
+    central = raw.rfind(b"PK\x01\x02")  # under-declare the size in both headers
+    raw[22:26] = (10).to_bytes(4, "little")
+    raw[central + 24:central + 28] = (10).to_bytes(4, "little")
+    cases = {"truncated.tgz": good[: len(good) // 2], "undersized.zip": bytes(raw),
+             "clash.tgz": _tgz({"a/adapter_config.json": b"{}", "a": b"file"})}
+    with hsrv.http() as h:
+        for fname, data in cases.items():
+            r = h.post("/adapters", data={"name": "broken"}, files={"file": (fname, data)})
+            assert r.status_code == 400, (fname, r.status_code, r.text)
+    # a tar.gz bomb: refused while decompressing, after max_bytes, not after inflating it whole
+    bomb = tmp_path / "bomb.tgz"
+    bomb.write_bytes(_tgz({"adapter_config.json": b"{}", "big.bin": b"\0" * (64 << 20)}))
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidAdapter, match="expands past"):
+        extract_archive(bomb, tmp_path / "x", 1 << 20)
+    assert time.perf_counter() - t0 < 5
+    assert sum(p.stat().st_size for p in (tmp_path / "x").rglob("*") if p.is_file()) <= 1 << 20
