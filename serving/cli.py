@@ -67,6 +67,26 @@ def build_config(args):
                         drain_s=args.drain_s)
 
 
+def _bind(host: str, port: int):
+    """The listening socket, bound now; InvalidConfig in one line when the port is taken."""
+    import errno
+    import socket
+
+    from loradex.hub.errors import InvalidConfig
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise InvalidConfig(f"--port {port}: port in use on {host}; stop what listens there or pick another --port") from None
+        raise InvalidConfig(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def cmd_serve(ctx) -> int:
     import uvicorn
 
@@ -77,6 +97,7 @@ def cmd_serve(ctx) -> int:
     from loradex.serving.app import create_app
 
     config = build_config(ctx.args)
+    sock = _bind(config.host, config.port)  # a busy port is one line, before the catalog or the model is touched
     ctx.close_catalog()  # the server opens the catalog itself, as its owner
     failure: list[BaseException] = []
     server_box: list = []
@@ -111,8 +132,9 @@ def cmd_serve(ctx) -> int:
         # handler a no-op so that the catalog below is closed (owner file removed) and the exit code is 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         catalog.close()
     if failure:
         exc = failure[0]
