@@ -375,3 +375,36 @@ def test_6_broken_archives_are_400_and_tar_gz_stops_at_the_limit(hsrv, tmp_path)
         extract_archive(bomb, tmp_path / "x", 1 << 20)
     assert time.perf_counter() - t0 < 5
     assert sum(p.stat().st_size for p in (tmp_path / "x").rglob("*") if p.is_file()) <= 1 << 20
+
+
+def test_6_openapi_and_docs_need_the_key_and_chunked_bodies_get_413(hsrv):
+    with hsrv.http(key=None) as anon:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert anon.get(path).status_code in (401, 404), path
+        assert anon.get("/openapi.json").status_code == 401
+        assert anon.get("/health").status_code == 200
+    with hsrv.http() as h:
+        assert "/v1/completions" in h.get("/openapi.json").json()["paths"]
+
+        def chunks():  # no Content-Length: the limit is found while reading
+            for _ in range(20):
+                yield b" " * 64 * 1024
+
+        r = h.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+
+
+def test_6_serve_on_a_busy_port_says_so_in_one_line(catalog, tiny_base):
+    import socket
+
+    from tests.helpers import run_cli
+
+    catalog.close()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        res = run_cli("serve", "--base", "tiny", "--quantize", "none", "--port", str(port), timeout=120)
+    assert res.returncode == 2 and "port in use" in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    assert time.monotonic() - t0 < 60
