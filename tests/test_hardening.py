@@ -408,3 +408,30 @@ def test_6_serve_on_a_busy_port_says_so_in_one_line(catalog, tiny_base):
         res = run_cli("serve", "--base", "tiny", "--quantize", "none", "--port", str(port), timeout=120)
     assert res.returncode == 2 and "port in use" in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_a_flood_of_bad_requests_leaves_the_server_answering_others(hsrv):
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
+    bad = [{"model": "tiny", "prompt": "Hi", "max_tokens": 1, "seed": 10**30},
+           {"model": "no-such", "prompt": "Hi"}, {"model": "tiny", "prompt": "Hi", "max_tokens": 10**9},
+           {"model": "tiny", "prompt": "Hi", "n": 99}, {"model": "tiny", "prompt": "x" * 70_000}]
+    with hsrv.http() as h:
+        t0 = time.perf_counter()
+        assert h.post("/v1/completions", json=good).status_code == 200
+        alone = time.perf_counter() - t0
+
+        def flood(i):
+            with hsrv.http() as fh:
+                return fh.post("/v1/completions", json=bad[i % len(bad)]).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = pool.map(flood, range(200))
+            t0 = time.perf_counter()
+            assert h.post("/v1/completions", json=good).status_code == 200
+            during = time.perf_counter() - t0
+            statuses = list(statuses)
+    assert all(400 <= s < 500 for s in statuses), sorted(set(statuses))
+    assert during < 10 * alone + 2
+    assert _idle(hsrv.engine) == {"active": 0, "waiting": 0}
