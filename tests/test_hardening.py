@@ -173,8 +173,6 @@ def test_3_a_poisoned_adapter_fails_alone_and_its_batch_goes_on(hsrv, tiny_base_
     sampled in one batch with three healthy requests, only its own request fails, naming it."""
     import threading
 
-    import torch
-
     from loradex.hub.registry import register_adapter
 
     eng = hsrv.engine
