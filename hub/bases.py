@@ -154,7 +154,7 @@ def resolve_source(source: str, store: Store) -> tuple[str, Path]:
         if not p.is_dir():
             raise InvalidBase(f"{source} is neither a model folder nor a .gguf file")
         return "path", p.absolute()
-    if HF_ID_RE.match(source):
+    if HF_ID_RE.fullmatch(source):
         from huggingface_hub import snapshot_download
 
         try:

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from loradex.hub.errors import InvalidName
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would accept a final newline
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidName(
             f"invalid {what} {name!r}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit, no '..'"
         )

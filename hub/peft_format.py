@@ -17,7 +17,8 @@ GGUF LoRA export (``promote/export/gguf_lora.py``) all take from here:
   ``alpha_pattern`` keys match the way PEFT's ``get_pattern_key`` does: the first
   key, in the config's order, for which ``re.match(rf"(.*\\.)?({key})$", module)``
   succeeds. So a key matches the module's whole name or any dotted suffix of it,
-  and may be a regex (``layers\\.0\\..*`` matches ``model.layers.0.self_attn.q_proj``).
+  and may be a regex (``layers\\.0\\..*`` matches ``model.layers.0.self_attn.q_proj``). Keys are
+  matched by ``hub/patterns.py`` (PEFT's meaning, linear time), never run with ``re``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ import re
 from pathlib import Path
 
 from loradex.hub.errors import InvalidAdapter
+from loradex.hub.patterns import check_pattern, matches
+
+__all__ = ["CONFIG", "WEIGHTS", "DEFAULT_ALPHA", "LORA_KEY", "check_pattern", "group_tensors", "module_alpha",
+           "module_rank", "module_scale", "parse_key", "pattern_key", "pattern_value", "read_config", "unbatchable"]
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -76,7 +81,7 @@ def group_tensors(tensors: dict) -> tuple[dict[str, dict[str, object]], list[str
 def pattern_key(pattern: dict | None, module: str) -> str | None:
     """The key of ``pattern`` that applies to ``module`` (PEFT's rule, see the module docstring), or None."""
     for key in (pattern or {}):
-        if re.match(rf"(.*\.)?({key})$", module):
+        if matches(key, module):  # PEFT's rule, without running the key as a backtracking regex
             return key
     return None
 

@@ -97,6 +97,9 @@ class Store:
                 total += self.object_path(shas[rel]).stat().st_size
             digest = manifest_digest(shas)
             final = self.snapshot_dir(digest)
+            if final.exists() and self.verify(str(final.relative_to(self.root)), shas):
+                # a corrupted snapshot (its files are links to objects, or copies): move it aside and rebuild
+                os.rename(final, tmp / "corrupted-snapshot")
             if not final.exists():
                 staging = tmp / "snapshot"
                 for rel, sha in shas.items():
@@ -133,9 +136,10 @@ class Store:
                 os.fsync(fout.fileno())
         sha = h.hexdigest()
         dest = self.object_path(sha)
-        if dest.exists():
+        if dest.is_file() and file_sha256(dest) == sha:  # reuse only what still hashes right
             staged.unlink()
             return sha
+        # absent, or a corrupted copy: the intact bytes just hashed replace it (heals the store)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(staged, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
         os.replace(staged, dest)

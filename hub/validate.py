@@ -24,11 +24,21 @@ from pathlib import Path
 
 from loradex.hub.bases import PICKLE_SUFFIXES
 from loradex.hub.errors import InvalidAdapter
-from loradex.hub.peft_format import CONFIG, DEFAULT_ALPHA, WEIGHTS, group_tensors, module_rank, read_config
+from loradex.hub.peft_format import (
+    CONFIG,
+    DEFAULT_ALPHA,
+    WEIGHTS,
+    check_pattern,
+    group_tensors,
+    module_rank,
+    read_config,
+)
 from loradex.hub.store import file_sha256
 
 KEEP_SUFFIXES = (".json", ".safetensors", ".md", ".png", ".txt", ".jinja", ".yaml", ".yml", ".csv")
 MAX_RANK = 4096
+MAX_PATTERN_KEYS = 1024  # rank_pattern / alpha_pattern entries (PEFT writes one per distinct module at most)
+MAX_WEIGHT = 1e4  # trained LoRA A/B values are O(1); far beyond this a forward only produces inf/NaN
 
 
 @dataclass
@@ -113,10 +123,28 @@ def _check_config(cfg: dict, allow_unsupported: bool) -> dict:
     alpha = cfg.get("lora_alpha", DEFAULT_ALPHA)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0 or alpha > 16 * MAX_RANK:
         raise InvalidAdapter(f"{CONFIG}: lora_alpha={alpha!r} must be a positive finite number up to {16 * MAX_RANK}")
-    for key, pattern_val in (("rank_pattern", cfg.get("rank_pattern") or {}), ("alpha_pattern", cfg.get("alpha_pattern") or {})):
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern_val = cfg.get(key) or {}
+        if not isinstance(pattern_val, dict):
+            raise InvalidAdapter(f"{CONFIG}: {key} must be an object of module pattern -> number, "
+                                 f"got {type(pattern_val).__name__}")
+        if len(pattern_val) > MAX_PATTERN_KEYS:
+            raise InvalidAdapter(f"{CONFIG}: {key} has {len(pattern_val)} keys; at most {MAX_PATTERN_KEYS}")
         for k, v in pattern_val.items():
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise InvalidAdapter(f"{CONFIG}: {key}[{k!r}]={v!r} must be positive")
+            check_pattern(k, field=f"{CONFIG}: {key}")
+            if key == "rank_pattern":
+                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_RANK:
+                    raise InvalidAdapter(f"{CONFIG}: rank_pattern[{k!r}]={v!r} must be an integer between 1 and {MAX_RANK}")
+            elif (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                  or not 0 < v <= 16 * MAX_RANK):
+                raise InvalidAdapter(f"{CONFIG}: alpha_pattern[{k!r}]={v!r} must be a positive finite number "
+                                     f"up to {16 * MAX_RANK}")
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) and t for t in targets)):
+        raise InvalidAdapter(f"{CONFIG}: target_modules must be a string or a list of module names, got {targets!r}")
+    if "use_rslora" in cfg and not isinstance(cfg["use_rslora"], bool):
+        raise InvalidAdapter(f"{CONFIG}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
     init = cfg.get("init_lora_weights", True)
     features = {
         "dora": bool(cfg.get("use_dora")),
@@ -217,6 +245,9 @@ def validate_adapter(path: str | Path, base: dict, *, allow_noop: bool = False,
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InvalidAdapter(f"{WEIGHTS}: tensor {key!r} has NaN or infinite values")
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) > MAX_WEIGHT:
+            raise InvalidAdapter(f"{WEIGHTS}: tensor {key!r} has values up to {float(t.abs().max()):.3g}; LoRA "
+                                 f"weights beyond {MAX_WEIGHT:g} only overflow the model's activations")
     targets = _target_suffixes(cfg, modules, layers)
     b_tensors = [p[k] for p in parts.values() for k in ("lora_B", "lora_embedding_B") if k in p]
     if not allow_noop and all(float(t.abs().max()) == 0.0 for t in b_tensors):

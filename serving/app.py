@@ -128,6 +128,8 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_error(send, PayloadTooLarge(f"request body of {int(length)} bytes is over the limit of {limit}"))
         seen = 0
+        over: list[PayloadTooLarge] = []
+        answered = False
 
         async def limited_receive():
             nonlocal seen
@@ -135,13 +137,27 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                    over.append(PayloadTooLarge(f"request body is over the limit of {limit} bytes"))
+                    raise over[-1]
             return message
 
+        async def guarded_send(message):
+            # a chunked body over the limit: the framework turns the receive error into its own 400;
+            # the client gets the 413 instead
+            nonlocal answered
+            if over:
+                if not answered:
+                    answered = True
+                    await _send_error(send, over[0])
+                return
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except PayloadTooLarge as exc:
-            await _send_error(send, exc)
+            if not answered:
+                answered = True
+                await _send_error(send, exc)
 
 
 class CountRequests:
@@ -225,7 +241,7 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
 
     # no /docs or /redoc: FastAPI's pages load their scripts from a CDN (the schema stays at /openapi.json)
     app = FastAPI(title="loradex", description="One quantized base, many LoRA adapters, OpenAI-compatible.",
-                  lifespan=lifespan, docs_url=None, redoc_url=None)
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if config is not None:
         app.dependency_overrides[get_config] = lambda: config
 
@@ -249,6 +265,15 @@ def create_app(config: ServerConfig | None = None, *, settings=None, catalog=Non
 
         app.include_router(api_routes.router, dependencies=[Depends(require_key)])
         app.include_router(web.router)  # the page's shell and assets: open, like /health; its data calls need the key
+
+    from fastapi import Depends as _Depends
+    from fastapi.responses import JSONResponse
+
+    from loradex.serving.routes import require_key as _require_key
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[_Depends(_require_key)])
+    async def openapi_schema():  # behind the key like every route but /health
+        return JSONResponse(app.openapi())
 
     app.add_middleware(CountRequests)
     return app

@@ -37,6 +37,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sets none (default 256)")
     p.add_argument("--max-context", type=int, default=None, help="prompt + new tokens at most (default: the base's)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest JSON body (default 1 MiB)")
+    p.add_argument("--allow-path-register", action="append", default=[], metavar="DIR",
+                   help="let POST /adapters register folders under DIR on this machine (repeatable; off by default)")
     p.add_argument("--max-upload-bytes", type=int, default=512 << 20, help="largest adapter archive upload (default 512 MiB)")
     p.add_argument("--max-n", type=int, default=4, help="largest n per request (default 4)")
     p.add_argument("--route-merged", action="store_true",
@@ -60,8 +62,29 @@ def build_config(args):
                           max_context=args.max_context, route_merged=args.route_merged, max_merged=args.max_merged)
     return ServerConfig(engine=engine, host=args.host, port=args.port,
                         api_key=args.api_key or os.environ.get("LORADEX_API_KEY") or None,
-                        max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes, max_n=args.max_n,
+                        max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
+                        allow_path_register=list(args.allow_path_register), max_n=args.max_n,
                         drain_s=args.drain_s)
+
+
+def _bind(host: str, port: int):
+    """The listening socket, bound now; InvalidConfig in one line when the port is taken."""
+    import errno
+    import socket
+
+    from loradex.hub.errors import InvalidConfig
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise InvalidConfig(f"--port {port}: port in use on {host}; stop what listens there or pick another --port") from None
+        raise InvalidConfig(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def cmd_serve(ctx) -> int:
@@ -74,6 +97,7 @@ def cmd_serve(ctx) -> int:
     from loradex.serving.app import create_app
 
     config = build_config(ctx.args)
+    sock = _bind(config.host, config.port)  # a busy port is one line, before the catalog or the model is touched
     ctx.close_catalog()  # the server opens the catalog itself, as its owner
     failure: list[BaseException] = []
     server_box: list = []
@@ -108,8 +132,9 @@ def cmd_serve(ctx) -> int:
         # handler a no-op so that the catalog below is closed (owner file removed) and the exit code is 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         catalog.close()
     if failure:
         exc = failure[0]

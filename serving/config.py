@@ -78,6 +78,9 @@ class ServerConfig:
     """Most stop strings per request (OpenAI allows 4) (--max-stop)."""
     max_prompts: int = 16
     """Most prompts in one /v1/completions list (--max-prompts)."""
+    allow_path_register: list[str] = field(default_factory=list)
+    """Folders on the server under which POST /adapters {"path": ...} may register adapters; empty (the
+    default) turns registering by server path off: clients upload archives (--allow-path-register DIR)."""
     drain_s: float = 30.0
     """On shutdown, how long in-flight requests may take to finish before they are cancelled (--drain-s)."""
 

@@ -88,6 +88,12 @@ class Unauthorized(LoradexError):
     exit_code = 2
 
 
+class PathNotAllowed(LoradexError):
+    """A server-side path outside the folders the operator allowed (--allow-path-register)."""
+
+    exit_code = 2
+
+
 class PayloadTooLarge(LoradexError):
     """The request body exceeds the configured limit."""
 
@@ -101,6 +107,7 @@ _TABLE: list[tuple[type, int, str, str | None]] = [
     (ContextTooLong, 400, "invalid_request_error", "context_length_exceeded"),
     (BadRequest, 400, "invalid_request_error", None),
     (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
+    (PathNotAllowed, 403, "invalid_request_error", "path_not_allowed"),
     (QueueFull, 429, "rate_limit_error", "queue_full"),
     (NotReady, 503, "server_error", "not_ready"),
     (Cancelled, 503, "server_error", "cancelled"),

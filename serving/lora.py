@@ -68,7 +68,11 @@ def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32) -> Adap
         cfg_r, _, scale = module_scale({"r": r, **cfg}, name)
         if r != cfg_r:
             raise InvalidAdapter(f"{WEIGHTS}: {name} has rank {r}, which its config does not say")
-        modules[name] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        scaled = (b.float() * scale).to(dtype)
+        if not (torch.isfinite(a.float()).all() and torch.isfinite(scaled.float()).all()):
+            raise InvalidAdapter(f"{WEIGHTS}: {name}: its weights times its scale ({scale:g}) are not finite in "
+                                 f"{dtype}; refusing to serve an adapter that can only produce NaN")
+        modules[name] = (a.to(dtype).contiguous(), scaled.contiguous())
         max_r = max(max_r, r)
     if not modules:
         raise InvalidAdapter(f"{folder}: the adapter holds no LoRA weights")

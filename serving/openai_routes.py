@@ -86,7 +86,7 @@ async def completions(body: CompletionRequest, request: Request, adapter: str | 
             return []
         return [{**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}]
 
-    run = await Run.start(eng, target, jobs, params)
+    run = await Run.start(eng, target, jobs, params, request)
     if body.stream:
         return sse_response(request, run, chunks, _usage_chunk(body, head))
     texts, finishes, usage = await run.collect(request)
@@ -116,7 +116,7 @@ async def chat(body: ChatRequest, request: Request, adapter: str | None = Query(
             out.append({"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish})
         return [{**head, "choices": [c]} for c in out]
 
-    run = await Run.start(eng, target, jobs, params)
+    run = await Run.start(eng, target, jobs, params, request)
     if body.stream:
         return sse_response(request, run, chunks, _usage_chunk(body, head))
     texts, finishes, usage = await run.collect(request)
@@ -139,7 +139,7 @@ async def generate(body: GenerateRequest, request: Request, state=Depends(get_st
         ids = eng.encode(body.prompt)
     params = eng.params_for(len(ids), max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                             stop=stops, seed=body.seed, prompt_field="messages" if body.messages else "prompt")
-    run = await Run.start(eng, target, [ids], [params])
+    run = await Run.start(eng, target, [ids], [params], request)
     texts, finishes, usage = await run.collect(request)
     return GenerateResponse(text=texts[0], adapter=target.label if target.row is not None else None,
                             model=target.model, path=target.path, finish_reason=finishes[0], usage=usage)

@@ -111,9 +111,28 @@ async def register_from_request(state, request: Request) -> dict:
         raise RequestValidationError(getattr(exc, "errors", lambda: [])()) from None
     from loradex.hub.registry import register_adapter
 
+    _check_server_path(state.config, req.path)
     return await run_in_threadpool(register_adapter, state.catalog, state.store, req.path, req.name,
                                    base=req.base, allow_noop=req.allow_noop, description=req.description,
                                    source=f"server-path:{req.path}")
+
+
+def _check_server_path(config, path: str) -> None:
+    """A folder on the server may be registered only under a root the operator allowed."""
+    import os
+    from pathlib import Path
+
+    from loradex.serving.errors import PathNotAllowed
+
+    roots = [Path(r).expanduser().resolve() for r in config.allow_path_register]
+    if not roots:
+        raise PathNotAllowed("registering a folder on the server is off; upload the adapter as an archive "
+                             "(multipart 'file'), or start the server with --allow-path-register DIR")
+    if path.startswith("hf:"):
+        raise PathNotAllowed("hf: references are not registered through the API; use `loradex register` on the server")
+    real = Path(os.path.realpath(Path(path).expanduser()))  # links followed, so none leads outside
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        raise PathNotAllowed(f"{path} is not under a folder this server allows (--allow-path-register)")
 
 
 async def _register_upload(state, request: Request) -> dict:

@@ -13,6 +13,8 @@ import torch
 
 from loradex.hub.errors import InvalidConfig
 
+SEED_MIN, SEED_MAX = 0, 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping or refusing
+
 
 @dataclass
 class SamplingParams:
@@ -38,6 +40,8 @@ class SamplingParams:
             raise InvalidConfig(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise InvalidConfig("stop strings must not be empty")
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
+            raise InvalidConfig(f"seed must be an integer between {SEED_MIN} and {SEED_MAX}, got {self.seed}")
 
     def generator(self, device) -> torch.Generator | None:
         if self.temperature == 0:

@@ -78,6 +78,7 @@ class Sequence:
         self.slot = -1
         self.finish_reason: str | None = None
         self.cancelled = False
+        self.error: BaseException | None = None  # this row failed alone (non-finite logits); reaped next
         self.created = time.perf_counter()
         self.first_token_at: float | None = None
 
@@ -172,13 +173,19 @@ class Scheduler:
         if len(prompt_ids) + params.max_tokens > self.context:
             raise ContextTooLong(f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceed the "
                                  f"context of {self.context} tokens", param="max_tokens")
+        # Build the sequence (its generator may refuse the seed) before it is counted: a request that
+        # fails here must not hold a --max-queued slot for ever.
+        seq = Sequence(prompt_ids, target, params, sink, self.tokenizer, self.device)
         with self._pending_lock:
             if self._pending >= self.config.max_queued:
                 raise QueueFull(f"{self._pending} requests are already waiting (--max-queued "
                                 f"{self.config.max_queued}); retry shortly", retry_after=1)
             self._pending += 1
-        seq = Sequence(prompt_ids, target, params, sink, self.tokenizer, self.device)
-        self._incoming.put(seq)
+        try:
+            self._incoming.put(seq)
+        except BaseException:
+            self._left_waiting()
+            raise
         return Handle(seq)
 
     # -- status (any thread) ---------------------------------------------------------------
@@ -294,10 +301,11 @@ class Scheduler:
         self.metrics.observe("batch_size", len(newcomers), "prefill")
         self._kv.extend(kv)
         self._active.extend(newcomers)
-        tokens = sample(logits, [s.params for s in newcomers], [s.generator for s in newcomers])
+        tokens = self._sample(newcomers, logits)
         for s, tok in zip(newcomers, tokens):
             self.metrics.inc("prompt_tokens_total", s.target.label, by=len(s.prompt_ids))
-            self._accept(s, tok)
+            if tok is not None:
+                self._accept(s, tok)
         self._reap()
 
     def _decode_step(self) -> None:
@@ -309,11 +317,42 @@ class Scheduler:
             self.bank.ctx.clear()
         self._record("decode", rows)
         self.metrics.observe("batch_size", len(rows), "decode")
-        tokens = sample(logits, [s.params for s in rows], [s.generator for s in rows])
+        tokens = self._sample(rows, logits)
         for s, tok in zip(rows, tokens):
-            if not s.cancelled:
+            if tok is not None and not s.cancelled:
                 self._accept(s, tok)
         self._reap()
+
+    def _sample(self, rows: list[Sequence], logits) -> list[int | None]:
+        """One token per row; None for a row that failed alone (its ``error`` is set, ``_reap`` ends it).
+
+        A row whose logits are not finite (a poisoned adapter: NaN alpha, huge weights) would make
+        ``torch.multinomial`` raise for the whole batch, or argmax pick garbage; it fails by itself
+        with an error naming its adapter, and every other row goes on.
+        """
+        import torch
+
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        good = [i for i, ok in enumerate(finite) if ok]
+        for i, ok in enumerate(finite):
+            if not ok:
+                rows[i].error = GenerationFailed(
+                    f"{_what(rows[i])} produced non-finite logits (NaN or infinity); this request failed, "
+                    f"the others in its batch went on")
+        out: list[int | None] = [None] * len(rows)
+        if not good:
+            return out
+        try:
+            picked = sample(logits[good], [rows[i].params for i in good], [rows[i].generator for i in good])
+            for i, tok in zip(good, picked):
+                out[i] = tok
+        except Exception:  # find the row that broke it; the rest still get their token
+            for i in good:
+                try:
+                    out[i] = sample(logits[i:i + 1], [rows[i].params], [rows[i].generator])[0]
+                except Exception as exc:
+                    rows[i].error = GenerationFailed(f"{_what(rows[i])}: sampling failed: {type(exc).__name__}: {exc}")
+        return out
 
     def _accept(self, seq: Sequence, token: int) -> None:
         if seq.first_token_at is None:
@@ -355,13 +394,16 @@ class Scheduler:
             seq.slot = -1
 
     def _reap(self) -> None:
-        keep = [i for i, s in enumerate(self._active) if s.finish_reason is None and not s.cancelled]
+        keep = [i for i, s in enumerate(self._active)
+                if s.finish_reason is None and not s.cancelled and s.error is None]
         if len(keep) == len(self._active):
             return
         for i, s in enumerate(self._active):
             if i not in keep:
                 self._release(s)
-                if s.finish_reason is None:
+                if s.error is not None:
+                    self._finish_error(s, s.error)
+                elif s.finish_reason is None:
                     self._finish_error(s, Cancelled("request cancelled"))
         self._active = [self._active[i] for i in keep]
         self._kv.keep(keep)
@@ -388,6 +430,11 @@ class Scheduler:
             self._finish_error(s, exc)
         self._waiting.clear()
         self._fail_active(exc)
+
+
+def _what(seq: Sequence) -> str:
+    """'adapter NAME@VERSION' or 'base model NAME': who a failing row belongs to."""
+    return f"adapter {seq.target.label}" if seq.target.row is not None else f"base model {seq.target.label}"
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -4,12 +4,14 @@ A request of the OpenAI routes can ask for several sequences (prompts x ``n``);
 :class:`Run` submits them together, so they share batches, and merges their
 engine events on one asyncio queue. :func:`sse_response` streams them as
 ``data: {...}`` lines ending in ``data: [DONE]``. A client that goes away
-cancels its sequences, which frees their batch rows.
+cancels its sequences, which frees their batch rows: while queued, while a
+non-streamed answer is being collected, and mid-stream.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
@@ -30,7 +32,8 @@ class Run:
         self.pending: list = []  # events read ahead while checking for an early error
 
     @classmethod
-    async def start(cls, eng, target, jobs: list[list[int]], params: list) -> "Run":
+    async def start(cls, eng, target, jobs: list[list[int]], params: list, request: Request | None = None) -> "Run":
+        """Submit every sequence and wait for the first event; a client that leaves while queued cancels them."""
         run = cls(jobs)
         loop = asyncio.get_running_loop()
         for i, (ids, p) in enumerate(zip(jobs, params)):
@@ -45,7 +48,17 @@ class Run:
                 run.cancel()
                 raise
         # Wait for the first event, so that a failure to start (bad adapter file) is an HTTP error, not a stream.
-        first = await run.queue.get()
+        while True:
+            try:
+                first = await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S)
+                break
+            except asyncio.TimeoutError:  # still queued: is anybody waiting for it?
+                if request is not None and await request.is_disconnected():
+                    run.cancel()
+                    raise Cancelled("client disconnected while the request was queued") from None
+            except BaseException:
+                run.cancel()
+                raise
         if first[1].error is not None:
             run.cancel()
             raise first[1].error
@@ -58,7 +71,14 @@ class Run:
 
     async def events(self, request: Request) -> AsyncIterator[tuple[int, Any]]:
         done: set[int] = set()
+        checked = time.monotonic()
         while len(done) < len(self.jobs):
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                # events arrive every step, so the timeout below never fires: look for a gone client anyway
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    self.cancel()
+                    raise Cancelled("client disconnected") from None
             if self.pending:
                 item = self.pending.pop(0)
             else:

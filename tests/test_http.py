@@ -84,7 +84,8 @@ def srv(tiny_base_dir, tmp_path_factory):
 
     root, settings, cat, store = _home(tmp_path_factory, tiny_base_dir, ADAPTERS)
     config = ServerConfig(engine=EngineConfig(base="tiny", quantize="none", max_loaded=2, batch_window_ms=20),
-                          api_key=KEY, max_body_bytes=64 * 1024, max_upload_bytes=8 << 20)
+                          api_key=KEY, max_body_bytes=64 * 1024, max_upload_bytes=8 << 20,
+                          allow_path_register=[str(tmp_path_factory.getbasetemp())])
     server = Server(config, settings, cat, store)
     server.root, server.catalog, server.store = root, cat, store
     yield server

@@ -29,7 +29,8 @@ def test_serve_owns_catalog_answers_and_stops_gracefully(catalog, store, tiny_ba
     port = _free_port()
     env = dict(os.environ, LORADEX_API_KEY="k-123")
     proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", "--base", "tiny", "--quantize", "none",
-                             "--port", str(port), "--max-loaded", "2", "--drain-s", "5"],
+                             "--port", str(port), "--max-loaded", "2", "--drain-s", "5",
+                             "--allow-path-register", str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

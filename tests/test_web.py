@@ -73,7 +73,9 @@ def test_only_static_files_are_served(client, path):
 
 def test_docs_pages_are_disabled_but_the_schema_stays(client):
     assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
-    assert "/v1/reviews/{review_id}/ratings" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/openapi.json").status_code == 401  # behind the key, like every route but /health
+    schema = client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert "/v1/reviews/{review_id}/ratings" in schema["paths"]
 
 
 def test_data_routes_need_the_key(client, rated):
