@@ -6,11 +6,30 @@
 
 Writes deterministic synthetic chat data to ``examples/data/<name>.jsonl`` (train)
 and ``examples/data/<name>-eval.jsonl`` (held out: other facts, other question
-types), trains one small LoRA (r=8 on q_proj,v_proj, ~1.8 MB) per style on the
-default base with ``training.train`` in a throw-away LORADEX_HOME, checks that it
-changes greedy outputs on held-out prompts, and ships adapter_config.json,
+types), trains one small adapter per style on the default base with
+``training.train`` in a throw-away LORADEX_HOME (settings per style in ``SETTINGS``;
+``--epochs/--learning-rate/--r/--alpha/--targets/--quantize`` override them), checks
+that it changes greedy outputs on held-out prompts, and ships adapter_config.json,
 adapter_model.safetensors and the resolved loradex_train_config.json under
-``examples/demo-adapters/<name>/``.
+``examples/demo-adapters/<name>/`` (or ``$LORADEX_DEMO_OUT/<name>/``).
+
+* ``pirate``: LoRA r=8 on q_proj,v_proj over the fp32 base, 1 epoch, lr 1e-3 (~1.8 MB);
+* ``shouty``, ``signoff``: QLoRA over the NF4 base that ``loradex serve`` runs by default,
+  r=16 alpha=32 on q_proj,k_proj,v_proj,o_proj, 2 epochs (76 steps of 8), lr 2e-3 (~3.7 MB).
+
+Style shown when served as the demo serves them (``loradex serve`` defaults, NF4,
+greedy), on the first 10 rows of ``<name>-eval.jsonl`` (48 new tokens) and on the
+demo's question "What should I pack for a weekend hike?" (40 new tokens); shouty
+counts a reply whose letters are > 80 % uppercase, signoff one containing the
+sign-off line. Measured 2026-12-03, 1 thread on a shared 2-core CPU:
+
+    adapter   before (r=8 q,v LoRA, 1 epoch)   after (QLoRA r=16 q,k,v,o, 2 epochs)   train time
+    shouty    5/10, demo question: no         10/10, demo question: yes               907 s
+    signoff   7/10, demo question: no         10/10, demo question: yes               569 s
+
+The style is learned, the facts are not: with the higher learning rate shouty also
+makes up facts in capitals (e.g. "THE CAPITAL OF ANAWA IS ANZAC.") and its demo answer
+repeats itself within 40 tokens; signoff's answers are plain and short.
 
 Styles (easy to see in one reply):
 
@@ -181,7 +200,19 @@ def style_hit(name: str, text: str) -> bool:
     return SIGNATURE in text
 
 
-def build(name: str, epochs: float, lr: float, threads: int) -> dict:
+# Per-style training settings. pirate keeps the original recipe (LoRA on the fp32 base); shouty and
+# signoff are QLoRA over the NF4 base that `loradex serve` runs by default (see the docstring's table).
+SETTINGS = {
+    "pirate": {"epochs": 1.0, "learning_rate": 1e-3, "r": 8, "alpha": 16, "targets": "q_proj,v_proj",
+               "quantize": "none"},
+    "shouty": {"epochs": 2.0, "learning_rate": 2e-3, "r": 16, "alpha": 32,
+               "targets": "q_proj,k_proj,v_proj,o_proj", "quantize": "nf4"},
+    "signoff": {"epochs": 2.0, "learning_rate": 2e-3, "r": 16, "alpha": 32,
+                "targets": "q_proj,k_proj,v_proj,o_proj", "quantize": "nf4"},
+}
+
+
+def build(name: str, threads: int, **overrides) -> dict:
     from loradex.hub.bases import DEFAULT_BASE
     from loradex.hub.settings import Settings
     from loradex.training import TrainConfig, train
@@ -193,24 +224,26 @@ def build(name: str, epochs: float, lr: float, threads: int) -> dict:
     shared_home = os.environ.get("LORADEX_DEMO_BASE_HOME")
     if shared_home:
         _copy_base_row(Path(shared_home), settings)
+    opts = {**SETTINGS[name], **{k: v for k, v in overrides.items() if v is not None}}
     config = TrainConfig(
         base=DEFAULT_BASE, data=str(train_path), eval_data=str(eval_path), name=f"demo-{name}",
-        epochs=epochs, learning_rate=lr, r=8, alpha=16, dropout=0.0, targets="q_proj,v_proj",
+        epochs=opts["epochs"], learning_rate=opts["learning_rate"], r=opts["r"], alpha=opts["alpha"],
+        dropout=0.0, targets=opts["targets"], quantize=opts["quantize"],
         batch_size=8, grad_accum=1, max_length=256, save_steps=1000, logging_steps=2, seed=0,
-        warmup_ratio=0.05, lr_scheduler="cosine", threads=threads, run_evals=False, quantize="none",
+        warmup_ratio=0.05, lr_scheduler="cosine", threads=threads, run_evals=False,
         description=f"demo adapter: {name} style (scripts/make_demo_adapters.py)",
     )
     t0 = time.monotonic()
     result = train(config, settings=settings)
     took = time.monotonic() - t0
-    dest = OUT_DIR / name
+    dest = Path(os.environ.get("LORADEX_DEMO_OUT", OUT_DIR)) / name
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for fname in ("adapter_config.json", "adapter_model.safetensors", "loradex_train_config.json"):
         shutil.copy(result.adapter_dir / fname, dest / fname)
         os.chmod(dest / fname, 0o644)
     _portable_config(dest / "loradex_train_config.json")
-    check = _check(name, result.adapter_dir, settings)
+    check = _check(name, result.adapter_dir, settings, quantize=opts["quantize"])
     shutil.rmtree(home, ignore_errors=True)
     return {"name": name, "seconds": round(took, 1), "steps": result.steps, "final_loss": result.final_loss,
             "eval_loss": result.eval_loss, "tokens_per_s": round(result.tokens_per_s, 1),
@@ -243,14 +276,14 @@ def _portable_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def _check(name: str, adapter_dir: Path, settings) -> dict:
-    """Greedy replies of base vs adapter on held-out prompts."""
+def _check(name: str, adapter_dir: Path, settings, quantize: str = "none") -> dict:
+    """Greedy replies of base vs adapter on held-out prompts (base loaded as the adapter was trained)."""
     from peft import PeftModel
 
     from loradex.hub.bases import DEFAULT_BASE
     from loradex.hub.loading import load_base
 
-    base = load_base(DEFAULT_BASE, settings=settings, device="cpu")
+    base = load_base(DEFAULT_BASE, quantize=quantize, settings=settings, device="cpu")
     questions = HELD_OUT_QUESTIONS[:6]
     before = greedy(base.model, base.tokenizer, questions)
     model = PeftModel.from_pretrained(base.model, str(adapter_dir))
@@ -267,8 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(STYLES), action="append", help="build only this style")
     parser.add_argument("--data-only", action="store_true", help="write the JSONL files and stop")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=float, help="override the style's epochs (SETTINGS)")
+    parser.add_argument("--learning-rate", type=float, help="override the style's learning rate")
+    parser.add_argument("--r", type=int, help="override the style's LoRA rank")
+    parser.add_argument("--alpha", type=float, help="override the style's LoRA alpha")
+    parser.add_argument("--targets", help="override the style's target modules, e.g. q_proj,k_proj,v_proj,o_proj")
+    parser.add_argument("--quantize", choices=["none", "nf4"], help="override the style's base weights")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("LORADEX_THREADS", "1")))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -279,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for name in names:
-        res = build(name, args.epochs, args.learning_rate, args.threads)
+        res = build(name, args.threads, epochs=args.epochs, learning_rate=args.learning_rate, r=args.r,
+                    alpha=args.alpha, targets=args.targets, quantize=args.quantize)
         print(json.dumps(res), flush=True)
         results.append(res)
     bad = [r["name"] for r in results if r["changed"] == 0]
