@@ -249,9 +249,14 @@ async def run_curve(run_id: int, state=Depends(get_state)):
 
 @scores.get("/leaderboard", summary="Adapter versions ranked by eval score per data set, with CIs and lift")
 async def leaderboard(state=Depends(get_state), data: Optional[str] = Query(None, description="data sha256 (prefix)")):
+    from loradex.evals.config import config_key
     from loradex.evals.leaderboard import build
 
-    return _json({"sections": await _run(build, state.catalog, data)})
+    sections = await _run(build, state.catalog, data)
+    served = config_key(state.served_config)
+    for sec in sections:  # `served`: the section measured what this server runs
+        sec["served"] = served is not None and sec["config_key"] == served
+    return _json({"sections": sections})
 
 
 @scores.get("/merges", summary="Merged models, newest first")

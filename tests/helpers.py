@@ -49,19 +49,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args: str, env: dict | None = None, timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """A real `loradex serve ARGS --port P` on loopback, once its /ready answers 200: (process, URL)."""
+def start_server(*args: str, env: dict | None = None, timeout: float = 180, key: str | None = None,
+                 cwd: Path | str | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `loradex serve ARGS --port P` on loopback, once its /ready answers 200: (process, URL).
+
+    ``env``: variables to set (a None value removes one); ``key``: serve with ``--api-key KEY``.
+    """
     import pytest
 
     port = free_port()
+    environ = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
     proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", *args, "--port", str(port),
-                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})))
+                             "--log-level", "warning", *(["--api-key", key] if key else [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environ, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url + "/ready", headers=headers), timeout=2) as r:
                 if r.status == 200:
                     return proc, url
         except OSError:

@@ -18,10 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,13 +25,14 @@ from urllib.parse import urlparse
 import pytest
 
 from loradex.evals.review import create_review, record_ratings
-from loradex.hub.bases import add_base
+from loradex.evals.config import SERVE_ENGINE, serving_config
+from loradex.hub.bases import add_base, get_base
 from loradex.hub.catalog import Catalog, to_json, utcnow
 from loradex.hub.registry import register_adapter
 from loradex.hub.settings import Settings
 from loradex.hub.store import Store
-from tests.catalog_rows import DATA_A, DATA_B, add_run, config
-from tests.helpers import make_adapter
+from tests.catalog_rows import DATA_A, DATA_B, add_run
+from tests.helpers import make_adapter, start_server, stop_server
 
 pytestmark = pytest.mark.browser
 
@@ -50,12 +47,6 @@ BETA1 = ([0.7] * N, [0.4] * N)
 GAMMA1 = ([0.6, 0.7, 0.65, 0.6], [0.5, 0.5, 0.55, 0.5])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _build(root: Path, base_dir: Path) -> None:
     settings = Settings(home=root / "home", store=root / "store")
     store = Store(settings.store)
@@ -66,7 +57,10 @@ def _build(root: Path, base_dir: Path) -> None:
             folder = make_adapter(base_dir, root / "src" / ref.replace("@", "-"), seed=i + 1, scale=0.2)
             (folder / "README.md").write_text(f"# {ref}\n\nA **test** adapter.\n\n- rank 8\n- <script>alert(1)</script>\n")
             vs[ref] = register_adapter(cat, store, folder, ref.split("@")[0], base="tiny")
-        fp32, nf4 = config("none"), config("nf4")
+        # the configurations the server below runs (none/fp32 on this CPU) and the default one, for the real base row
+        base_row = get_base(cat, "tiny")
+        fp32 = serving_config(base_row, "none", "fp32", "cpu", SERVE_ENGINE)
+        nf4 = serving_config(base_row, "nf4", "fp32", "cpu", SERVE_ENGINE)
         add_run(cat, vs["alpha@1"], *ALPHA1, outputs=["arr, the capital be Brasilia"] + [f"alpha answer {i}" for i in range(1, N)],
                 serving_config=fp32)
         add_run(cat, vs["alpha@2"], *ALPHA2, serving_config=fp32)
@@ -97,38 +91,13 @@ def _build(root: Path, base_dir: Path) -> None:
 @contextlib.contextmanager
 def serve(root: Path, key: str | None):
     """`loradex serve` on loopback over the workspace at ``root``; yields its URL, stops it after."""
-    port = _free_port()
-    env = dict(os.environ, LORADEX_HOME=str(root / "home"), LORADEX_STORE=str(root / "store"))
-    env.pop("LORADEX_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "loradex", "serve", "--base", "tiny", "--quantize", "none",
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                             *(["--api-key", key] if key else [])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            req = urllib.request.Request(url + "/ready", headers={"Authorization": f"Bearer {key}"} if key else {})
-            with urllib.request.urlopen(req, timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("server did not become ready")
-        time.sleep(0.3)
+    proc, url = start_server("--base", "tiny", "--quantize", "none", "--host", "127.0.0.1", key=key, cwd=root,
+                             env={"LORADEX_HOME": str(root / "home"), "LORADEX_STORE": str(root / "store"),
+                                  "LORADEX_API_KEY": None})
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +236,10 @@ def test_leaderboard(page, server, shots):
     a = page.locator(f'section.board[data-data="{DATA_A}"]')
     assert a.locator("tbody tr").count() == 3 and a.locator("svg circle.pt-adapter").count() >= 3
     assert "alpha@1" in a.locator("tbody tr").first.inner_text()
-    assert "Served as none/fp32 cpu" in a.inner_text()  # each section names its serving configuration
-    assert "Served as nf4/fp32 cpu" in page.inner_text(f'section.board[data-data="{DATA_B}"]')
+    # each section names its serving configuration, and says which one this server (none/fp32) runs
+    assert "Served as none/fp32 cpu = what this server runs" in a.inner_text()
+    b = page.inner_text(f'section.board[data-data="{DATA_B}"]')
+    assert "Served as nf4/fp32 cpu = what loradex serve runs by default" in b and "what this server runs" not in b
     page.screenshot(path=str(shots / "leaderboard.png"), full_page=True)
     assert page.watch.take_errors() == []
 

@@ -1,10 +1,10 @@
 // Adapters: one row per adapter (its latest version), searchable, sortable, filtered by base and alias.
 import { api } from "../api.js";
-import { bytes, ci, h, primary, setParams } from "../dom.js";
+import { bytes, ci, h, setParams } from "../dom.js";
 
 const COLUMNS = [
   ["name", "Name"], ["versions", "Versions", "num"], ["base", "Base"], ["rank", "Rank", "num"], ["targets", "Targets"],
-  ["size", "Size", "num"], ["aliases", "Aliases"], ["score", "Latest score (95% CI)", "num"], ["lift", "Lift over base (95% CI)", "num"],
+  ["size", "Size", "num"], ["aliases", "Aliases"], ["score", "Score as served (95% CI)", "num"], ["lift", "Lift over base (95% CI)", "num"],
 ];
 
 function summarise(versions) {
@@ -16,19 +16,19 @@ function summarise(versions) {
   return [...byName.entries()].map(([name, vs]) => {
     vs.sort((a, b) => a.version - b.version);
     const latest = vs[vs.length - 1];
-    const scored = [...vs].reverse().find((v) => v.scores && v.scores.metrics);
-    const sc = scored ? scored.scores : null;
-    const metric = sc ? primary(sc.metrics) : null;
-    const m = sc && metric ? sc.metrics[metric] : null;
-    const l = sc && metric && sc.lift ? sc.lift[metric] : null;
+    // scores as this server serves each version (its serving configuration); the newest scored version
+    const scored = [...vs].reverse().find((v) => v.score && v.score.mean !== null && v.score.mean !== undefined);
+    const sc = scored ? scored.score : null;
+    const hasLift = sc && sc.lift !== null && sc.lift !== undefined;
     const aliases = vs.flatMap((v) => (v.aliases || []).map((a) => `${a}→${v.version}`));
     return {
       name, versions: vs.length, base: latest.base, rank: latest.rank, targets: (latest.target_modules || []).join(", "),
       size: latest.size_bytes, aliases, aliasNames: vs.flatMap((v) => v.aliases || []),
-      score: m ? m.mean : null, scoreText: m ? `${ci(m.mean, m.ci_low, m.ci_high)} ${metric}` : "–",
+      score: sc ? sc.mean : null, scoreText: sc ? `${ci(sc.mean, sc.ci_low, sc.ci_high)} ${sc.metric}` : "–",
+      scoreNote: sc ? "" : latest.score_note || "", config: sc ? sc.config : (latest.served_config || {}).label || "",
       scoredRef: scored ? `${name}@${scored.version}` : null, n: sc ? sc.n : null,
-      lift: l ? l.diff : null, liftText: l ? ci(l.diff, l.ci_low, l.ci_high, true) : "–",
-      liftSure: l ? (l.ci_low > 0 ? "above 0" : l.ci_high < 0 ? "below 0" : "CI spans 0") : "",
+      lift: hasLift ? sc.lift : null, liftText: hasLift ? ci(sc.lift, sc.lift_ci_low, sc.lift_ci_high, true) : "–",
+      liftSure: hasLift ? (sc.lift_ci_low > 0 ? "above 0" : sc.lift_ci_high < 0 ? "below 0" : "CI spans 0") : "",
     };
   });
 }
@@ -86,7 +86,7 @@ export async function render(root, route) {
       h("td", { class: "mono small" }, r.targets),
       h("td", { class: "num" }, bytes(r.size)),
       h("td", {}, r.aliases.map((a) => h("span", { class: "tag alias" }, a))),
-      h("td", { class: "num mono" }, r.scoreText, r.scoredRef ? h("div", { class: "small muted" }, `${r.scoredRef}, n=${r.n}`) : ""),
+      h("td", { class: "num mono" }, r.scoreText, h("div", { class: "small muted" }, r.scoredRef ? `${r.scoredRef}, n=${r.n}, ${r.config}` : r.scoreNote)),
       h("td", { class: "num mono" }, r.liftText, r.liftSure ? h("div", { class: "small muted" }, r.liftSure) : ""),
     )));
     count.textContent = `${shown.length} of ${rows.length} adapters (${versions.length} versions)`;

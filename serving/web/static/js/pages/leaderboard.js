@@ -5,12 +5,12 @@ import { ciChart } from "../charts.js";
 import { ci, configLabel, h, refLink, short, when } from "../dom.js";
 
 const KNOWN = new Set(["data_sha256", "data_path", "metric", "higher_is_better", "rows", "latest",
-  "config_key", "config", "serving_config", "as_served"]);
+  "config_key", "config", "serving_config", "as_served", "served"]);
 
 function servedAs(sec) {
   // sections are per data set and serving configuration (evals/config.py); older servers send no config
   if (!("config" in sec) && !("serving_config" in sec)) return null;
-  const note = sec.as_served ? " = what loradex serve runs by default"
+  const note = sec.served ? " = what this server runs" : sec.as_served ? " = what loradex serve runs by default"
     : sec.serving_config ? " (not the default server's configuration)" : " (recorded before configurations were)";
   return [" Served as ", h("span", { class: "tag config" }, sec.config || configLabel(sec.serving_config)), note, "."];
 }

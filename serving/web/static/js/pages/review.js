@@ -15,7 +15,9 @@ function resultView(res) {
 
 async function startForm(root, route) {
   const [versions, reviews, evals] = await Promise.all([api("/v1/adapters"), api("/v1/reviews"), api("/v1/evals")]);
-  const refs = versions.filter((v) => v.scores).map((v) => v.ref);
+  // a round needs eval outputs of the version, under any configuration
+  const evaluated = new Set(evals.map((e) => e.ref));
+  const refs = versions.map((v) => v.ref).filter((r) => evaluated.has(r));
   const sel = h("select", { id: "review-ref" }, refs.map((r) => h("option", { value: r }, r)));
   if (route.params.get("ref")) {
     const want = route.params.get("ref");
