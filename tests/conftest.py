@@ -131,3 +131,18 @@ def _describe_cached(folder, describe):
     if folder not in _DESCRIBED:
         _DESCRIBED[folder] = describe(folder)
     return _DESCRIBED[folder]
+
+
+@pytest.fixture(scope="session")
+def family_base_dir(tmp_path_factory, smol_tokenizer_dir):
+    """``family_base_dir("qwen2")``: a tiny random base of that family (tests/family_models.py), built once per session."""
+    from tests.family_models import build_family
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_family(family, tmp_path_factory.mktemp(f"family-{family}"), smol_tokenizer_dir)
+        return built[family]
+
+    return get
