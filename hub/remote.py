@@ -141,14 +141,13 @@ def connect(settings, *, wait_s: float | None = None):
 
 def materialize(catalog, store, relpath: str, files: dict[str, str], what: str) -> Path:
     """A verified local folder for a stored snapshot, fetching missing files by sha256 from a remote registry."""
-    from loradex.hub.store import manifest_digest
+    from loradex.hub.store import file_sha256, manifest_digest
 
     try:
         return store.verified_path(relpath, files, what)
     except IntegrityError:
         if not is_remote(catalog):
             raise
-    digest = manifest_digest(files)
     tmp = store.new_tmp()
     try:
         folder = tmp / "snapshot"
@@ -158,11 +157,14 @@ def materialize(catalog, store, relpath: str, files: dict[str, str], what: str) 
             local = store.object_path(sha)
             if local.is_file():
                 shutil.copyfile(local, dest)
-                continue
-            with catalog.request("GET", f"/v1/store/objects/{sha}") as resp, open(dest, "wb") as out:
-                shutil.copyfileobj(resp, out, 1 << 20)
+            else:
+                with catalog.request("GET", f"/v1/store/objects/{sha}") as resp, open(dest, "wb") as out:
+                    shutil.copyfileobj(resp, out, 1 << 20)
+            # checked before anything enters the store: a bad fetch leaves no object or snapshot behind
+            if file_sha256(dest) != sha:
+                raise IntegrityError(f"{what}: {name} fetched from {catalog.url} does not match its recorded sha256")
         snap = store.put_folder(folder, list(files), move=True)
-        if snap.digest != digest:
+        if snap.digest != manifest_digest(files):
             raise IntegrityError(f"{what}: files fetched from {catalog.url} do not match their recorded sha256")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,3 +48,44 @@ def test_cleanup_removes_only_dead_writers_tmp(tmp_path):
     (dead / "half").write_bytes(b"x")
     assert store.cleanup_tmp() == 1
     assert mine.exists() and not dead.exists()
+
+
+def test_a_replica_keeps_nothing_from_a_registry_that_sends_wrong_bytes(tmp_path):
+    """materialize() checks each fetched file's sha256 before it enters the store: a lying registry leaves no junk."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pytest
+
+    from loradex.hub.errors import IntegrityError
+    from loradex.hub.remote import RemoteCatalog, materialize
+
+    good = b"the adapter's real bytes"
+    sha = hashlib.sha256(good).hexdigest()
+    asked = []
+
+    class Lying(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            body = b"something else entirely"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Lying)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = Store(tmp_path / "store")
+        remote = RemoteCatalog(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(IntegrityError, match="adapter_model.safetensors fetched from .* does not match"):
+            materialize(remote, store, "snapshots/none", {"adapter_model.safetensors": sha}, "x@1")
+    finally:
+        server.shutdown()
+    assert asked == [f"/v1/store/objects/{sha}"]
+    kept = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert kept == []
