@@ -171,7 +171,7 @@ class Engine:
             return SamplingParams(max_tokens=max_tokens, **kw)
         except LoradexError as exc:
             name = str(exc).split(" ", 1)[0]
-            raise BadRequest(str(exc), param=name if name in ("temperature", "top_p", "stop", "max_tokens", "seed") else None) from None
+            raise BadRequest(str(exc), param=name if name in ("temperature", "top_p", "stop", "max_tokens", "seed", "min_tokens") else None) from None
 
     # -- submitting ------------------------------------------------------------
     def submit(self, prompt_ids: list[int], target: Target, params: SamplingParams,

@@ -138,7 +138,8 @@ async def generate(body: GenerateRequest, request: Request, state=Depends(get_st
     else:
         ids = eng.encode(body.prompt)
     params = eng.params_for(len(ids), max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                            stop=stops, seed=body.seed, prompt_field="messages" if body.messages else "prompt")
+                            stop=stops, seed=body.seed, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+                            prompt_field="messages" if body.messages else "prompt")
     run = await Run.start(eng, target, [ids], [params], request)
     texts, finishes, usage = await run.collect(request)
     return GenerateResponse(text=texts[0], adapter=target.label if target.row is not None else None,
@@ -165,7 +166,8 @@ def _params(eng, body, jobs: list[list[int]], max_tokens: int | None, prompt_fie
     for i, ids in enumerate(jobs):
         seed = None if body.seed is None else body.seed + i  # n samples of one prompt differ, reproducibly
         out.append(eng.params_for(len(ids), max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  stop=body.stop_list(), seed=seed, prompt_field=prompt_field))
+                                  stop=body.stop_list(), seed=seed, min_tokens=body.min_tokens,
+                                  ignore_eos=body.ignore_eos, prompt_field=prompt_field))
     return out
 
 

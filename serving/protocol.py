@@ -36,6 +36,10 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
+    # vLLM's sampling extras, for fixed-length runs (benchmarks): EOS suppressed until min_tokens; ignore_eos
+    # generates until max_tokens (or a stop string)
+    min_tokens: int = Field(0, ge=0, description="no end-of-sequence before this many tokens (vLLM extra)")
+    ignore_eos: bool = Field(False, description="do not stop at end-of-sequence (vLLM extra)")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -137,6 +141,8 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
 
     @field_validator("messages")
     @classmethod

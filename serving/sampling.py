@@ -30,10 +30,16 @@ class SamplingParams:
     """Strings that end generation; the stop string itself is not returned (``stop``)."""
     seed: int | None = None
     """Seed of this request's own generator; same seed, same output (``seed``)."""
+    min_tokens: int = 0
+    """End-of-sequence tokens are suppressed until this many tokens are generated (vLLM's ``min_tokens``)."""
+    ignore_eos: bool = False
+    """Never stop at end-of-sequence: generate until ``max_tokens`` or a stop string (vLLM's ``ignore_eos``)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise InvalidConfig(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidConfig(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
             raise InvalidConfig(f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -49,6 +55,16 @@ class SamplingParams:
         g = torch.Generator(device=device)
         g.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
         return g
+
+
+def suppress_eos(logits: torch.Tensor, rows: list[int], eos_ids: list[int]) -> torch.Tensor:
+    """``logits`` with the end-of-sequence tokens of ``rows`` set to -inf (a copy; the input is kept)."""
+    if not rows or not eos_ids:
+        return logits
+    logits = logits.clone()
+    idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    logits[idx.unsqueeze(1), torch.tensor(eos_ids, dtype=torch.long, device=logits.device).unsqueeze(0)] = float("-inf")
+    return logits
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:

@@ -36,7 +36,7 @@ from loradex.serving.errors import Cancelled, ContextTooLong, GenerationFailed, 
 from loradex.serving.lora import AdapterWeights, LoRABank
 from loradex.serving.metrics import Metrics
 from loradex.serving.runner import Runner
-from loradex.serving.sampling import SamplingParams, TextStream, sample
+from loradex.serving.sampling import SamplingParams, TextStream, sample, suppress_eos
 
 STEP_RECORD = 512  # forwards kept in the step record
 
@@ -114,6 +114,7 @@ class Scheduler:
         max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context = min(config.max_context or max_pos, max_pos)
         self.eos_ids = _eos_ids(model, self.tokenizer)
+        self._eos_list = sorted(self.eos_ids)
         self._incoming: queue.Queue[Sequence] = queue.Queue()
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._waiting: deque[Sequence] = deque()
@@ -342,6 +343,9 @@ class Scheduler:
         out: list[int | None] = [None] * len(rows)
         if not good:
             return out
+        # ignore_eos / min_tokens: end-of-sequence cannot be picked (after the finite check: it sets -inf)
+        no_eos = [i for i in good if rows[i].params.ignore_eos or len(rows[i].generated) < rows[i].params.min_tokens]
+        logits = suppress_eos(logits, no_eos, self._eos_list)
         try:
             picked = sample(logits[good], [rows[i].params for i in good], [rows[i].generator for i in good])
             for i, tok in zip(good, picked):
@@ -359,7 +363,7 @@ class Scheduler:
             seq.first_token_at = time.perf_counter()
             self.metrics.observe("time_to_first_token_seconds", seq.first_token_at - seq.created, seq.target.label)
         seq.generated.append(token)
-        if token in self.eos_ids:
+        if token in self.eos_ids and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
             delta, ids = seq.stream.flush(), []
         else:
