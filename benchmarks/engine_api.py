@@ -1,7 +1,7 @@
 """How the benchmarks drive loradex's serving engine (``serving.engine.Engine``) and plain PEFT.
 
-Requests are dicts ``{"messages": [...], "adapter": NAME or None, "max_tokens": N}``,
-always greedy. :func:`engine_round` submits a whole round at once through
+Requests are dicts ``{"messages": [...], "adapter": NAME or None, "max_tokens": N}``
+(or token ``ids`` instead of messages; ``ignore_eos`` for a fixed length), always greedy. :func:`engine_round` submits a whole round at once through
 ``Engine.submit`` (the path the HTTP server takes), so the requests share the
 continuous batch, and times each request from submission to its last token.
 :class:`PeftBaseline` serves the same requests with plain PEFT, the floor the
@@ -50,8 +50,8 @@ def open_engine(ws, catalog, *, max_loaded: int = 8, pin: list[str] | None = Non
     from loradex.serving.config import EngineConfig
     from loradex.serving.engine import Engine
 
-    cfg = EngineConfig(base=ws.base_name, quantize=ws.quantize, device=ws.device, max_loaded=max_loaded,
-                       pin=list(pin or []), **config)
+    config.setdefault("quantize", ws.quantize)
+    cfg = EngineConfig(base=ws.base_name, device=ws.device, max_loaded=max_loaded, pin=list(pin or []), **config)
     return Engine.load(cfg, catalog=catalog, store=ws.store, settings=ws.settings)
 
 
@@ -71,8 +71,9 @@ def engine_round(engine, requests: list[dict], timeout: float = 600.0) -> Round:
     t0 = time.perf_counter()  # resolving and tokenizing are part of serving a request
     for req in requests:
         target = engine.resolve(adapter=req.get("adapter"))
-        ids = engine.encode(messages=req["messages"])
-        params = engine.params_for(len(ids), max_tokens=req["max_tokens"], temperature=0.0)
+        ids = req["ids"] if "ids" in req else engine.encode(messages=req["messages"])
+        params = engine.params_for(len(ids), max_tokens=req["max_tokens"], temperature=0.0,
+                                   ignore_eos=req.get("ignore_eos", False))
         prepared.append((ids, target, params))
 
     def sink_for(i: int):

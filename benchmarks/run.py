@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "serving_mixed": "benchmarks.serving_mixed",
     "scaling": "benchmarks.scaling",
     "cold_load": "benchmarks.cold_load",
+    "llamacpp": "benchmarks.llamacpp",
     "http": "benchmarks.http",
     "training": "benchmarks.training",
 }

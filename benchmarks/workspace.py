@@ -65,11 +65,13 @@ class Sizes:
     """Timed register/list/show calls each."""
     http_reps: int = 3
     """Timed rounds of case (a) over HTTP and in-process."""
+    fixed_tokens: int = 64
+    """New tokens of every request in the llama.cpp comparison (fixed length: ignore_eos)."""
 
     def __post_init__(self) -> None:
         for name in ("reps", "requests", "adapters", "new_tokens", "rank", "scaling_rounds", "cold_reps",
                      "decode_tokens", "bandwidth_mb", "train_steps", "train_examples", "train_batch",
-                     "catalog_rows", "catalog_reps", "http_reps"):
+                     "catalog_rows", "catalog_reps", "http_reps", "fixed_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidConfig(f"benchmark size {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -86,7 +88,7 @@ PRESETS: dict[str, Sizes] = {
     # For the test suite on a tiny random model: every code path, seconds of work.
     "smoke": Sizes(reps=1, warmup=1, requests=3, adapters=3, new_tokens=4, rank=4, scaling_counts=(1, 3),
                    scaling_rounds=1, cold_reps=1, decode_tokens=4, bandwidth_mb=8, train_steps=2,
-                   train_examples=8, train_batch=2, catalog_rows=300, catalog_reps=2, http_reps=1),
+                   train_examples=8, train_batch=2, catalog_rows=300, catalog_reps=2, http_reps=1, fixed_tokens=4),
 }
 
 

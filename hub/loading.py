@@ -121,11 +121,14 @@ def load_base(
     store=None,
     settings=None,
     dtype: str | None = None,
+    serving: bool = False,
 ) -> LoadedBase:
     """Load base ``name`` from the catalog (provisioning the default base if needed).
 
     With no ``catalog`` a short-lived one is opened from ``settings`` (or the
     environment) just for the lookup, so the file is not held while loading.
+    ``serving``: also pick the Linear kernel for serving on this machine, by
+    measurement (``serving/kernels.py``); the choice is in ``info["kernels"]``.
     """
     from loradex.hub.bases import get_base
     from loradex.hub.settings import Settings, apply_threads
@@ -143,5 +146,10 @@ def load_base(
     model, dev, torch_dtype = load_model_folder(folder, quantize=quantize, device=device, dtype=dtype)
     max_pos = record["config"].get("max_position_embeddings")
     tokenizer = load_tokenizer(folder, max_pos)
+    info: dict = {}
+    if serving:
+        from loradex.serving.kernels import choose
+
+        info["kernels"] = choose(model, quantize=quantize, dtype=torch_dtype, device=dev)
     return LoadedBase(name=name, record=record, model=model, tokenizer=tokenizer, quantize=quantize,
-                      device=dev, dtype=torch_dtype)
+                      device=dev, dtype=torch_dtype, info=info)

@@ -78,7 +78,7 @@ class Engine:
         from loradex.hub.loading import load_base
 
         loaded = load_base(config.base, config.quantize, config.device, catalog=catalog, store=store,
-                           settings=settings, dtype=config.dtype)
+                           settings=settings, dtype=config.dtype, serving=True)
         engine = cls(loaded, catalog=catalog, store=store, config=config, metrics=metrics)
         engine.start()
         for ref in config.pin:
@@ -265,6 +265,7 @@ class Engine:
     def stats(self) -> dict:
         counts = self.scheduler.counts()
         return {"base": self.base_name, "quantize": self.loaded.quantize, "device": self.device,
+                "kernels": self.loaded.info.get("kernels"),
                 "active": counts["active"], "waiting": counts["waiting"], "context": self.context,
                 "loaded_adapters": self.cache.loaded(), "lora_bank_bytes": self.scheduler.bank.nbytes(),
                 "merged_models": self.router.merged_names()}

@@ -344,7 +344,8 @@ async def server_info(state=Depends(get_state)):
     return _json({"base": state.config.engine.base, "ready": state.ready, "config": cfg, "config_key": config_key(cfg),
                   "config_label": config_label(cfg) if cfg else None,
                   "quantize": eng.loaded.quantize if eng else state.config.engine.quantize,
-                  "dtype": cfg["dtype"] if cfg else None, "device": cfg["device"] if cfg else None})
+                  "dtype": cfg["dtype"] if cfg else None, "device": cfg["device"] if cfg else None,
+                  "kernels": eng.loaded.info.get("kernels") if eng else None})
 
 
 # -- every catalog operation, one route each ------------------------------------------------------

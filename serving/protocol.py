@@ -245,6 +245,7 @@ class Ready(BaseModel):
     loaded_adapters: list[LoadedAdapter]
     lora_bank_bytes: int
     merged_models: list[str] = Field(description="merged models loaded for --route-merged")
+    kernels: Optional[dict] = Field(None, description="the Linear kernel chosen at load on this machine, and why")
 
 
 class ModelCard(BaseModel):

@@ -1,0 +1,88 @@
+"""serving/kernels.py: the Linear kernel for serving, chosen at load by measurement, on the tiny random base."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loradex.hub.errors import InvalidConfig
+
+
+def _nf4(tiny_base_dir):
+    from loradex.hub.loading import load_model_folder
+
+    model, device, dtype = load_model_folder(tiny_base_dir, quantize="nf4", device="cpu")
+    return model, device, dtype
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits.float()
+
+
+IDS = torch.tensor([[1, 200, 300, 400, 500, 600, 700]])
+
+
+def test_dense_kernel_computes_what_bitsandbytes_computes(tiny_base_dir):
+    from loradex.serving.kernels import choose, quantized_linears
+
+    model, device, dtype = _nf4(tiny_base_dir)
+    n = len(quantized_linears(model))
+    assert n > 0
+    want = _logits(model, IDS)
+    info = choose(model, quantize="nf4", dtype=dtype, device=device, mode="dense")
+    assert info["linear"] == "dense" and info["reason"] == "LORADEX_KERNELS=dense"
+    assert quantized_linears(model) == {}
+    assert all(type(m).__name__ != "Linear4bit" for m in model.modules())
+    got = _logits(model, IDS)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_measures_both_and_applies_what_it_reports(tiny_base_dir):
+    from loradex.serving.kernels import HalfLinear, choose, quantized_linears
+
+    model, device, dtype = _nf4(tiny_base_dir)
+    want = _logits(model, IDS)
+    info = choose(model, quantize="nf4", dtype=dtype, device=device, mode="auto")
+    assert info["timings"]["bnb_us"] > 0 and info["timings"]["dense_us"] > 0
+    assert info["linear"] == ("dense" if info["timings"]["dense_us"] < info["timings"]["bnb_us"] else "bnb")
+    assert (quantized_linears(model) == {}) == (info["linear"] == "dense")
+    assert info["lm_head"] in ("fp32", "fp16") and info["lm_head_timings"]["fp32_us"] > 0
+    assert isinstance(model.lm_head, HalfLinear) == (info["lm_head"] == "fp16")
+    # whatever was chosen serves the same model: logits agree to fp16 precision of the head
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=2e-2, atol=2e-2)
+
+
+def test_unquantized_and_int8_bases_have_nothing_to_choose(tiny_base_dir):
+    from loradex.hub.loading import load_model_folder
+    from loradex.serving.kernels import choose
+
+    model, device, dtype = load_model_folder(tiny_base_dir, quantize="none", device="cpu")
+    head = model.lm_head
+    info = choose(model, quantize="none", dtype=dtype, device=device, mode="auto")
+    assert info["linear"] == "dense" and "nothing to choose" in info["reason"]
+    assert model.lm_head is head  # an unquantized base is served exactly as loaded
+
+
+def test_kernels_env_is_checked(monkeypatch, tiny_base_dir):
+    from loradex.serving.kernels import requested_mode
+
+    monkeypatch.setenv("LORADEX_KERNELS", "Dense")
+    assert requested_mode() == "dense"
+    monkeypatch.setenv("LORADEX_KERNELS", "turbo")
+    with pytest.raises(InvalidConfig, match="LORADEX_KERNELS must be one of auto, bnb, dense"):
+        requested_mode()
+
+
+def test_engine_reports_its_kernel_choice(catalog, store, tiny_base, monkeypatch):
+    from loradex.serving.config import EngineConfig
+    from loradex.serving.engine import Engine
+
+    monkeypatch.setenv("LORADEX_KERNELS", "dense")
+    engine = Engine.load(EngineConfig(base="tiny", quantize="nf4"), catalog=catalog, store=store)
+    try:
+        kernels = engine.stats()["kernels"]
+        assert kernels["linear"] == "dense" and kernels["mode"] == "dense"
+        out = engine.generate("Hello there", max_tokens=4, temperature=0, ignore_eos=True)
+        assert out.completion_tokens == 4
+    finally:
+        engine.shutdown()
