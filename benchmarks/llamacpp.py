@@ -10,24 +10,29 @@ exactly ``fixed_tokens`` tokens whatever it emits.
 
 Cases, interleaved after a warm-up round:
 
-    (e)   loradex engine as configured for the run (``--quantize``, NF4 by default; kernel picked at load),
-          one request with an adapter
-    (eb)  loradex engine in its best configuration for this machine (``best_config``), one request, same adapter
+    (e)   loradex engine as it serves by default: ``--quantize`` of the run (NF4 by default), its Linear kernel
+          picked at load by measurement (``serving/kernels.py``), one request with an adapter
+    (eb)  the same engine forced onto the bitsandbytes kernel (``LORADEX_KERNELS=bnb``: how NF4 was served
+          before the kernel choice), one request, same adapter; skipped when (e) picked bitsandbytes anyway
     (l)   llama.cpp f16 GGUF + the adapter as GGUF LoRA, one request
     (e8)  loradex engine: 8 concurrent requests over 8 adapters, one continuous batch
     (l8)  llama.cpp: the same 8 one after another, switching the LoRA per request (what llama.cpp can do:
           one adapter set per context at a time)
 
 Figures: tokens/s of each (prefill included: wall time from submission to the
-last token), time to first token, and the ratios e/l and eb/l (per stream,
-targets >= 0.7 floor, 1.0 goal) and e8/l8 (8 adapters, target >= 4), each the
-median of per-round ratios. Without llama-cpp-python the benchmark reports that
+last token), time to first token, and the ratios e/l (per stream, target
+>= 0.7 floor, 1.0 goal), eb/l (the same before the kernel choice, no target)
+and e8/l8 (8 adapters, target >= 4), each the median of per-round ratios. A
+warm-up round of short requests comes first; the timed rounds rotate their
+order. Without llama-cpp-python the benchmark reports that
 in one line and no figures (not a failure).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -43,9 +48,18 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def best_config(ws: Workspace) -> dict:
-    """The engine configuration this machine serves fastest per stream (by measurement; see docs/benchmarks.md)."""
-    return {"quantize": "none"} if ws.device == "cpu" else {"quantize": ws.quantize}
+@contextlib.contextmanager
+def kernels_env(mode: str):
+    """LORADEX_KERNELS set to ``mode`` while an engine loads (the kernel is chosen at load)."""
+    old = os.environ.get("LORADEX_KERNELS")
+    os.environ["LORADEX_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LORADEX_KERNELS", None)
+        else:
+            os.environ["LORADEX_KERNELS"] = old
 
 
 class LlamaCppServer:
@@ -149,38 +163,45 @@ def run(ws: Workspace, report: Report) -> dict:
     names = ws.register_adapters("lcpp", ADAPTERS)
     log("llamacpp: exporting the base and adapters as GGUF")
     base_gguf, loras = export_ggufs(ws, names)
-    best = best_config(ws)
-    same_best = best.get("quantize") == ws.quantize
     with ws.catalog() as cat:
-        engine = best_engine = server = None
+        engine = bnb_engine = server = None
         try:
             log("llamacpp: loading the engines and llama.cpp")
-            engine = open_engine(ws, cat, max_loaded=ADAPTERS, pin=names)
-            best_engine = engine if same_best else open_engine(ws, cat, max_loaded=ADAPTERS, pin=names,
-                                                               quantize=best["quantize"])
+            engine = open_engine(ws, cat, max_loaded=ADAPTERS, pin=names)  # LORADEX_KERNELS as set (auto)
+            kernels = {"default": engine.loaded.info.get("kernels")}
+            chosen = kernels["default"] or {}
+            if chosen.get("linear") == "dense" or chosen.get("lm_head") == "fp16":
+                with kernels_env("bnb"):
+                    bnb_engine = open_engine(ws, cat, max_loaded=ADAPTERS, pin=names)
+                kernels["bnb"] = bnb_engine.loaded.info.get("kernels")
             ids = [engine.encode(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
                    for i in range(ADAPTERS)]
             server = LlamaCppServer(base_gguf, loras, n_ctx=max(len(x) for x in ids) + n + 8,
                                     threads=ws.settings.threads)
-            one = [{"ids": ids[0], "adapter": names[0], "max_tokens": n, "ignore_eos": True}]
-            eight = [{"ids": ids[i], "adapter": names[i], "max_tokens": n, "ignore_eos": True} for i in range(ADAPTERS)]
+
+            def reqs(k: int, tokens: int) -> list[dict]:
+                return [{"ids": ids[i], "adapter": names[i], "max_tokens": tokens, "ignore_eos": True} for i in range(k)]
+
             cases = {
-                "e": lambda: engine_round(engine, one),
+                "e": lambda: engine_round(engine, reqs(1, n)),
                 "l": lambda: server.round([(ids[0], names[0])], n),
-                "e8": lambda: engine_round(engine, eight),
+                "e8": lambda: engine_round(engine, reqs(ADAPTERS, n)),
                 "l8": lambda: server.round([(ids[i], names[i]) for i in range(ADAPTERS)], n),
             }
-            if not same_best:
-                cases["eb"] = lambda: engine_round(best_engine, one)
-            rounds = interleave(cases, reps=sizes.reps, warmup=sizes.warmup)
-            kernels = {"run": engine.loaded.info.get("kernels"), "best": best_engine.loaded.info.get("kernels")}
+            if bnb_engine is not None:
+                cases["eb"] = lambda: engine_round(bnb_engine, reqs(1, n))
+            for _ in range(sizes.warmup):  # short requests: every path and adapter touched once
+                for e in (engine, bnb_engine):
+                    if e is not None:
+                        engine_round(e, reqs(ADAPTERS, 4))
+                server.round([(ids[i], names[i]) for i in range(ADAPTERS)], 4)
+            rounds = interleave(cases, reps=sizes.reps, warmup=0)
         finally:
             if server is not None:
                 server.close()
-            for e in {id(x): x for x in (engine, best_engine) if x is not None}.values():
-                e.shutdown()
-    if same_best:
-        rounds["eb"] = rounds["e"]
+            for e in (engine, bnb_engine):
+                if e is not None:
+                    e.shutdown()
     for case, rs in rounds.items():
         want = n * (ADAPTERS if case.endswith("8") else 1)
         got = [r.tokens for r in rs]
@@ -188,28 +209,30 @@ def run(ws: Workspace, report: Report) -> dict:
             raise RuntimeError(f"case {case}: expected {want} tokens per round (fixed length), got {got}")
     tps = {k: [r.tokens_per_s for r in v] for k, v in rounds.items()}
     ttft = {k: [1000 * sum(r.ttft_s) / len(r.ttft_s) for r in v] for k, v in rounds.items()}
-    q = ws.quantize
-    bq = best["quantize"]
-    report.add(Metric("llamacpp.engine_tokens_per_s", tps["e"], "tok/s", note=f"loradex {q}, 1 stream, adapter, {n} tokens"))
-    report.add(Metric("llamacpp.engine_best_tokens_per_s", tps["eb"], "tok/s",
-                      note=f"loradex best config ({bq}), 1 stream, adapter"))
+    k = kernels["default"] or {}
+    how = f"loradex {ws.quantize} ({k.get('linear', '?')} kernel, {k.get('lm_head', 'as loaded')} head)"
+    report.add(Metric("llamacpp.engine_tokens_per_s", tps["e"], "tok/s", note=f"{how}, 1 stream, adapter, {n} tokens"))
     report.add(Metric("llamacpp.llamacpp_tokens_per_s", tps["l"], "tok/s", note="llama.cpp f16 GGUF + GGUF LoRA, 1 stream"))
     report.add(Metric("llamacpp.per_stream_ratio", ratios(tps["e"], tps["l"]), "x", 0.7, ">=",
-                      f"loradex {q} / llama.cpp, per stream with an adapter (goal 1.0)"))
-    report.add(Metric("llamacpp.per_stream_best_ratio", ratios(tps["eb"], tps["l"]), "x", 0.7, ">=",
-                      f"loradex {bq} / llama.cpp, per stream with an adapter (goal 1.0)"))
-    report.add(Metric("llamacpp.engine_ttft_ms", ttft["e"], "ms", note=f"loradex {q}, time to first token"))
-    report.add(Metric("llamacpp.engine_best_ttft_ms", ttft["eb"], "ms", note=f"loradex {bq}, time to first token"))
+                      "loradex / llama.cpp, per stream with an adapter (goal 1.0)"))
+    if "eb" in tps:
+        report.add(Metric("llamacpp.engine_bnb_tokens_per_s", tps["eb"], "tok/s",
+                          note=f"loradex {ws.quantize} through bitsandbytes (LORADEX_KERNELS=bnb), 1 stream"))
+        report.add(Metric("llamacpp.per_stream_bnb_ratio", ratios(tps["eb"], tps["l"]), "x",
+                          note="the same before the kernel choice: bitsandbytes / llama.cpp"))
+    report.add(Metric("llamacpp.engine_ttft_ms", ttft["e"], "ms", note="loradex, time to first token"))
+    if "eb" in ttft:
+        report.add(Metric("llamacpp.engine_bnb_ttft_ms", ttft["eb"], "ms", note="loradex bitsandbytes, time to first token"))
     report.add(Metric("llamacpp.llamacpp_ttft_ms", ttft["l"], "ms", note="llama.cpp, time to first token"))
     report.add(Metric("llamacpp.engine_8_adapters_tokens_per_s", tps["e8"], "tok/s",
-                      note=f"loradex {q}, 8 concurrent requests over 8 adapters"))
+                      note="loradex, 8 concurrent requests over 8 adapters"))
     report.add(Metric("llamacpp.llamacpp_8_sequential_tokens_per_s", tps["l8"], "tok/s",
                       note="llama.cpp, the same 8 one after another, LoRA switched per request"))
     report.add(Metric("llamacpp.eight_adapter_ratio", ratios(tps["e8"], tps["l8"]), "x", 4.0, ">=",
                       "loradex 8-adapter batch / llama.cpp sequential"))
     report.add(Metric("llamacpp.engine_8_ttft_ms", ttft["e8"], "ms", note="loradex, mean time to first token of the 8"))
     report.add(Metric("llamacpp.llamacpp_8_ttft_ms", ttft["l8"], "ms", note="llama.cpp, mean time to first token of the 8"))
-    return {"fixed_tokens": n, "adapters": names, "best_config": best, "kernels": kernels,
+    return {"fixed_tokens": n, "adapters": names, "kernels": kernels,
             "tokens_per_s": {k: summarize(v) for k, v in tps.items()},
             "ttft_ms": {k: summarize(v) for k, v in ttft.items()},
             "base_gguf_mb": round(base_gguf.stat().st_size / 1e6, 1)}

@@ -217,9 +217,9 @@ def test_smoke_run_writes_json_with_machine_info_and_targets(smoke_run):
     assert details["adapter_loads"] == len(details["adapters"])
 
 
-LLAMACPP_KEYS = ["llamacpp.engine_tokens_per_s", "llamacpp.engine_best_tokens_per_s", "llamacpp.llamacpp_tokens_per_s",
-                 "llamacpp.per_stream_ratio", "llamacpp.per_stream_best_ratio", "llamacpp.engine_ttft_ms",
-                 "llamacpp.llamacpp_ttft_ms", "llamacpp.eight_adapter_ratio"]
+LLAMACPP_KEYS = ["llamacpp.engine_tokens_per_s", "llamacpp.llamacpp_tokens_per_s", "llamacpp.per_stream_ratio",
+                 "llamacpp.engine_ttft_ms", "llamacpp.llamacpp_ttft_ms", "llamacpp.engine_8_adapters_tokens_per_s",
+                 "llamacpp.llamacpp_8_sequential_tokens_per_s", "llamacpp.eight_adapter_ratio"]
 
 
 def test_llamacpp_rows_or_a_note_saying_why_not(smoke_run):
@@ -237,7 +237,11 @@ def test_llamacpp_rows_or_a_note_saying_why_not(smoke_run):
         assert payload["metrics"][key]["value"] > 0, key
     assert (payload["metrics"]["llamacpp.per_stream_ratio"]["target"], payload["metrics"]["llamacpp.eight_adapter_ratio"]
             ["target"]) == (0.7, 4.0)
-    assert entry["details"]["kernels"]["run"]["linear"] in ("bnb", "dense")
+    chosen = entry["details"]["kernels"]["default"]
+    assert chosen["linear"] in ("bnb", "dense")
+    # the bitsandbytes row (before the kernel choice) is there exactly when the choice changed something
+    changed = chosen["linear"] == "dense" or chosen.get("lm_head") == "fp16"
+    assert ("llamacpp.per_stream_bnb_ratio" in payload["metrics"]) == changed
 
 
 def test_bench_gpu_refuses_without_cuda_or_base(tmp_path, capsys, monkeypatch):
