@@ -14,7 +14,8 @@ class StandInEngine:
     def stats(self) -> dict:
         return {"base": self.base_name, "quantize": "nf4", "device": "cpu", "active": 2, "waiting": 1, "context": 64,
                 "loaded_adapters": [{"adapter": "a", "version": 3, "slot": 0, "users": 2, "pinned": True}],
-                "lora_bank_bytes": 1024, "merged_models": []}
+                "lora_bank_bytes": 1024, "merged_models": [],
+                "kernels": {"linear": "dense", "lm_head": "fp16", "reason": "measured"}}
 
     def resolve(self, model=None, adapter=None):
         from loradex.serving.errors import ModelNotFound
