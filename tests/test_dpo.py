@@ -15,7 +15,7 @@ from loradex.evals.review import export_sheet, import_sheet, review_pairs, write
 from loradex.hub.errors import Conflict, InvalidConfig, InvalidData
 from loradex.hub.registry import register_adapter
 from loradex.training.config import TrainConfig
-from loradex.training.dpo import pair_logprobs, read_pairs, train_dpo
+from loradex.training.dpo import pair_logprobs, read_pairs
 from tests.helpers import make_adapter, run_cli
 
 SYSTEM = {"role": "system", "content": "You answer in one word."}
@@ -85,20 +85,29 @@ def test_review_to_pairs_to_dpo(catalog, store, settings, tiny_base_dir, reviewe
     assert len(rows) == res["n"]
 
     parent = catalog.one("SELECT * FROM adapter_versions WHERE adapter = 'bot' AND version = 1")
-    cfg = TrainConfig(method="dpo", data=str(pairs_file), name="bot-dpo", base="tiny", from_ref="bot@1", quantize="none",
-                      max_steps=8, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant",
-                      logging_steps=1, output_dir=str(tmp_path / "run"))
-    result = train_dpo(cfg, catalog=catalog, store=store, settings=settings)
-    v = result.version
-    assert (v["adapter"], v["version"], v["base"], v["rank"]) == ("bot-dpo", 1, "tiny", 4)  # the parent's LoRA, continued
+    catalog.close()
+    # the CLI takes the base and the quantization (none) from --from
+    r = run_cli("train", "--method", "dpo", "--data", str(pairs_file), "--name", "bot-dpo", "--from", "bot@1",
+                "--max-steps", "8", "--batch-size", "4", "--learning-rate", "5e-3", "--warmup-ratio", "0",
+                "--lr-scheduler", "constant", "--logging-steps", "1", "--output-dir", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["method"] == "dpo" and out["quantization"] == "none" and out["steps"] == 8
+    from loradex.hub.catalog import Catalog
+
+    with Catalog.open(settings.catalog_path) as cat:
+        v = cat.one("SELECT * FROM adapter_versions WHERE adapter = 'bot-dpo' AND version = 1")
+        run = cat.one("SELECT * FROM training_runs WHERE id = ?", [out["run_id"]])
+    assert (v["base"], v["rank"]) == ("tiny", 4)  # the parent's LoRA, continued
     assert "--method dpo" in v["source"] and "from bot@1" in v["source"]
-    run = catalog.one("SELECT * FROM training_runs WHERE id = ?", [result.run_id])
     assert run["status"] == "completed" and run["method"] == "dpo" and run["parent_version_id"] == parent["id"]
     assert run["adapter_version_id"] == v["id"] and run["steps"] == 8 and run["loss_curve"]
     assert run["preference"]["margin_after"] > run["preference"]["margin_before"]
-    saved = json.loads((result.output_dir / "adapter" / "loradex_train_config.json").read_text())
+    assert out["preference"] == run["preference"]
+    adapter_dir = tmp_path / "run" / "adapter"
+    saved = json.loads((adapter_dir / "loradex_train_config.json").read_text())
     assert saved["method"] == "dpo" and saved["resolved"]["reference"] == "frozen copy of bot@1"
-    assert not (result.output_dir / "adapter" / "ref").exists()  # TRL's reference copy is not the adapter
+    assert not (adapter_dir / "ref").exists()  # TRL's reference copy is not the adapter
 
     # measured independently: the registered adapter prefers the chosen answers more than bot@1 did
     before = _margin(tiny_base_dir, store.root / parent["path"], rows)
@@ -106,6 +115,8 @@ def test_review_to_pairs_to_dpo(catalog, store, settings, tiny_base_dir, reviewe
     assert after > before
     assert before == pytest.approx(run["preference"]["margin_before"], abs=1e-3)
     assert after == pytest.approx(run["preference"]["margin_after"], abs=1e-3)
+    r = run_cli("show", "bot-dpo")
+    assert r.returncode == 0 and "DPO, 8 steps" in r.stdout and "preference   margin log p(chosen)" in r.stdout, r.stdout
 
 
 def test_pairs_and_dpo_bad_input(catalog, store, settings, reviewed, tmp_path):
