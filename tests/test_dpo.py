@@ -2,6 +2,8 @@
 
 All on the tiny random Llama: the "SFT adapter" is a random LoRA registered as bot@1,
 the review is filled in code, DPO runs a few steps of TRL's DPOTrainer on top of it.
+The whole loop with training is marked ``slow`` (``pytest -m slow tests/test_dpo.py``);
+the pairs format and every bad input run in the default suite.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ def _margin(base_dir, adapter_dir, rows) -> float:
     return sum(c - r for c, r in pairs) / len(pairs)
 
 
+@pytest.mark.slow  # a real TRL DPO run in a CLI process: about a minute here (opt-in: pytest -m slow tests/test_dpo.py)
 def test_review_to_pairs_to_dpo(catalog, store, settings, tiny_base_dir, reviewed, tmp_path):
     review_id, data, sheet_rows, key = reviewed
     res = review_pairs(catalog, review_id)
