@@ -63,11 +63,11 @@ def _margin(base_dir, adapter_dir, rows) -> float:
     return sum(c - r for c, r in pairs) / len(pairs)
 
 
-@pytest.mark.slow  # a real TRL DPO run in a CLI process: about a minute here (opt-in: pytest -m slow tests/test_dpo.py)
-def test_review_to_pairs_to_dpo(catalog, store, settings, tiny_base_dir, reviewed, tmp_path):
+def test_review_to_pairs(catalog, store, settings, tiny_base_dir, reviewed, tmp_path):
     review_id, data, sheet_rows, key = reviewed
     res = review_pairs(catalog, review_id)
-    identical = sum(1 for it in key.values() if it["adapter_output"] == it["base_output"] and it["rating"] != "3")
+    identical = sum(1 for rid, it in key.items()
+                    if it["adapter_output"] == it["base_output"] and sheet_rows[rid]["rating"] != "3")
     assert res["ties"] == 1 and res["identical"] == identical and res["n"] == len(PROMPTS) - 1 - identical
     assert res["prompt_source"] == f"eval data {data}"
     by_prompt = {json.dumps(p["prompt"]): p for p in res["pairs"]}
@@ -85,8 +85,14 @@ def test_review_to_pairs_to_dpo(catalog, store, settings, tiny_base_dir, reviewe
 
     pairs_file = write_pairs(res, tmp_path / "pairs.jsonl")
     rows, _ = read_pairs(pairs_file)
-    assert len(rows) == res["n"]
+    assert [r["chosen"] for r in rows] == [p["chosen"] for p in res["pairs"]]
 
+
+@pytest.mark.slow  # a real TRL DPO run in a CLI process: about a minute here (opt-in: pytest -m slow tests/test_dpo.py)
+def test_pairs_to_dpo_raises_the_margin(catalog, store, settings, tiny_base_dir, reviewed, tmp_path):
+    review_id, *_ = reviewed
+    pairs_file = write_pairs(review_pairs(catalog, review_id), tmp_path / "pairs.jsonl")
+    rows, _ = read_pairs(pairs_file)
     parent = catalog.one("SELECT * FROM adapter_versions WHERE adapter = 'bot' AND version = 1")
     catalog.close()
     # the CLI takes the base and the quantization (none) from --from
