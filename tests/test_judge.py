@@ -154,6 +154,9 @@ def test_http_judge_through_the_cli_both_orders_stored(catalog, tiny_adapter, da
     r = run_cli("show", "tiny-ad")
     assert r.returncode == 0, r.stderr
     assert f"judge {url}" in r.stdout and "position-consistent on 6/6" in r.stdout
+    r = run_cli("leaderboard")  # beside the task scores: a line per version
+    assert r.returncode == 0, r.stderr
+    assert "tiny-ad@1" in r.stdout.split("human reviews and judges")[1] and f"judge {url}: adapter preferred" in r.stdout
 
 
 def test_bad_judges_are_one_line_errors(catalog, tiny_adapter, data_file):
