@@ -121,7 +121,11 @@ def _open_url_judge(ctx):
     """--judge URL: checked (and its model chosen) now; a hub ref: checked now, loaded after the eval's model is freed."""
     from loradex.evals.judge import check_spec, is_url, open_judge
 
+    from loradex.evals.metrics import METRICS, parse_metrics
+
     args = ctx.args
+    if not any(METRICS[m].needs_generation for m in parse_metrics(args.metrics)):
+        raise InvalidConfig(f"--judge compares generated answers: add similarity or exact to --metrics {args.metrics}")
     check_spec(args.judge, ctx.catalog)
     if not is_url(args.judge):
         if args.judge_model:
@@ -132,7 +136,9 @@ def _open_url_judge(ctx):
 
 def _judge(ctx, judge, run: dict) -> dict:
     """Judge the stored run's samples adapter-vs-base in both orders and store the judgement."""
-    from loradex.evals.judge import open_judge
+    import time
+
+    from loradex.evals.judge import judge_run, open_judge, store_judgement
     from loradex.evals.record import get_samples
     from loradex.hub.catalog import borrowed
 
@@ -143,10 +149,6 @@ def _judge(ctx, judge, run: dict) -> dict:
                            settings=ctx.settings, device=ctx.args.device)
     with borrowed(None, ctx.settings) as cat:
         samples = get_samples(cat, run["id"])
-    import time
-
-    from loradex.evals.judge import judge_run, store_judgement
-
     t = time.perf_counter()
     summary, items = judge_run(judge, run, samples, seed=ctx.args.seed)
     with borrowed(None, ctx.settings) as cat:

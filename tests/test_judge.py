@@ -167,6 +167,8 @@ def test_bad_judges_are_one_line_errors(catalog, tiny_adapter, data_file):
         r = run_cli("eval", "tiny-ad", "--data", str(data_file), "--quantize", "none", "--judge", judge)
         assert r.returncode != 0 and r.stderr.count("\n") == 1 and message in r.stderr, (judge, r.stderr)
         assert r.stdout == ""
+    r = run_cli("eval", "tiny-ad", "--data", str(data_file), "--metrics", "perplexity", "--judge", "tiny")
+    assert r.returncode != 0 and "--judge compares generated answers" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_hub_base_as_judge_stores_raw_answers(catalog, store, settings, tiny_adapter, data_file):
