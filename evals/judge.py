@@ -245,14 +245,14 @@ def http_judge(url: str, model: str | None = None, *, max_tokens: int = 96, api_
 
 def _hub_target(catalog, spec: str) -> dict | None:
     """None when ``spec`` names a registered base, else the adapter version it resolves to (NotFound otherwise)."""
-    from loradex.hub.bases import list_bases
+    from loradex.hub.bases import DEFAULT_BASE, list_bases
     from loradex.hub.registry import resolve
 
-    if spec in {b["name"] for b in list_bases(catalog)}:
-        return None
+    if spec == DEFAULT_BASE or spec in {b["name"] for b in list_bases(catalog)}:
+        return None  # the default base is provisioned on first load
     try:
         return resolve(catalog, spec)
-    except (NotFound, LoradexError) as exc:
+    except LoradexError as exc:
         raise NotFound(f"--judge {spec}: neither a base nor an adapter of this hub ({exc}); "
                        f"or give an OpenAI-compatible URL (http://host:port/v1)") from None
 
