@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from loradex.hub.catalog import Catalog, to_json, utcnow
-from loradex.hub.errors import InvalidConfig, LoradexError, NotFound
+from loradex.hub.errors import InvalidConfig, InvalidData, LoradexError, NotFound
 from loradex.hub.ops import op
 
 from loradex.evals import stats
@@ -83,6 +83,9 @@ def build_prompt(prompt: str, reference: str | None, answer_a: str, answer_b: st
 
 
 _VERDICT_LINE = re.compile(r"verdict\W{0,4}(?:is\W{0,3})?(A|B|tie)\b", re.IGNORECASE)
+# plain sentences small judges write instead of the verdict line: 'answer "A" is the better', 'the better is answer B'
+_SENTENCE = re.compile(r"\b(?:[Aa]nswer|[Rr]esponse)\s*\W?(A|B)\W?\s+is\s+(?:the\s+)?better"
+                       r"|\bbetter(?:\s+one)?\s+is\s+(?:[Aa]nswer\s+|[Rr]esponse\s+)?\W?(A|B)\b")
 _BARE = re.compile(r"^\W*(?:[Aa]nswer\s+)?(A|B|[Tt]ie)\W*$")
 
 
@@ -90,7 +93,9 @@ def parse_verdict(text: str | None) -> str | None:
     """"A", "B" or "tie" from a judge's answer; None when it names none.
 
     The last ``Verdict: X`` wins (a rationale may quote the format first); an answer
-    that is only ``A``/``B``/``tie`` (``"A."``, ``"Answer B"``) counts too.
+    that is only ``A``/``B``/``tie`` (``"A."``, ``"Answer B"``) counts too, and so does one
+    plain sentence naming the better answer (``The answer "A" is the better choice``)
+    when there is no verdict line.
     """
     if not text:
         return None
@@ -100,6 +105,10 @@ def parse_verdict(text: str | None) -> str | None:
         m = _BARE.match(text.strip())
         if m:
             raw = m.group(1)
+    if raw is None:
+        named = {a or b for a, b in _SENTENCE.findall(text)}
+        if len(named) == 1:  # a text that calls both answers better names neither
+            raw = named.pop()
     if raw is None:
         return None
     return "tie" if raw.lower() == "tie" else raw.upper()
@@ -336,6 +345,14 @@ def store_judgement(catalog: Catalog, eval_run_id: int, judge: str, judge_kind: 
     """Store a judgement of an eval run (summary + every item's verdicts and raw answers); return it."""
     if catalog.one("SELECT id FROM eval_runs WHERE id = ?", [eval_run_id]) is None:
         raise NotFound(f"eval run {eval_run_id} not found")
+    if judge_kind not in ("hub", "url", "custom"):
+        raise InvalidData(f"judge_kind must be hub, url or custom, got {judge_kind!r}")
+    fields = ("idx", "verdict_ab", "verdict_ba", "winner_ab", "winner_ba", "consistent", "score", "raw_ab", "raw_ba")
+    if not isinstance(summary.get("n"), int) or summary["n"] != len(items):
+        raise InvalidData(f"a judgement's summary must count its items (n={summary.get('n')!r}, {len(items)} items)")
+    bad = [i for i, it in enumerate(items) if not isinstance(it, dict) or any(f not in it for f in fields)]
+    if bad:
+        raise InvalidData(f"judged item {bad[0]} lacks one of {', '.join(fields)}")
     with catalog.transaction() as cur:
         jid = cur.execute(
             "INSERT INTO judge_runs (eval_run_id, judge, judge_kind, judge_model, prompt_version, n, summary, settings, "

@@ -84,6 +84,9 @@ def test_parse_verdict():
     assert parse_verdict("A is fluent but wrong.\nVerdict: B") == "B"
     assert parse_verdict('Format: "Verdict: A"... my call. Verdict: **tie**') == "tie"
     assert parse_verdict("A.") == "A" and parse_verdict("Answer B") == "B"
+    assert parse_verdict('The answer "A" is the better choice.') == "A"
+    assert parse_verdict("The answer that is better is answer B.") == "B"
+    assert parse_verdict("Answer A is better here, but answer B is better there.") is None
     assert parse_verdict("a cat sat") is None and parse_verdict("") is None and parse_verdict("both fine") is None
 
 
