@@ -15,8 +15,8 @@ name: :func:`choose` times one batch-1 pass over every projection both ways
 (interleaved, best of a few repetitions; every layer, so weights stream from
 memory as in a decode step) and keeps the faster, provided the dense copy fits
 in half the available memory. On CPU in fp32 it also times the (tied, fp32) LM
-head, the largest single read of a decode step, against an fp16 copy of it and
-keeps the copy only on a clear win (>10%). The choice and its timings go into
+head, the largest single read of a decode step, against an fp16 copy of it at
+batch 1 and 8 and keeps the copy only on a clear win (>10%) at both. The choice and its timings go into
 ``LoadedBase.info["kernels"]``, the log, ``GET /v1/server`` and ``/ready``.
 
 ``LORADEX_KERNELS``: ``auto`` (default: measure), or force ``bnb`` / ``dense``.
@@ -137,15 +137,21 @@ def choose_lm_head(model: nn.Module, dtype: torch.dtype, device: str) -> dict:
     if not isinstance(head, nn.Linear) or dtype != torch.float32 or device != "cpu":
         return {"lm_head": "as loaded", "reason": "only an fp32 head on CPU has a choice"}
     half = HalfLinear(head.weight, head.bias)
-    x = torch.randn(1, 1, head.in_features, dtype=dtype)
-    _time([head], [x], device), _time([half], [x], device)
-    t32, t16 = [], []
-    for i in range(2):
-        pair = [(t32, head), (t16, half)] if i % 2 == 0 else [(t16, half), (t32, head)]
-        for out, mod in pair:
-            out.append(_time([mod], [x], device))
-    info = {"lm_head_timings": {"fp32_us": round(min(t32) * 1e6, 1), "fp16_us": round(min(t16) * 1e6, 1)}}
-    if min(t16) < 0.9 * min(t32):  # a clear win only: fp16 logits differ from fp32 in the last bits
+    # batch 1 (a lone stream's decode) and batch 8 (a mixed batch's decode, a prefill's last tokens): fp16
+    # weights halve the bytes, but a CPU without fp16 arithmetic converts them, which costs more as rows grow
+    xs = [torch.randn(b, 1, head.in_features, dtype=dtype) for b in (1, 8)]
+    t32, t16 = [0.0, 0.0], [0.0, 0.0]
+    for j, x in enumerate(xs):
+        _time([head], [x], device), _time([half], [x], device)
+        a, b = [], []
+        for i in range(2):
+            pair = [(a, head), (b, half)] if i % 2 == 0 else [(b, half), (a, head)]
+            for out, mod in pair:
+                out.append(_time([mod], [x], device))
+        t32[j], t16[j] = min(a), min(b)
+    info = {"lm_head_timings": {"fp32_b1_us": round(t32[0] * 1e6, 1), "fp16_b1_us": round(t16[0] * 1e6, 1),
+                                "fp32_b8_us": round(t32[1] * 1e6, 1), "fp16_b8_us": round(t16[1] * 1e6, 1)}}
+    if all(h < 0.9 * f for h, f in zip(t16, t32)):  # a clear win at both sizes: fp16 logits differ in the last bits
         model.lm_head = half
         info["lm_head"] = "fp16"
     else:

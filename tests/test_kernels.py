@@ -46,7 +46,7 @@ def test_auto_measures_both_and_applies_what_it_reports(tiny_base_dir):
     assert info["timings"]["bnb_us"] > 0 and info["timings"]["dense_us"] > 0
     assert info["linear"] == ("dense" if info["timings"]["dense_us"] < info["timings"]["bnb_us"] else "bnb")
     assert (quantized_linears(model) == {}) == (info["linear"] == "dense")
-    assert info["lm_head"] in ("fp32", "fp16") and info["lm_head_timings"]["fp32_us"] > 0
+    assert info["lm_head"] in ("fp32", "fp16") and info["lm_head_timings"]["fp32_b8_us"] > 0
     assert isinstance(model.lm_head, HalfLinear) == (info["lm_head"] == "fp16")
     # whatever was chosen serves the same model: logits agree to fp16 precision of the head
     torch.testing.assert_close(_logits(model, IDS), want, rtol=2e-2, atol=2e-2)
