@@ -1,7 +1,7 @@
 """``loradex eval``, ``eval show``, ``leaderboard``, ``review export|import``.
 
-    loradex eval NAME[@V|@ALIAS] --data held_out.jsonl [--metrics similarity,exact,perplexity]
-                 [--max-new-tokens 64] [--limit N] [--batch-size 8] [--quantize nf4 | --as-served]
+    loradex eval NAME[@V|@ALIAS] [REF ...] [--all-of NAME] --data held_out.jsonl [--metrics similarity,exact,perplexity]
+                 [--max-new-tokens 64] [--limit N] [--batch-size 8] [--quantize nf4 | --as-served] [--batch-invariant]
     loradex eval show RUN [--worst 10]
     loradex leaderboard [--data FILE_OR_HASH] [--config KEY|as-served|none|nf4|int8] [--png board.png] [--json]
     loradex review export NAME[@V] --n 50 --out sheet.csv
@@ -57,7 +57,12 @@ def _run_text(run: dict, gate: dict | None = None) -> str:
                      f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
     lines.append(f"  decoding: {dec.get('strategy')}, max_new_tokens={dec.get('max_new_tokens')}, "
                  f"batch={dec.get('batch_size')}, {dec.get('device')}/{dec.get('dtype')}, quantize={dec.get('quantize')}"
+                 + (", batch-invariant" if dec.get("batch_invariant") else "")
                  + (", base outputs from cache" if dec.get("base_cached") else ""))
+    batch = dec.get("batch")
+    if batch:
+        lines.append(f"  batches: {', '.join(batch['sides'])} ({batch['rows']} rows, up to "
+                     f"{batch['max_rows_per_forward']} per forward; {batch['mode']})")
     cfg = run.get("serving_config")
     if cfg:
         served = "what `loradex serve` runs by default" if is_served_default(cfg) else "not the default server's configuration"
@@ -65,8 +70,13 @@ def _run_text(run: dict, gate: dict | None = None) -> str:
     else:
         lines.append("  scores describe: an unknown serving configuration (recorded before configs were)")
     if t:
-        lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
-                     f"(load {t.get('load_s', 0):.1f}s, adapter {t.get('adapter_s', 0):.1f}s, base {t.get('base_s', 0):.1f}s)")
+        if "generate_s" in t:  # one engine pass for every adapter of the eval and the base
+            lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
+                         f"(load {t.get('load_s', 0):.1f}s, generation {t['generate_s']:.1f}s, "
+                         f"perplexity {t.get('perplexity_s', 0):.1f}s, scoring {t.get('score_s', 0):.1f}s)")
+        else:
+            lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
+                         f"(load {t.get('load_s', 0):.1f}s, adapter {t.get('adapter_s', 0):.1f}s, base {t.get('base_s', 0):.1f}s)")
     if gate is not None:
         verdict = "would pass" if gate["ok"] else "would refuse: " + "; ".join(gate["reasons"])
         lines.append(f"  promotion gate: {verdict}")
@@ -75,20 +85,24 @@ def _run_text(run: dict, gate: dict | None = None) -> str:
 
 def cmd_eval(ctx) -> int:
     args = ctx.args
-    if args.ref == "show" and args.run is not None:
+    refs = list(args.refs)
+    if refs[:1] == ["show"] and not args.all_of:
+        if len(refs) != 2:
+            raise InvalidConfig("use `loradex eval show RUN` with one eval run id")
+        args.run = refs[1]
         return cmd_eval_show(ctx)
-    if args.run is not None:
-        raise InvalidConfig(f"unexpected argument {args.run!r}: use `loradex eval NAME --data FILE` or `loradex eval show RUN`")
+    if not refs and not args.all_of:
+        raise InvalidConfig("name an adapter: `loradex eval NAME[@V|@ALIAS] ... --data FILE` or `--all-of NAME`")
     if not args.data:
         raise InvalidConfig("--data FILE is required: a JSONL held-out set (chat messages or prompt/completion)")
-    from loradex.evals.run import evaluate
+    from loradex.evals.run import evaluate_many
     from loradex.evals.gate import check_promotion
 
     quantize, dtype, as_served = args.quantize, args.dtype, args.as_served
     if args.as_trained and (quantize or as_served):
         raise InvalidConfig("--as-trained chooses the quantization itself: drop --quantize / --as-served")
     chosen = quantize is not None or dtype is not None or args.as_trained
-    server = _running_server(ctx, args.ref) if not chosen else None
+    server = _running_server(ctx, refs[0] if refs else args.all_of[0]) if not chosen else None
     if server is not None:  # a server owns the catalog: score the adapter as that server serves it
         quantize, dtype, as_served = server["quantize"], server["dtype"], False
         print(f"loradex: scoring as the running server serves it ({server['config_label']}); "
@@ -96,20 +110,42 @@ def cmd_eval(ctx) -> int:
     elif not chosen:
         as_served = True  # the default: as `loradex serve` serves it by default
     ctx.close_catalog()  # evaluate opens short-lived catalogs around the model work
-    run = evaluate(None, ctx.store, args.ref, args.data, metrics=args.metrics, max_new_tokens=args.max_new_tokens,
-                   limit=args.limit, batch_size=args.batch_size, seed=args.seed, settings=ctx.settings,
-                   quantize=quantize, device=args.device, use_cache=not args.no_cache,
-                   progress=not args.no_progress and not ctx.as_json, as_served=as_served, dtype=dtype)
+    runs = evaluate_many(None, ctx.store, refs, args.data, all_of=args.all_of or (), metrics=args.metrics,
+                         max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
+                         seed=args.seed, settings=ctx.settings, quantize=quantize, device=args.device,
+                         use_cache=not args.no_cache, progress=not args.no_progress and not ctx.as_json,
+                         as_served=as_served, dtype=dtype, batch_invariant=args.batch_invariant)
     from loradex.hub.registry import get_version_by_id
 
-    # the gate's verdict for the configuration just measured: these numbers say nothing about others
-    gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]),
-                           config=run.get("serving_config"))
-    warning = None if server is not None else served_warning(run, data=args.data)
-    if warning:
-        print(f"loradex: warning: {warning}", file=sys.stderr)
-    ctx.emit(dict(run, gate=gate, warning=warning), lambda: _run_text(run, gate))
+    shown = []
+    for run in runs:
+        # the gate's verdict for the configuration just measured: these numbers say nothing about others
+        gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]),
+                               config=run.get("serving_config"))
+        warning = None if server is not None else served_warning(run, data=args.data)
+        if warning:
+            print(f"loradex: warning: {warning}", file=sys.stderr)
+        shown.append(dict(run, gate=gate, warning=warning))
+    if len(shown) == 1 and len(refs) == 1 and not args.all_of:
+        run = shown[0]
+        ctx.emit(run, lambda: _run_text(run, run["gate"]))
+    else:
+        ctx.emit({"runs": shown}, lambda: _many_text(shown))
     return 0
+
+
+def _many_text(runs: list[dict]) -> str:
+    """Each run as a single eval prints it, then one line per adapter (primary metric, lift)."""
+    parts = [_run_text(r, r["gate"]) for r in runs]
+    batch = (runs[0]["decoding"] or {}).get("batch") or {}
+    t = (runs[0]["decoding"] or {}).get("timings") or {}
+    lines = [f"{len(runs)} adapters scored in one pass ({batch.get('rows')} rows, "
+             f"{t.get('total_s', 0):.1f}s total, generation {t.get('generate_s', 0):.1f}s):"]
+    for r in runs:
+        metric = (r["decoding"] or {}).get("primary_metric") or next(iter(r["metrics"]))
+        lines.append(f"  {r['adapter']}@{r['version']:<4} run {r['id']:<5} {metric} {_ci(r['metrics'][metric])}  "
+                     f"lift {_ci((r['paired'] or {}).get(metric), signed=True)}")
+    return "\n\n".join(parts) + "\n\n" + "\n".join(lines)
 
 
 def _running_server(ctx, ref: str) -> dict | None:
@@ -220,15 +256,24 @@ def cmd_review_import(ctx) -> int:
 def add_commands(sub, common) -> None:
     from loradex.evals.metrics import METRICS
 
-    p = sub.add_parser("eval", parents=[common], help="score an adapter against its base on held-out data (or: eval show RUN)",
-                       description="loradex eval NAME[@V|@ALIAS] --data FILE ... | loradex eval show RUN [--worst N]")
-    p.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS (or the word `show` followed by a run id)")
-    p.add_argument("run", nargs="?", help=argparse.SUPPRESS)
+    p = sub.add_parser("eval", parents=[common],
+                       help="score adapters against their base on held-out data, many in one pass (or: eval show RUN)",
+                       description="loradex eval REF [REF ...] [--all-of NAME] --data FILE ... | "
+                                   "loradex eval show RUN [--worst N]")
+    p.add_argument("refs", nargs="*", metavar="REF",
+                   help="NAME, NAME@VERSION or NAME@ALIAS, one or more (all scored in one pass on the serving engine); "
+                        "or the word `show` followed by a run id")
+    p.add_argument("--all-of", action="append", metavar="NAME",
+                   help="also score every ready version of NAME (repeatable)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="run each row's forward by itself, so outputs do not depend on batch size or neighbours "
+                        "(slower; see docs/evals.md)")
     p.add_argument("--data", help="held-out JSONL: chat `messages` (last assistant turn = reference) or prompt/completion")
     p.add_argument("--metrics", default="similarity", help=f"comma-separated: {', '.join(METRICS)} (default similarity)")
     p.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64, help="greedy tokens per item (default 64)")
     p.add_argument("--limit", type=_positive_int("--limit"), help="score only the first N items")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="items per batch (default 8)")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8,
+                   help="items per batch (default 8); the engine runs that many items of every adapter and the base per forward")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="load the base quantized so (default: as served, see --as-served; a warning says when the "
