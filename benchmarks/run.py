@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, str] = {
     "scaling": "benchmarks.scaling",
     "cold_load": "benchmarks.cold_load",
     "http": "benchmarks.http",
+    "eval_many": "benchmarks.eval_many",
     "training": "benchmarks.training",
 }
 
