@@ -14,7 +14,11 @@ hands it requests already resolved (``serving/router.py``), tokenized and checke
     call(fn) ---> commands ------> run between steps (pin, forget, tests)
 
 New requests join the running batch between decode steps (continuous
-batching); finished, cancelled and failed rows leave it. A failing adapter load
+batching); finished, cancelled and failed rows leave it. With
+``EngineConfig.batch_invariant`` every row's prefill and decode step run as
+forwards of their own (the decode over a view of the row's KV-cache rows, which
+relies on ``Runner.decode`` writing K/V in place), so a row's numbers are those
+of its solo run whatever shares its batch. A failing adapter load
 fails only the requests for that adapter; a failing forward fails the rows in
 it, not the thread. Every forward is noted in a short step record
 (:meth:`Scheduler.recent_steps`), so tests can see which rows shared a step.
