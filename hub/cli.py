@@ -171,7 +171,12 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
             from loradex.evals.config import config_label
 
             out.append(f"    eval run {ev['id']} n={ev['n']} data {ev['data_sha256'][:12]} "
-                       f"({config_label(ev.get('serving_config'))}): " + "; ".join(parts))
+                       f"({config_label(ev.get('serving_config'))}): " + "; ".join(parts)
+                       + (" ZERO EFFECT (outputs = base's)" if ev.get("zero_effect") else ""))
+        for f in v.get("forgetting") or []:
+            from loradex.evals.record import forgetting_label
+
+            out.append(f"    forgetting {f['id']} ({config_label(f.get('serving_config'))}): {forgetting_label(f)}")
         for m in v["merges"]:
             out.append(f"    merge {m['id']} {m['dtype']} into {m['merged_into']} -> base {m['base_name']}")
         for e in v["exports"]:
