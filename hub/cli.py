@@ -174,6 +174,7 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
                        f"({config_label(ev.get('serving_config'))}): " + "; ".join(parts)
                        + (" ZERO EFFECT (outputs = base's)" if ev.get("zero_effect") else ""))
         for f in v.get("forgetting") or []:
+            from loradex.evals.config import config_label
             from loradex.evals.record import forgetting_label
 
             out.append(f"    forgetting {f['id']} ({config_label(f.get('serving_config'))}): {forgetting_label(f)}")
