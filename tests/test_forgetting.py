@@ -1,8 +1,10 @@
 """Forgetting: held-out loss on the shipped general-text set, base vs adapter, with a paired CI, and the gate.
 
-A deliberately damaging adapter (large random lora_B on every attention and MLP
-projection of the tiny random base) must show a significant regression and be
-refused by the gate; a benign one (tiny lora_B) must not.
+A deliberately damaging adapter must show a significant regression and be
+refused by the gate; a benign one (tiny lora_B) must not. On the tiny *random*
+base there is no knowledge to forget and the final RMSNorm undoes any damage to
+the hidden states, so the damaging adapter adds large random LoRA noise to the
+logits themselves (lora_B ~ N(0, 0.5) on q, v **and lm_head**): +0.9 nats/token.
 """
 from __future__ import annotations
 
@@ -20,13 +22,12 @@ from loradex.evals.record import describe_score, latest_forgetting, scores_for_c
 from loradex.hub.errors import InvalidConfig, InvalidData
 from loradex.hub.registry import register_adapter
 from tests.catalog_rows import add_run
-from tests.helpers import make_adapter, run_cli
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [0.40, 0.45, 0.50, 0.35, 0.42, 0.48, 0.38, 0.44]
 GOOD = [b + 0.20 + 0.01 * (i % 3) for i, b in enumerate(BASE)]
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PASSAGES = 48  # enough for a tight CI on the tiny base, fast on one thread
+PASSAGES = 32  # enough for a tight CI on the tiny base, fast on one thread
 
 
 def test_general_set_ships_with_the_package_and_says_its_licence():
@@ -65,15 +66,26 @@ def test_policy_from_the_environment(monkeypatch):
 
 
 def _register(catalog, store, tiny_base_dir, tmp_path, name: str, scale: float):
-    folder = make_adapter(tiny_base_dir, tmp_path / name, r=8, alpha=16, targets=ALL, scale=scale, seed=3)
-    return register_adapter(catalog, store, folder, name, base="tiny")
+    """A LoRA on q, v and lm_head with lora_B ~ N(0, scale), saved without the (tied) embedding."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]))
+    for pname, p in model.named_parameters():
+        if "lora_B" in pname:
+            torch.nn.init.normal_(p, std=scale)
+    model.save_pretrained(tmp_path / name, save_embedding_layers=False)
+    return register_adapter(catalog, store, tmp_path / name, name, base="tiny")
 
 
 def test_damaging_adapter_regresses_and_the_gate_refuses_a_benign_one_passes(
         catalog, store, settings, tiny_base, tiny_base_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("LORADEX_GATE_MAX_FORGETTING", raising=False)
     monkeypatch.delenv("LORADEX_GATE_REQUIRE_FORGETTING", raising=False)
-    bad = _register(catalog, store, tiny_base_dir, tmp_path, "wrecker", scale=2.0)
+    bad = _register(catalog, store, tiny_base_dir, tmp_path, "wrecker", scale=0.5)
     good = _register(catalog, store, tiny_base_dir, tmp_path, "gentle", scale=1e-4)
 
     f_bad = measure_forgetting(catalog, store, "wrecker@1", settings, quantize="none", device="cpu", limit=PASSAGES)
