@@ -136,7 +136,8 @@ def _forgetting(ctx, quantize, dtype, as_served, eval_run_id=None) -> dict:
 
     return measure_forgetting(None, ctx.store, ctx.args.ref, ctx.settings, data=ctx.args.forgetting_data,
                               quantize=quantize, dtype=dtype, as_served=as_served, device=ctx.args.device,
-                              batch_size=ctx.args.batch_size * 2, seed=ctx.args.seed, eval_run_id=eval_run_id)
+                              batch_size=ctx.args.batch_size * 2, seed=ctx.args.seed, eval_run_id=eval_run_id,
+                              use_cache=not ctx.args.no_cache)
 
 
 def _forgetting_only(ctx, quantize, dtype, as_served) -> int:

@@ -25,7 +25,8 @@ Top to bottom::
 Run it with ``loradex eval REF --forgetting`` (alone, or beside ``--data FILE``).
 The promotion gate refuses a version whose latest measurement under the serving
 configuration regressed beyond ``LORADEX_GATE_MAX_FORGETTING`` nats/token
-(default :data:`DEFAULT_MAX_FORGETTING`) at 95% (:func:`forgetting_policy`).
+(default :data:`DEFAULT_MAX_FORGETTING`) at 95%, i.e. the CI's lower bound is
+above it (:func:`forgetting_policy`).
 """
 from __future__ import annotations
 
@@ -44,7 +45,12 @@ GENERAL_SET = Path(__file__).resolve().parent / "data" / "general.jsonl"
 """The shipped general-text set (CC0, written for loradex)."""
 
 DEFAULT_MAX_FORGETTING = 0.1
-"""Gate threshold, nats/token: refuse a regression above this whose 95% CI is above 0 (about +10.5% perplexity)."""
+"""Gate threshold, nats/token (about +10.5% perplexity): refuse when the 95% CI's lower bound is above it.
+
+Measured on the default base (all 236 passages, fp32): the shipped pirate style adapter
+changes held-out loss by +0.098 [95% CI +0.074, +0.122] (passes: not beyond 0.1 at 95%);
+the same adapter with lora_B x 30 by +13.8 [+13.7, +13.9] (refused).
+"""
 
 
 def forgetting_policy() -> tuple[float | None, bool]:
@@ -145,17 +151,22 @@ def measure_forgetting(
     batch_size: int = 16,
     seed: int = 0,
     eval_run_id: int | None = None,
+    use_cache: bool = True,
 ) -> dict:
     """Score held-out loss of ``ref``'s base with and without the adapter on the general set; store and return the row.
 
     Quantization as :func:`evals.run.evaluate` chooses it: ``quantize`` if given,
     ``as_served`` = the default server's, else what the adapter was trained against.
-    The row's ``serving_config`` / ``config_key`` say what it measured.
+    The row's ``serving_config`` / ``config_key`` say what it measured. The base's
+    per-passage losses are cached in ``base_eval_cache`` (keyed by base digest, set
+    sha256, n and configuration), so measuring a second adapter on the same base
+    scores only the adapter side; ``use_cache=False`` recomputes them.
     """
     from peft import PeftModel
 
     from loradex.evals.config import EVAL_ENGINE, served_default, serving_config
-    from loradex.evals.record import store_forgetting
+    from loradex.evals.record import cached_base, store_forgetting
+    from loradex.hub.store import manifest_digest
     from loradex.hub.bases import get_base
     from loradex.hub.loading import QUANTIZE_CHOICES, load_base, pick_device, pick_dtype
     from loradex.hub.registry import adapter_folder, resolve
@@ -178,13 +189,18 @@ def measure_forgetting(
         torch_dtype = pick_dtype(dev, dtype or served.get("dtype"))
         base_row = get_base(cat, version["base"], store=store)
         cfg = serving_config(base_row, quant, torch_dtype, dev, EVAL_ENGINE)
+        key = _cache_key(cfg, manifest_digest(base_row["files"]), sha, len(texts))
+        cached = cached_base(cat, key) if use_cache else None
     loaded = load_base(base_row["name"], quant, dev, catalog=catalog, store=store, settings=settings, dtype=cfg["dtype"])
     model = PeftModel.from_pretrained(loaded.model, str(folder), is_trainable=False)
     model.eval()
     t = time.perf_counter()
     adapter, tokens = passage_nlls(model, loaded.tokenizer, texts, batch_size=batch_size)
-    with model.disable_adapter():
-        base, _ = passage_nlls(model, loaded.tokenizer, texts, batch_size=batch_size)
+    if cached is not None:
+        base = cached["nll"]
+    else:
+        with model.disable_adapter():
+            base, _ = passage_nlls(model, loaded.tokenizer, texts, batch_size=batch_size)
     score_s = time.perf_counter() - t
     del model, loaded
     bad = [i for i, (a, b) in enumerate(zip(adapter, base)) if not (math.isfinite(a) and math.isfinite(b))]
@@ -199,6 +215,18 @@ def measure_forgetting(
            "diff": paired["diff"], "ci_low": paired["ci_low"], "ci_high": paired["ci_high"],
            "method": paired["method"], "eval_run_id": eval_run_id,
            "duration_s": time.perf_counter() - started}
+    cache = (key, base_row["name"], {"nll": base}) if cached is None and use_cache else None
     with borrowed(catalog, settings) as cat:
-        stored = store_forgetting(cat, row)
-    return dict(stored, adapter=version["adapter"], version=version["version"], score_s=score_s)
+        stored = store_forgetting(cat, row, cache)
+    return dict(stored, adapter=version["adapter"], version=version["version"], score_s=score_s,
+                base_cached=cached is not None)
+
+
+def _cache_key(cfg: dict, base_digest: str, data_sha256: str, n: int) -> str:
+    """base_eval_cache key of the base's per-passage losses: everything that decides them."""
+    import hashlib
+
+    blob = json.dumps({"kind": "forgetting", "base": cfg["base"], "base_digest": base_digest, "data": data_sha256,
+                       "n": n, "quantize": cfg["quantize"], "dtype": cfg["dtype"], "device": cfg["device"]},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -314,10 +314,14 @@ FORGETTING_COLUMNS = ("id, adapter_version_id, base, data_path, data_sha256, n, 
 
 
 @op("evals.store_forgetting", write=True)
-def store_forgetting(catalog: Catalog, row: dict) -> dict:
-    """Insert one forgetting measurement (see :mod:`evals.forgetting`); returns the stored row."""
+def store_forgetting(catalog: Catalog, row: dict, cache: tuple[str, str, dict] | None = None) -> dict:
+    """Insert one forgetting measurement (see :mod:`evals.forgetting`) and optionally a base-cache entry."""
     cfg = row.get("serving_config")
     with catalog.transaction() as cur:
+        if cache is not None:
+            key, base, payload = cache
+            cur.execute("DELETE FROM base_eval_cache WHERE key = ?", [key])
+            cur.execute("INSERT INTO base_eval_cache VALUES (?, ?, ?, ?)", [key, base, to_json(payload), utcnow()])
         fid = cur.execute(
             "INSERT INTO forgetting_runs (adapter_version_id, base, data_path, data_sha256, n, tokens, serving_config, "
             "config_key, base_nll, adapter_nll, diff, ci_low, ci_high, method, eval_run_id, duration_s, created_at) "

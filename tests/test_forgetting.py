@@ -95,8 +95,9 @@ def test_damaging_adapter_regresses_and_the_gate_refuses_a_benign_one_passes(
         assert f["ci_low"] <= f["diff"] <= f["ci_high"]
         assert f["diff"] == pytest.approx(f["adapter_nll"]["mean"] - f["base_nll"]["mean"])
         assert f["config_key"].startswith("tiny@") and f["config_key"].endswith("/none/fp32/cpu")
-    # same base weights and passages: the base side is identical for both
-    assert f_bad["base_nll"]["mean"] == pytest.approx(f_good["base_nll"]["mean"], rel=1e-6)
+    # same base weights and passages: the base side is identical, and the second comes from the cache
+    assert f_bad["base_nll"] == f_good["base_nll"]
+    assert (f_bad["base_cached"], f_good["base_cached"]) == (False, True)
     assert f_bad["ci_low"] > 0.1  # significant, and beyond the default threshold
     assert abs(f_good["diff"]) < 0.01 and f_good["ci_high"] < 0.1
 
@@ -128,6 +129,28 @@ def test_damaging_adapter_regresses_and_the_gate_refuses_a_benign_one_passes(
     assert latest_forgetting(catalog, [bad["id"]], config_key="tiny@x/nf4/fp32/cpu") == {}
 
 
+def test_gate_threshold_is_on_the_ci_lower_bound(catalog, monkeypatch):
+    """A regression refuses only when the 95% CI is wholly beyond the threshold (point estimate alone is not enough)."""
+    from loradex.evals.record import store_forgetting
+    from tests.catalog_rows import add_version, config
+
+    monkeypatch.delenv("LORADEX_GATE_MAX_FORGETTING", raising=False)
+    monkeypatch.delenv("LORADEX_GATE_REQUIRE_FORGETTING", raising=False)
+    summary = {"mean": 3.0, "n": 200, "ci_low": 2.9, "ci_high": 3.1, "method": "x", "std": 0.5}
+    verdicts = []
+    for i, (diff, lo, hi) in enumerate(((0.15, 0.05, 0.25), (0.15, 0.12, 0.18), (-0.02, -0.04, 0.0)), 1):
+        v = add_version(catalog, "bot", i)
+        add_run(catalog, v, GOOD, BASE, serving_config=config())
+        store_forgetting(catalog, {"adapter_version_id": v["id"], "base": "tiny", "data_path": "general.jsonl",
+                                   "data_sha256": "c" * 64, "n": 200, "tokens": 5000, "serving_config": config(),
+                                   "base_nll": summary, "adapter_nll": dict(summary, mean=3.0 + diff), "diff": diff,
+                                   "ci_low": lo, "ci_high": hi, "method": "paired-bootstrap"})
+        verdicts.append(check_promotion(catalog, v, config=config())["ok"])
+    assert verdicts == [True, False, True]
+    # a measurement under another configuration does not count for this one
+    assert check_promotion(catalog, add_version(catalog, "bot", 9), config=config("nf4"))["forgetting"] is None
+
+
 def test_required_measurement_refuses_when_missing(catalog, tiny_base, monkeypatch):
     from tests.catalog_rows import add_version, config
 
@@ -152,3 +175,36 @@ def test_cli_forgetting_alone(catalog, store, tiny_base, tiny_base_dir, tmp_path
     assert out["gate"]["ok"] is False and "has no eval" in out["gate"]["reasons"][0]
     r = run_cli("eval", "gentle", "--device", "cpu")
     assert r.returncode == 2 and "--data FILE is required" in r.stderr and "--forgetting alone" in r.stderr
+
+
+@pytest.mark.slow
+def test_real_base_demo_adapter_vs_damaged_copy(catalog, store, settings, smollm, tmp_path, monkeypatch, capsys):
+    """Default base, all 236 passages: the shipped pirate demo adapter vs a copy with lora_B x 30; prints the cost."""
+    import shutil
+    import time
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.delenv("LORADEX_GATE_MAX_FORGETTING", raising=False)
+    demo = ROOT / "examples" / "demo-adapters" / "pirate"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(demo, damaged)
+    weights = load_file(damaged / "adapter_model.safetensors")
+    save_file({k: (v * 30 if "lora_B" in k else v).contiguous() for k, v in weights.items()},
+              str(damaged / "adapter_model.safetensors"))
+    register_adapter(catalog, store, demo, "pirate", base=smollm["name"])
+    register_adapter(catalog, store, damaged, "damaged", base=smollm["name"])
+    torch.set_num_threads(1)
+    results = {}
+    for name in ("pirate", "damaged"):
+        t = time.perf_counter()
+        results[name] = measure_forgetting(catalog, store, name, settings, quantize="none", device="cpu")
+        results[name]["wall_s"] = time.perf_counter() - t
+    with capsys.disabled():
+        for name, f in results.items():
+            print(f"\n{name}: {f['n']} passages, {f['tokens']} tokens, base {f['base_nll']['mean']:.3f} -> adapter "
+                  f"{f['adapter_nll']['mean']:.3f} nats/token, change {f['diff']:+.4f} [{f['ci_low']:+.4f}, "
+                  f"{f['ci_high']:+.4f}]; scoring both sides {f['score_s']:.1f}s, whole call {f['wall_s']:.1f}s")
+    assert results["damaged"]["ci_low"] > 0.1
+    assert results["pirate"]["diff"] < results["damaged"]["ci_low"]
