@@ -349,6 +349,38 @@ async def server_info(state=Depends(get_state)):
 
 # -- every catalog operation, one route each ------------------------------------------------------
 AFTER_OP = {"adapters.delete": forget}  # what the server does besides the catalog write
+# op arguments that name a file or folder on the server's disk (read or written there)
+SERVER_PATH_ARGS = {"adapters.register": ("path",), "bases.add": ("source",), "reviews.export": ("out",),
+                    "reviews.import": ("path",), "exports.plan": ("out",)}
+
+
+def _confine_server_paths(request: Request, state, name: str, kwargs: dict) -> None:
+    """Paths in op arguments: free for a client on this machine (the CLI), else only under --allow-path-register.
+
+    A remote client (with the API key) must not read or write arbitrary files of the server through an op,
+    exactly as ``POST /v1/adapters`` by path is refused (serving/routes.py ``_check_server_path``).
+    """
+    import ipaddress
+    import os
+
+    from loradex.serving.routes import _check_server_path
+
+    client = request.client.host if request.client else ""
+    try:
+        local = ipaddress.ip_address(client).is_loopback
+    except ValueError:
+        local = client == "localhost"
+    if local:
+        return
+    for arg in SERVER_PATH_ARGS.get(name, ()):
+        value = kwargs.get(arg)
+        if value is None:
+            continue
+        value = str(value)
+        value = value.removeprefix("gguf:")
+        if arg == "source" and not value.startswith(("/", ".", "~")) and not os.path.lexists(value):
+            continue  # a Hugging Face model id, not a server path
+        _check_server_path(state.config, value)
 
 
 def ops_router() -> APIRouter:
@@ -384,6 +416,7 @@ def _op_endpoint(entry):
         if not isinstance(payload, dict):
             raise BadRequest(f"{entry.name}: the body must be a JSON object of arguments")
         kwargs = entry.load_args(payload)
+        _confine_server_paths(request, state, entry.name, kwargs)
         if "served_config" in entry.signature.parameters and kwargs.get("served_config") is None:
             kwargs["served_config"] = state.served_config  # ops that judge "as served" judge as this server serves
         result = await _run(entry.call_local, state.catalog, state.store, kwargs)

@@ -331,6 +331,33 @@ def test_6_server_paths_are_off_by_default_and_confined_to_allowed_roots(hsrv, t
             hsrv.app.state.server.config.allow_path_register = []
 
 
+def test_6_ops_take_server_paths_only_from_this_machine_or_under_allowed_roots(hsrv, tiny_base_dir, tmp_path):
+    """The ops API is no way around --allow-path-register: a remote client's paths are confined, the local CLI's are not."""
+    from starlette.testclient import TestClient
+
+    folder = make_adapter(tiny_base_dir, tmp_path / "opspath", r=4, scale=0.3)
+    sheet = tmp_path / "written-by-a-remote-client.csv"
+    remote = TestClient(hsrv.app, client=("10.1.2.3", 40000), headers={"Authorization": f"Bearer {KEY}"})
+    calls = [("adapters.register", {"path": str(folder), "name": "viaops"}),
+             ("adapters.register", {"path": "/etc", "name": "viaops"}),
+             ("bases.add", {"name": "etcbase", "source": "/etc"}),
+             ("reviews.import", {"path": "/etc/passwd"}),
+             ("reviews.export", {"ref": "good@1", "out": str(sheet)})]
+    for name, body in calls:
+        r = remote.post(f"/v1/ops/{name}", json=body)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed", (name, r.text)
+    assert not sheet.exists()
+    with hsrv.http() as h:  # the same call from loopback (the CLI on the server's machine) is allowed
+        r = h.post("/v1/ops/adapters.register", json={"path": str(folder), "name": "viaops"})
+        assert r.status_code == 200, r.text
+    hsrv.app.state.server.config.allow_path_register = [str(tmp_path)]
+    try:  # and a remote client may use a path under an allowed root
+        r = remote.post("/v1/ops/adapters.register", json={"path": str(folder), "name": "viaops"})
+        assert r.status_code == 200, r.text
+    finally:
+        hsrv.app.state.server.config.allow_path_register = []
+
+
 def _tgz(files: dict[str, bytes]) -> bytes:
     import io
     import tarfile
