@@ -107,8 +107,8 @@ def _compare_production(catalog: Catalog, version_row: dict, runs: list[dict], p
         ref = runs[0]
         have = "; ".join(sorted({f"data {r['data_sha256'][:12]}, {settings_label(r['compare_settings'])}"
                                  for r in prod_runs})) or "none"
-        return info, (f"it cannot be compared with production {name}@{prod_version} like for like: no eval of "
-                      f"production{under} has the same data and settings as this version's (data "
+        return info, (f"it cannot be compared with production {name}@{prod_version} like for like: that version "
+                      f"has no eval on the same data{under} with the same settings as this version's (data "
                       f"{ref['data_sha256'][:12]}, {settings_label(ref['compare_settings'])}); production has: {have}; "
                       f"run `{cmd}` with the same file and settings")
     cand_run, prod_run = pair
