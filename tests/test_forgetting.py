@@ -208,3 +208,25 @@ def test_real_base_demo_adapter_vs_damaged_copy(catalog, store, settings, smollm
                   f"{f['ci_high']:+.4f}]; scoring both sides {f['score_s']:.1f}s, whole call {f['wall_s']:.1f}s")
     assert results["damaged"]["ci_low"] > 0.1
     assert results["pirate"]["diff"] < results["damaged"]["ci_low"]
+
+
+def test_forgetting_ops_survive_the_op_wire(catalog):
+    """Through a server (`@op`): the cache tuple and the {version id: row} result come back as they left."""
+    from loradex.evals.record import store_forgetting
+    from tests.catalog_rows import add_version, config
+
+    v = add_version(catalog, "bot", 1)
+    summary = {"mean": 3.0, "n": 2, "ci_low": 2.9, "ci_high": 3.1, "method": "x", "std": 0.5}
+    row = {"adapter_version_id": v["id"], "base": "tiny", "data_path": "general.jsonl", "data_sha256": "c" * 64,
+           "n": 2, "tokens": 50, "serving_config": config(), "base_nll": summary, "adapter_nll": summary, "diff": 0.0,
+           "ci_low": 0.0, "ci_high": 0.0, "method": "paired-bootstrap"}
+    cache = ("k" * 64, "tiny", {"nll": [3.0, 3.0]})
+    entry = store_forgetting.op
+    args = json.loads(json.dumps(entry.dump_args((row, cache), {})))
+    assert entry.load_args(args) == {"row": row, "cache": cache}
+    store_forgetting(catalog, row, cache)
+    local = latest_forgetting(catalog, [v["id"]])
+    wire = json.loads(json.dumps(latest_forgetting.op.dump_result(local)))
+    back = latest_forgetting.op.load_result(wire)
+    assert list(back) == [v["id"]] and back[v["id"]]["diff"] == 0.0
+    assert catalog.one("SELECT payload FROM base_eval_cache WHERE key = ?", ["k" * 64])["payload"] == {"nll": [3.0, 3.0]}
