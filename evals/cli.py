@@ -87,6 +87,8 @@ def cmd_eval(ctx) -> int:
         return cmd_eval_show(ctx)
     if args.run is not None:
         raise InvalidConfig(f"unexpected argument {args.run!r}: use `loradex eval NAME --data FILE` or `loradex eval show RUN`")
+    if args.forgetting_data and not args.forgetting:
+        raise InvalidConfig("--forgetting-data needs --forgetting")
     if not args.data and not args.forgetting:
         raise InvalidConfig("--data FILE is required: a JSONL held-out set (chat messages or prompt/completion); "
                             "or --forgetting alone for held-out loss on general text")
