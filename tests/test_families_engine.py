@@ -175,6 +175,18 @@ def test_base_record_and_plan_know_the_family_shapes(hub, family):
     assert all(p in base["layers"] for p in proj + ["model.layers.1.mlp.down_proj"])
 
 
+def test_shipped_configs_of_the_newer_families():
+    """Qwen3-8B and Gemma-2-9B as published (8.19B and 9.24B parameters on their model cards)."""
+    from loradex.training.plan import make_plan
+
+    qwen3, gemma2 = make_plan(base="qwen3-8b", r=16), make_plan(base="gemma-2-9b", r=16)
+    assert (qwen3["architecture"], qwen3["total_params"]) == ("Qwen3ForCausalLM", 8_190_735_360)
+    assert (gemma2["architecture"], gemma2["total_params"]) == ("Gemma2ForCausalLM", 9_241_705_984)
+    # r=16 on q_proj,v_proj: 36 layers x 16 x ((4096+4096) + (4096+1024)); 42 x 16 x ((3584+4096) + (3584+2048))
+    assert qwen3["trainable_params"] == 36 * 16 * (8192 + 5120)
+    assert gemma2["trainable_params"] == 42 * 16 * (7680 + 5632)
+
+
 def test_unsupported_architecture_is_refused_naming_the_supported_ones(hub, tmp_path, smol_tokenizer_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
