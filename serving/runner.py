@@ -103,7 +103,6 @@ class Runner:
         self.layers = list(inner.layers)
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
-        self.lm_head = model.lm_head
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.n_heads = cfg.num_attention_heads
@@ -169,7 +168,8 @@ class Runner:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(last_hidden)).float()
+        # looked up each time: the LoRA bank wraps lm_head when an adapter that targets it is loaded
+        logits = self.model.lm_head(self.norm(last_hidden)).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
