@@ -117,6 +117,10 @@ class Runner:
         # the modeling file's own rope application (Phi-3's rotates only part of each head)
         self.apply_rope = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
 
+    @property
+    def lm_head(self):
+        return self.model.lm_head
+
     def empty_cache(self) -> KVCache:
         return KVCache([], [], torch.zeros(0, dtype=torch.long, device=self.device))
 
@@ -169,7 +173,7 @@ class Runner:
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         # looked up each time: the LoRA bank wraps lm_head when an adapter that targets it is loaded
-        logits = self.model.lm_head(self.norm(last_hidden)).float()
+        logits = self.lm_head(self.norm(last_hidden)).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
