@@ -62,7 +62,22 @@ def _build_extra(family: str, out: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory, family_base_dir, smol_tokenizer_dir):
+def base_folder(tmp_path_factory, family_base_dir, smol_tokenizer_dir):
+    """``base_folder(family)``: that family's tiny base folder, built once."""
+    root = tmp_path_factory.mktemp("families-extra")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = (family_base_dir(family) if family in FAMILIES
+                             else _build_extra(family, root / family, smol_tokenizer_dir))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, base_folder):
     """A catalog and store; ``hub["add"](family)`` adds that base and its 3 adapters once (name = family)."""
     from loradex.hub.bases import add_base
     from loradex.hub.catalog import Catalog
@@ -76,8 +91,7 @@ def hub(tmp_path_factory, family_base_dir, smol_tokenizer_dir):
 
     def add(family: str) -> dict:
         if family not in added:
-            folder = (family_base_dir(family) if family in FAMILIES
-                      else _build_extra(family, root / f"base-{family}", smol_tokenizer_dir))
+            folder = base_folder(family)
             base = add_base(cat, store, family, str(folder))
             targets = PHI3_TARGETS if family == "phi3" else TARGETS
             adapters = {}
@@ -153,6 +167,36 @@ def test_mixed_batch_equals_peft(hub, family, quantize):
         assert n > 0 and out.token_ids == want[a, j][:n], (family, quantize, a, j)
     for a in adapters:  # each adapter changes the output, so the equality above is not vacuous
         assert any(want[a, j] != want[None, j] for j in range(len(PROMPTS))), a
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *EXTRA])
+def test_runner_logits_equal_transformers(base_folder, family):
+    """Logits, not only greedy tokens (soft-capping the final logits never changes an argmax): ragged
+    prefill and decode steps vs transformers' full forward of each row. Gemma 2 runs with strong
+    soft-caps here, so that both its caps change the numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from loradex.serving.runner import Runner
+
+    folder = base_folder(family)
+    caps = {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 3.0} if family == "gemma2" else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **caps).eval()
+    if caps:  # the tiny Gemma 2's scores are ~0.01; make them reach the cap
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(30)
+    runner = Runner(model)
+    seqs = [list(range(5, 19)), [1, 99, 12], list(range(300, 311))]
+    logits, cache = runner.prefill(seqs)
+    for step in range(3):
+        with torch.inference_mode():
+            for i, ids in enumerate(seqs):
+                want = model(torch.tensor([ids])).logits[0, -1].float()
+                assert torch.allclose(logits[i], want, atol=1e-4, rtol=0), (family, step, i)
+        nxt = [int(t) for t in logits.argmax(-1)]
+        for ids, t in zip(seqs, nxt):
+            ids.append(t)
+        logits = runner.decode(nxt, cache)
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, *EXTRA])
