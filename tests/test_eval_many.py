@@ -177,3 +177,8 @@ def test_cli_many_json(catalog, three, data_file, capsys):
     assert rc == 0
     assert [f"{r['adapter']}@{r['version']}" for r in out["runs"]] == ["beta@1", "alpha@1", "alpha@2"]
     assert all(r["gate"]["eval_run_id"] == r["id"] and r["decoding"]["batch_invariant"] for r in out["runs"])
+    rc = main(["eval", "alpha@1", "beta", "--data", str(data_file), "--metrics", "exact", "--max-new-tokens", "2",
+               "--limit", "1", "--quantize", "none", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "2 adapters scored in one pass (3 rows" in text
+    assert "batches: alpha@1, beta@1, tiny (3 rows, up to 24 per forward" in text
