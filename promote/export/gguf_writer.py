@@ -1,11 +1,12 @@
-"""Hugging Face Llama folder -> GGUF file that llama.cpp runs, written with the ``gguf`` package.
+"""Hugging Face model folder -> GGUF file that llama.cpp runs, written with the ``gguf`` package.
 
 No code from llama.cpp's converter is used; the route is:
 
-    config.json        -> llama.* hyperparameters
+    config.json        -> <arch>.* hyperparameters (per family: ``gguf_arch.py``)
     *.safetensors      -> tensors renamed with gguf's name map
                           (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight),
-                          q/k rows permuted, 1-D norms kept f32, 2-D weights f16 or q8_0
+                          q/k rows permuted (llama arch only), Gemma norms + 1,
+                          1-D norms kept f32, 2-D weights f16 or q8_0
     tokenizer.json     -> tokenizer.ggml.* (gpt2 BPE: tokens, types, merges, special ids)
     chat template      -> tokenizer.chat_template
 
@@ -29,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from loradex.hub.errors import InvalidConfig
+from loradex.promote.export.gguf_arch import add_family_keys, family_of, hparams
 
 QUANTS = ("f32", "f16", "q8_0")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 METHOD = "loradex gguf_writer (gguf package; own tensor map, q/k permutation, tokenizer metadata)"
 
 # The pre-tokenizer llama.cpp must use, keyed by a hash of how the HF tokenizer
@@ -56,36 +57,8 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def read_config(folder: Path) -> dict:
     cfg = json.loads((folder / "config.json").read_text())
-    archs = cfg.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise InvalidConfig(
-            f"--format gguf supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is {archs or cfg.get('model_type')}"
-        )
+    family_of(cfg)  # refuses an unsupported architecture, naming the supported ones
     return cfg
-
-
-def hparams(cfg: dict) -> dict:
-    """The Llama hyperparameters GGUF needs, from a transformers 4 or 5 config.json."""
-    n_head = cfg["num_attention_heads"]
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in ("default", "linear"):
-        raise InvalidConfig(f"--format gguf: rope type {rope_type!r} is not supported by this writer (default, linear)")
-    return {
-        "n_layer": cfg["num_hidden_layers"],
-        "n_embd": cfg["hidden_size"],
-        "n_ff": cfg["intermediate_size"],
-        "n_head": n_head,
-        "n_head_kv": cfg.get("num_key_value_heads") or n_head,
-        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-        "n_ctx": cfg.get("max_position_embeddings", 2048),
-        "eps": cfg.get("rms_norm_eps", 1e-5),
-        "rope_theta": float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
-        "rope_type": rope_type,
-        "rope_factor": float(rope.get("factor") or 1.0),
-        "vocab": cfg["vocab_size"],
-        "tied": bool(cfg.get("tie_word_embeddings", False)),
-    }
 
 
 # -- tensors --------------------------------------------------------------------------
@@ -247,21 +220,24 @@ def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None) -> dict:
 
 def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "f16", name: str | None = None,
                      pre: str | None = None) -> dict:
-    """Write the HF Llama model in ``folder`` as a GGUF file; returns what was written."""
+    """Write the HF model in ``folder`` (a supported family) as a GGUF file; returns what was written."""
     import gguf
 
     if quant not in QUANTS:
         raise InvalidConfig(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     folder, out_path = Path(folder), Path(out_path)
     cfg = read_config(folder)
+    fam = family_of(cfg)
     hp = hparams(cfg)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layer"])
+    arch = getattr(gguf.MODEL_ARCH, fam.arch)
+    name_map = gguf.get_tensor_name_map(arch, hp["n_layer"])
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
 
-    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or folder.name)
+    extra = add_family_keys(writer, fam, cfg, hp)
     writer.add_context_length(hp["n_ctx"])
     writer.add_embedding_length(hp["n_embd"])
     writer.add_block_count(hp["n_layer"])
@@ -269,14 +245,10 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
     writer.add_head_count(hp["n_head"])
     writer.add_head_count_kv(hp["n_head_kv"])
     writer.add_rope_dimension_count(hp["head_dim"])
-    if hp["head_dim"] != hp["n_embd"] // hp["n_head"]:
-        writer.add_key_length(hp["head_dim"])
-        writer.add_value_length(hp["head_dim"])
+    writer.add_key_length(hp["head_dim"])
+    writer.add_value_length(hp["head_dim"])
     writer.add_layer_norm_rms_eps(hp["eps"])
     writer.add_rope_freq_base(hp["rope_theta"])
-    if hp["rope_type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(hp["rope_factor"])
     writer.add_vocab_size(hp["vocab"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -284,6 +256,9 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
 
     written: dict[str, dict] = {}
     skipped = []
+    for new, arr in extra:
+        writer.add_tensor(new, arr, raw_dtype=gguf.GGMLQuantizationType.F32)
+        written[new] = {"shape": list(arr.shape), "type": "F32", "from": "config.json rope_parameters"}
     for key, arr in iter_tensors(folder):
         if key.endswith("rotary_emb.inv_freq"):
             skipped.append(key)
@@ -294,11 +269,13 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
             continue
         new = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise InvalidConfig(f"--format gguf: no GGUF name for tensor {key!r}")
-        if key.endswith("self_attn.q_proj.weight"):
+            raise InvalidConfig(f"--format gguf: no GGUF name for tensor {key!r} of a {fam.family} model")
+        if fam.permute_qk and key.endswith("self_attn.q_proj.weight"):
             arr = permute_qk(arr, hp["n_head"])
-        elif key.endswith("self_attn.k_proj.weight"):
+        elif fam.permute_qk and key.endswith("self_attn.k_proj.weight"):
             arr = permute_qk(arr, hp["n_head_kv"])
+        if fam.norm_offset and key.endswith("norm.weight"):
+            arr = arr + fam.norm_offset
         qtype = tensor_type(new, arr, quant)
         writer.add_tensor(new, encode(arr, qtype), raw_dtype=qtype)
         written[new] = {"shape": list(arr.shape), "type": qtype.name, "from": key}
@@ -308,5 +285,5 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
     writer.write_tensors_to_file()
     writer.close()
     return {"method": METHOD, "quant": quant, "tensors": len(written), "skipped": skipped,
-            "tied_embeddings": hp["tied"], "tokenizer": tok_info, "architecture": "llama",
-            "size_bytes": out_path.stat().st_size}
+            "tied_embeddings": hp["tied"], "tokenizer": tok_info, "architecture": gguf.MODEL_ARCH_NAMES[arch],
+            "family": fam.family, "size_bytes": out_path.stat().st_size}
