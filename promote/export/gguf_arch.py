@@ -6,7 +6,7 @@ result in llama.cpp against transformers (tests/test_llamacpp_families.py):
 
     family   GGUF arch  q/k rows   norms      family keys
     llama    llama      permuted   w          rope_freqs tensor for rope_type llama3
-    mistral  llama      permuted   w          (llama.cpp's llama graph has no sliding window)
+    mistral  llama      permuted   w          none: llama.cpp applies no sliding window (noted)
     qwen2    qwen2      as is      w          q/k/v biases through the name map
     qwen3    qwen3      as is      w          attn_q_norm / attn_k_norm
     gemma2   gemma2     as is      1 + w      soft-capping, sliding window (even layers)
@@ -124,11 +124,12 @@ def _layer_types(cfg: dict) -> list[str]:
     return ["full_attention"] * cfg["num_hidden_layers"]
 
 
-def add_family_keys(writer, fam: GGUFFamily, cfg: dict, hp: dict) -> list[tuple[str, np.ndarray]]:
-    """Write the family's own keys; returns extra tensors to add (name, array)."""
+def add_family_keys(writer, fam: GGUFFamily, cfg: dict, hp: dict) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+    """Write the family's own keys; returns (extra tensors to add as (name, array), notes for the record)."""
     import gguf
 
     extra: list[tuple[str, np.ndarray]] = []
+    notes: list[str] = []
     if hp["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(hp["rope_factor"])
@@ -137,8 +138,12 @@ def add_family_keys(writer, fam: GGUFFamily, cfg: dict, hp: dict) -> list[tuple[
             raise InvalidConfig(f"--format gguf: rope type llama3 on a {fam.family} model is not supported")
         extra.append(("rope_freqs.weight", llama3_rope_factors(cfg, hp["head_dim"])))
 
-    if fam.family == "mistral" and cfg.get("sliding_window"):
-        writer.add_sliding_window(int(cfg["sliding_window"]))
+    window = cfg.get("sliding_window")
+    if fam.family == "mistral" and window and window < hp["n_ctx"]:
+        # measured: llama.cpp's llama graph (and mistral3's) attends to the whole context, so it
+        # equals transformers only while prompt + output fit in the window (Mistral v0.2+ has none)
+        notes.append(f"llama.cpp does not apply Mistral's sliding window ({window} tokens): outputs equal "
+                     f"transformers only while the context stays within {window} tokens")
     if fam.family == "qwen2" and cfg.get("use_sliding_window"):
         raise InvalidConfig("--format gguf: Qwen2 with use_sliding_window=true has no llama.cpp equivalent")
     if fam.family in ("gemma2", "gemma3"):
@@ -165,4 +170,4 @@ def add_family_keys(writer, fam: GGUFFamily, cfg: dict, hp: dict) -> list[tuple[
                 writer.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
             if cfg.get("attn_logit_softcapping") is not None:
                 raise InvalidConfig("--format gguf: Gemma 3 with attn_logit_softcapping is not supported")
-    return extra
+    return extra, notes

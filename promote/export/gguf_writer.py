@@ -237,7 +237,7 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
     writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or folder.name)
-    extra = add_family_keys(writer, fam, cfg, hp)
+    extra, notes = add_family_keys(writer, fam, cfg, hp)
     writer.add_context_length(hp["n_ctx"])
     writer.add_embedding_length(hp["n_embd"])
     writer.add_block_count(hp["n_layer"])
@@ -286,4 +286,4 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
     writer.close()
     return {"method": METHOD, "quant": quant, "tensors": len(written), "skipped": skipped,
             "tied_embeddings": hp["tied"], "tokenizer": tok_info, "architecture": gguf.MODEL_ARCH_NAMES[arch],
-            "family": fam.family, "size_bytes": out_path.stat().st_size}
+            "family": fam.family, "notes": notes, "size_bytes": out_path.stat().st_size}
