@@ -45,6 +45,27 @@ KNOWN_PRE = {
 }
 
 
+# Tokenizers whose behaviour hash is unknown here (their files are not on these machines) are
+# recognised by the split regex of their pre-tokenizer, which is what llama.cpp's named
+# pre-tokenizer implements: Llama 3 splits digits in runs of up to 3, Qwen2/2.5/3 one by one.
+KNOWN_PRE_REGEX = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
+
+
+def split_regex(tok_json: dict) -> str | None:
+    """The regex of the pre-tokenizer's Split step (alone or first in a Sequence), if any."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Split" and isinstance(step.get("pattern"), dict):
+            return step["pattern"].get("Regex")
+    return None
+
+
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder rows of a q/k projection (or its lora_B) from HF halves to GGML pairs."""
     rows = w.shape[0]
@@ -128,6 +149,8 @@ def pre_tokenizer_name(folder: Path, tok_json: dict, override: str | None = None
     digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
     if digest in KNOWN_PRE:
         return KNOWN_PRE[digest]
+    if split_regex(tok_json) in KNOWN_PRE_REGEX:
+        return KNOWN_PRE_REGEX[split_regex(tok_json)]
     pre = tok_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
