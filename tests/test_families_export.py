@@ -250,3 +250,23 @@ def test_merge_and_export_refuse_unsupported_base_in_one_line(tmp_path, smol_tok
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "Phi3ForCausalLM is not supported" in lines[0] and "Qwen2ForCausalLM" in lines[0]
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_vllm_folders_per_family(hub, tmp_path, family_base_dir, fam):
+    """vllm (model folder) and vllm-lora (base folder + PEFT adapter named after the base) pass the static checks."""
+    from loradex.promote.export.run import export_adapter
+    from loradex.promote.export.source import ExportOptions
+    from loradex.promote.export.vllm import compat_report, write_model_folder
+
+    write_model_folder(family_base_dir(fam), tmp_path / "model")
+    report = compat_report(tmp_path / "model")
+    assert report["ok"], report["reasons"]
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert cfg["architectures"] == json.loads((family_base_dir(fam) / "config.json").read_text())["architectures"]
+    row = export_adapter(hub["catalog"], hub["store"], f"{fam}-ad@1", tmp_path / "lora",
+                         ExportOptions(format="vllm-lora", run_check=False), hub["settings"])
+    rules = row["check_result"]["static"]["lora_rules"]
+    assert rules["ok"] and rules["max_lora_rank"] == 8 and set(rules["target_modules"]) == set(TARGETS)
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"--lora-modules {fam}-ad=" in (tmp_path / "lora" / "serve.sh").read_text()
