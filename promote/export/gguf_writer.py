@@ -191,6 +191,10 @@ def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None) -> dict:
     model = tok_json.get("model", {})
     if model.get("type") != "BPE":
         raise InvalidConfig(f"--format gguf supports BPE (gpt2-style) tokenizers; this one is {model.get('type')!r}")
+    if model.get("byte_fallback") or "Metaspace" in json.dumps(tok_json.get("pre_tokenizer") or {}):
+        # Gemma / Mistral v0.x: llama.cpp reads these as its SentencePiece ("llama") vocabulary
+        raise InvalidConfig("--format gguf: SentencePiece-style tokenizers (byte_fallback BPE, as in Gemma and "
+                            "Mistral v0.x) are not written yet; byte-level BPE tokenizers are (Llama 3, Qwen2/3)")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["id"]: t for t in tok_json.get("added_tokens", [])}
     for tid, t in added.items():
