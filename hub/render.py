@@ -42,5 +42,12 @@ def table(rows: Iterable[dict], columns: list[str], headers: list[str] | None = 
     return "\n".join(lines)
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):  # the catalog stores UTC without a zone: RFC 3339 says so with "Z"
+        return value.isoformat() + ("Z" if value.tzinfo is None else "")
+    return str(value)
+
+
 def to_jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+    """Plain JSON types; timestamps as RFC 3339 (``2026-12-03T04:40:31.923060Z``), anything else as its str()."""
+    return json.loads(json.dumps(value, default=_json_default))

@@ -78,6 +78,20 @@ class Store:
         tmp.mkdir(parents=True)
         return tmp
 
+    def owned_tmp(self, path: str | Path, what: str) -> Path:
+        """``path`` if it is one of this store's temp dirs (``new_tmp``) or inside one, else InvalidConfig.
+
+        Whatever a caller asks the store to move in or delete afterwards must come from here: a path
+        given by a client (an op's argument) must never make the store delete or take other files.
+        """
+        from loradex.hub.errors import InvalidConfig
+
+        tmp_root = (self.root / "tmp").resolve()
+        real = Path(os.path.realpath(Path(path))) if str(path).strip() else None
+        if real is None or real == tmp_root or not real.is_relative_to(tmp_root):
+            raise InvalidConfig(f"{what} must be a temp folder of the store ({tmp_root}), got {str(path)!r}")
+        return real
+
     # -- writing ---------------------------------------------------------------
     def put_folder(self, src: str | Path, files: list[str] | None = None, *, move: bool = False) -> Snapshot:
         """Store the given files of ``src`` (all regular files if None) as a snapshot.

@@ -22,6 +22,7 @@ with the numbers and registers nothing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -361,11 +362,15 @@ def record_merge(catalog: Catalog, store: Store, plan: MergePlan, result: MergeR
     """Store the merged folder, register it as a base and write the merges row; returns the row."""
     from loradex.hub.bases import add_base
 
+    # both come from the merge step (a store temp dir); over the ops API they are a client's words
+    tmp = store.owned_tmp(result.tmp, "the merge's temp folder")
+    if not Path(os.path.realpath(result.folder)).is_relative_to(tmp):
+        raise InvalidConfig(f"the merged folder must be inside its temp folder {tmp}, got {str(result.folder)!r}")
     try:
         files = sorted(str(p.relative_to(result.folder)) for p in result.folder.rglob("*") if p.is_file())
         snap = store.put_folder(result.folder, files, move=True)
     finally:
-        shutil.rmtree(result.tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     folder = store.resolve(snap.relpath)
     add_base(catalog, store, plan.name, str(folder), kind="merged", merged_from_version_id=plan.version["id"])
     try:

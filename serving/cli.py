@@ -39,6 +39,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest JSON body (default 1 MiB)")
     p.add_argument("--allow-path-register", action="append", default=[], metavar="DIR",
                    help="let POST /adapters register folders under DIR on this machine (repeatable; off by default)")
+    p.add_argument("--confine-local-paths", action="store_true",
+                   help="confine server paths in /v1/ops/* calls from this machine too (remote callers always are)")
     p.add_argument("--max-upload-bytes", type=int, default=512 << 20, help="largest adapter archive upload (default 512 MiB)")
     p.add_argument("--max-n", type=int, default=4, help="largest n per request (default 4)")
     p.add_argument("--route-merged", action="store_true",
@@ -63,7 +65,8 @@ def build_config(args):
     return ServerConfig(engine=engine, host=args.host, port=args.port,
                         api_key=args.api_key or os.environ.get("LORADEX_API_KEY") or None,
                         max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
-                        allow_path_register=list(args.allow_path_register), max_n=args.max_n,
+                        allow_path_register=list(args.allow_path_register),
+                        confine_local_paths=args.confine_local_paths, max_n=args.max_n,
                         drain_s=args.drain_s)
 
 

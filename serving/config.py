@@ -81,6 +81,9 @@ class ServerConfig:
     allow_path_register: list[str] = field(default_factory=list)
     """Folders on the server under which POST /adapters {"path": ...} may register adapters; empty (the
     default) turns registering by server path off: clients upload archives (--allow-path-register DIR)."""
+    confine_local_paths: bool = False
+    """Confine path arguments of /v1/ops/* from loopback clients too (by default the CLI on this machine passes
+    its own paths; remote clients are always confined to --allow-path-register roots) (--confine-local-paths)."""
     drain_s: float = 30.0
     """On shutdown, how long in-flight requests may take to finish before they are cancelled (--drain-s)."""
 

@@ -17,6 +17,7 @@ event loop that streams tokens.
 import inspect
 from typing import Any, Optional
 
+import duckdb
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
@@ -223,7 +224,11 @@ async def show_eval(run_id: int, state=Depends(get_state)):
 async def record_eval(body: RecordEvalRequest, state=Depends(get_state)):
     from loradex.evals.record import store_run
 
-    return _json(await _run(store_run, state.catalog, body.run, body.samples), 201)
+    try:
+        return _json(await _run(store_run, state.catalog, body.run, body.samples), 201)
+    except ARGUMENT_ERRORS as exc:  # a run dict without the fields evaluate() records
+        raise BadRequest(f"the eval run is incomplete ({type(exc).__name__}: {exc}); send what `loradex eval` "
+                         f"records (see GET /v1/evals/ID)", param="run") from exc
 
 
 @scores.get("/runs", summary="Training runs, newest first")
@@ -349,6 +354,10 @@ async def server_info(state=Depends(get_state)):
 
 # -- every catalog operation, one route each ------------------------------------------------------
 AFTER_OP = {"adapters.delete": forget}  # what the server does besides the catalog write
+# what an op raises when a client's arguments (typed only as dicts/strings) do not fit it: a 400, not a 500.
+# Domain errors (LoradexError) keep their own status; anything else stays a 500 (a bug).
+ARGUMENT_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError, duckdb.InvalidInputException,
+                   duckdb.ConversionException, duckdb.ConstraintException, duckdb.BinderException)
 # op arguments that name a file or folder on the server's disk (read or written there)
 SERVER_PATH_ARGS = {"adapters.register": ("path",), "bases.add": ("source",), "reviews.export": ("out",),
                     "reviews.import": ("path",), "exports.plan": ("out",)}
@@ -370,7 +379,7 @@ def _confine_server_paths(request: Request, state, name: str, kwargs: dict) -> N
         local = ipaddress.ip_address(client).is_loopback
     except ValueError:
         local = client == "localhost"
-    if local:
+    if local and not state.config.confine_local_paths:
         return
     for arg in SERVER_PATH_ARGS.get(name, ()):
         value = kwargs.get(arg)
@@ -378,7 +387,7 @@ def _confine_server_paths(request: Request, state, name: str, kwargs: dict) -> N
             continue
         value = str(value)
         value = value.removeprefix("gguf:")
-        if arg == "source" and not value.startswith(("/", ".", "~")) and not os.path.lexists(value):
+        if arg == "source" and value and not value.startswith(("/", ".", "~")) and not os.path.lexists(value):
             continue  # a Hugging Face model id, not a server path
         _check_server_path(state.config, value)
 
@@ -419,7 +428,11 @@ def _op_endpoint(entry):
         _confine_server_paths(request, state, entry.name, kwargs)
         if "served_config" in entry.signature.parameters and kwargs.get("served_config") is None:
             kwargs["served_config"] = state.served_config  # ops that judge "as served" judge as this server serves
-        result = await _run(entry.call_local, state.catalog, state.store, kwargs)
+        try:
+            result = await _run(entry.call_local, state.catalog, state.store, kwargs)
+        except ARGUMENT_ERRORS as exc:  # the client's arguments did not have the shape the op works on
+            raise BadRequest(f"{entry.name}: unusable arguments ({type(exc).__name__}: {exc})",
+                             code="invalid_op_arguments") from exc
         after = AFTER_OP.get(entry.name)
         if after is not None:
             await _run(after, state, result)

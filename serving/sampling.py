@@ -43,19 +43,27 @@ class SamplingParams:
         if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
             raise InvalidConfig(f"seed must be an integer between {SEED_MIN} and {SEED_MAX}, got {self.seed}")
 
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or so close to it that logits / temperature would overflow."""
+        return self.temperature < GREEDY_BELOW
+
     def generator(self, device) -> torch.Generator | None:
-        if self.temperature == 0:
+        if self.greedy:
             return None
         g = torch.Generator(device=device)
         g.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
         return g
 
 
+GREEDY_BELOW = 1e-5  # as vLLM: a temperature under this samples the argmax (1e-140 would overflow to inf)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of ``logits`` [rows, vocab], each by its own params."""
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
-        if p.temperature == 0:
+        if p.greedy:
             continue
         probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
         if p.top_p < 1.0:

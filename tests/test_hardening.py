@@ -460,3 +460,13 @@ def test_a_flood_of_bad_requests_leaves_the_server_answering_others(hsrv):
     assert all(400 <= s < 500 for s in statuses), sorted(set(statuses))
     assert during < 10 * alone + 2
     assert _idle(hsrv.engine) == {"active": 0, "waiting": 0}
+
+
+def test_6_a_vanishing_temperature_is_greedy_not_a_500(hsrv):
+    """temperature 5e-140 made logits / temperature overflow to inf and multinomial fail (found by the fuzz suite)."""
+    with hsrv.http() as h:
+        body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 4, "temperature": 5e-140}
+        tiny = h.post("/v1/completions", json=body)
+        greedy = h.post("/v1/completions", json={**body, "temperature": 0})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,20 @@ def test_cli_merge_and_errors(catalog, store, version):
     assert data["merge"]["base_name"] == "tinyad-v1-merged" and data["merge"]["check_result"]["ok"]
     bad = run_cli("merge", "nosuch@1")
     assert bad.returncode == 3 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+
+
+def test_recording_a_merge_takes_only_the_stores_own_temp_folders(catalog, store, tmp_path):
+    """merges.record is an op (a client's arguments): its temp folder is deleted after, so it must be the store's."""
+    from loradex.promote.merge import MergeResult, record_merge
+
+    victim = tmp_path / "victim"
+    (victim / "merged").mkdir(parents=True)
+    (victim / "merged" / "keep.txt").write_text("not the store's")
+    for tmp, folder in ((victim, victim / "merged"), ("", "merged"), (".", "."), (store.root / "tmp", store.root / "tmp")):
+        with pytest.raises(InvalidConfig, match="temp folder"):
+            record_merge(catalog, store, None, MergeResult(folder=Path(folder), tmp=Path(tmp)))
+    assert (victim / "merged" / "keep.txt").read_text() == "not the store's"
+    inside = store.new_tmp()
+    with pytest.raises(InvalidConfig, match="inside its temp folder"):
+        record_merge(catalog, store, None, MergeResult(folder=victim / "merged", tmp=inside))
+    assert (victim / "merged" / "keep.txt").exists()
