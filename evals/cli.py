@@ -2,10 +2,12 @@
 
     loradex eval NAME[@V|@ALIAS] --data held_out.jsonl [--metrics similarity,exact,perplexity]
                  [--max-new-tokens 64] [--limit N] [--batch-size 8] [--quantize nf4 | --as-served]
+                 [--judge REF|URL [--judge-model ID] [--judge-max-tokens 96]]
     loradex eval show RUN [--worst 10]
     loradex leaderboard [--data FILE_OR_HASH] [--config KEY|as-served|none|nf4|int8] [--png board.png] [--json]
     loradex review export NAME[@V] --n 50 --out sheet.csv
     loradex review import sheet.csv
+    loradex review pairs REVIEW_ID -o pairs.jsonl
 
 ``eval`` holds the catalog only to resolve the adapter and to store the run;
 while the model generates, other commands (and ``loradex serve``) can use it.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loradex.hub.errors import InvalidConfig
+from loradex.hub.errors import InvalidConfig, InvalidData
 from loradex.hub.loading import QUANTIZE_CHOICES
 
 from loradex.evals.config import config_label, is_served_default, served_warning
@@ -95,11 +97,13 @@ def cmd_eval(ctx) -> int:
               f"pass --quantize or --as-trained for another configuration", file=sys.stderr)
     elif not chosen:
         as_served = True  # the default: as `loradex serve` serves it by default
+    judge = _open_url_judge(ctx) if args.judge else None  # a judge that cannot answer fails before generation
     ctx.close_catalog()  # evaluate opens short-lived catalogs around the model work
     run = evaluate(None, ctx.store, args.ref, args.data, metrics=args.metrics, max_new_tokens=args.max_new_tokens,
                    limit=args.limit, batch_size=args.batch_size, seed=args.seed, settings=ctx.settings,
                    quantize=quantize, device=args.device, use_cache=not args.no_cache,
                    progress=not args.no_progress and not ctx.as_json, as_served=as_served, dtype=dtype)
+    judgement = _judge(ctx, judge, run) if args.judge else None
     from loradex.hub.registry import get_version_by_id
 
     # the gate's verdict for the configuration just measured: these numbers say nothing about others
@@ -108,8 +112,54 @@ def cmd_eval(ctx) -> int:
     warning = None if server is not None else served_warning(run, data=args.data)
     if warning:
         print(f"loradex: warning: {warning}", file=sys.stderr)
-    ctx.emit(dict(run, gate=gate, warning=warning), lambda: _run_text(run, gate))
+    ctx.emit(dict(run, gate=gate, warning=warning, judgement=judgement),
+             lambda: _run_text(run, gate) + _judge_text([judgement] if judgement else []))
     return 0
+
+
+def _open_url_judge(ctx):
+    """--judge URL: checked (and its model chosen) now; a hub ref: checked now, loaded after the eval's model is freed."""
+    from loradex.evals.judge import check_spec, is_url, open_judge
+
+    from loradex.evals.metrics import METRICS, parse_metrics
+
+    args = ctx.args
+    if not any(METRICS[m].needs_generation for m in parse_metrics(args.metrics)):
+        raise InvalidConfig(f"--judge compares generated answers: add similarity or exact to --metrics {args.metrics}")
+    check_spec(args.judge, ctx.catalog)
+    if not is_url(args.judge):
+        if args.judge_model:
+            raise InvalidConfig("--judge-model names the model of a judge URL; a hub judge is named by --judge itself")
+        return None
+    return open_judge(args.judge, model=args.judge_model, max_tokens=args.judge_max_tokens)
+
+
+def _judge(ctx, judge, run: dict) -> dict:
+    """Judge the stored run's samples adapter-vs-base in both orders and store the judgement."""
+    import time
+
+    from loradex.evals.judge import judge_run, open_judge, store_judgement
+    from loradex.evals.record import get_samples
+    from loradex.hub.catalog import borrowed
+
+    if judge is None:
+        if not ctx.as_json:
+            print(f"loradex: loading judge {ctx.args.judge}", file=sys.stderr)
+        judge = open_judge(ctx.args.judge, max_tokens=ctx.args.judge_max_tokens, store=ctx.store,
+                           settings=ctx.settings, device=ctx.args.device)
+    with borrowed(None, ctx.settings) as cat:
+        samples = get_samples(cat, run["id"])
+    t = time.perf_counter()
+    summary, items = judge_run(judge, run, samples, seed=ctx.args.seed)
+    with borrowed(None, ctx.settings) as cat:
+        return store_judgement(cat, run["id"], judge.spec, judge.kind, judge.model, summary, items,
+                               judge.settings, time.perf_counter() - t)
+
+
+def _judge_text(judgements: list[dict]) -> str:
+    from loradex.evals.judge import describe
+
+    return "".join(f"\n  {describe(j['summary'], j['judge'])} [judgement {j['id']}]" for j in judgements)
 
 
 def _running_server(ctx, ref: str) -> dict | None:
@@ -135,6 +185,7 @@ def cmd_eval_show(ctx) -> int:
         raise InvalidConfig(f"eval show RUN: RUN must be an eval run id (an integer), got {ctx.args.run!r}") from None
     run = get_run(ctx.catalog, run_id)
     samples = get_samples(ctx.catalog, run_id)
+    judged = _judgements(ctx.catalog, run_id)
     metric = (run["decoding"] or {}).get("primary_metric") or next(iter(run["metrics"]))
     if ctx.args.worst:
         shown = worst_samples(samples, metric, METRICS[metric].higher_is_better, ctx.args.worst)
@@ -142,7 +193,7 @@ def cmd_eval_show(ctx) -> int:
         shown = samples
 
     def human() -> str:
-        out = [_run_text(run)]
+        out = [_run_text(run) + _judge_text(judged)]
         title = f"{len(shown)} worst items by {metric}" if ctx.args.worst else f"{len(shown)} items"
         out.append(f"\n{title}:")
         for s in shown:
@@ -155,10 +206,23 @@ def cmd_eval_show(ctx) -> int:
                 out.append(f"    adapter:   {_clip(s['output'], not ctx.args.worst)}")
             if s["base_output"] is not None:
                 out.append(f"    base:      {_clip(s['base_output'], not ctx.args.worst)}")
+            for j in judged:
+                v = j["items"].get(s["idx"])
+                if v:
+                    out.append(f"    judge {j['id']}:   adapter-first {v['verdict_ab'] or '?'} ({v['winner_ab'] or 'unparsed'}), "
+                               f"base-first {v['verdict_ba'] or '?'} ({v['winner_ba'] or 'unparsed'})"
+                               f"{'' if v['consistent'] else ', inconsistent'}: {_clip(v['raw_ab'], True)}")
         return "\n".join(out)
 
-    ctx.emit({"run": run, "metric": metric, "samples": shown}, human)
+    ctx.emit({"run": run, "metric": metric, "samples": shown, "judgements": judged}, human)
     return 0
+
+
+def _judgements(catalog, run_id: int) -> list[dict]:
+    """The run's judgements, each with ``items`` = {idx: that item's verdicts and raw answers}."""
+    from loradex.evals.judge import judgement_samples, judgements
+
+    return [dict(j, items={v["idx"]: v for v in judgement_samples(catalog, j["id"])}) for j in judgements(catalog, run_id)]
 
 
 def _clip(text: str | None, short: bool) -> str:
@@ -167,7 +231,9 @@ def _clip(text: str | None, short: bool) -> str:
 
 
 def cmd_leaderboard(ctx) -> int:
+    from loradex.evals.judge import latest_judgements
     from loradex.evals.leaderboard import build, render_text, write_png
+    from loradex.evals.review import describe_review, latest_reviews
 
     args = ctx.args
     if args.config and args.quantize and args.config != args.quantize:
@@ -176,7 +242,20 @@ def cmd_leaderboard(ctx) -> int:
     sections = build(ctx.catalog, _data_key(args.data), config=config)
     png = str(write_png(sections, args.png)) if args.png and sections else None
     text = render_text(sections, config=config) + (f"\nchart written to {png}" if png else "")
-    ctx.emit({"sections": sections, "png": png, "config": config}, text)
+    # human reviews and judges beside the task scores: one line per version on the board
+    shown = list(dict.fromkeys(r["ref"] for s in sections for r in s["rows"]))
+    reviews = {ref: r for ref, r in latest_reviews(ctx.catalog).items() if ref in shown}
+    judged = {ref: j for ref, j in latest_judgements(ctx.catalog).items() if ref in shown}
+    if reviews or judged:
+        from loradex.evals.judge import describe
+
+        text += "\n\nhuman reviews and judges (latest per version):"
+        for ref in shown:
+            if ref in reviews:
+                text += f"\n  {ref:<24} {describe_review(reviews[ref])}"
+            if ref in judged:
+                text += f"\n  {ref:<24} {describe(judged[ref]['summary'], judged[ref]['judge'])} (eval run {judged[ref]['eval_run_id']})"
+    ctx.emit({"sections": sections, "png": png, "config": config, "reviews": reviews, "judgements": judged}, text)
     return 0
 
 
@@ -217,6 +296,22 @@ def cmd_review_import(ctx) -> int:
     return 0
 
 
+def cmd_review_pairs(ctx) -> int:
+    from loradex.evals.review import review_pairs, write_pairs
+
+    res = review_pairs(ctx.catalog, ctx.args.review_id)
+    if not res["pairs"]:
+        raise InvalidData(f"review {res['review_id']}: no preference to export ({res['ties']} ties, "
+                          f"{res['identical']} rows with identical answers, of {res['rated']} rated)")
+    out = write_pairs(res, _absolute(ctx.args.out))
+    data = {k: v for k, v in res.items() if k != "pairs"} | {"out": str(out)}
+    ctx.emit(data, f"review {res['review_id']} of {res['adapter']}@{res['version']}: wrote {res['n']} chosen/rejected "
+                   f"pairs to {out} ({res['ties']} ties and {res['identical']} identical answers dropped; prompts from "
+                   f"{res['prompt_source']})\ntrain on them: `loradex train --method dpo --data {ctx.args.out} "
+                   f"--from {res['adapter']}@{res['version']} --name NAME`")
+    return 0
+
+
 def add_commands(sub, common) -> None:
     from loradex.evals.metrics import METRICS
 
@@ -244,6 +339,12 @@ def add_commands(sub, common) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the base's outputs even if cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--worst", type=_positive_int("--worst"), help="with `eval show RUN`: only the N worst items")
+    p.add_argument("--judge", help="also judge adapter vs base per item, in both orders: a base or adapter of this hub "
+                                   "(NAME[@V], loaded here) or an OpenAI-compatible URL (http://host:port/v1; key "
+                                   "from LORADEX_JUDGE_API_KEY)")
+    p.add_argument("--judge-model", help="with --judge URL: the model id to ask (default: the first of its /models)")
+    p.add_argument("--judge-max-tokens", type=_positive_int("--judge-max-tokens"), default=96,
+                   help="tokens the judge may write per verdict (default 96)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("leaderboard", parents=[common], help="adapter versions ranked by eval score, with CIs and lift")
@@ -265,3 +366,7 @@ def add_commands(sub, common) -> None:
     p = rsub.add_parser("import", parents=[common], help="validate a filled sheet, store ratings, report preference")
     p.add_argument("sheet", help="the filled CSV sheet")
     p.set_defaults(func=cmd_review_import)
+    p = rsub.add_parser("pairs", parents=[common], help="export a rated review as chosen/rejected pairs (JSONL) for DPO")
+    p.add_argument("review_id", type=_positive_int("REVIEW_ID"), help="the review round's id (see `loradex show NAME`)")
+    p.add_argument("-o", "--out", required=True, help="JSONL file to write: {prompt, chosen, rejected} chat messages")
+    p.set_defaults(func=cmd_review_pairs)

@@ -24,6 +24,20 @@ The same round without a file (what the web page uses, ``serving/web/``)::
     record_ratings(catalog, review_id, ratings) -> import_sheet's result; ratings = [{row_id, rating[, comment]}]
 
 Both paths draw, blind, check and un-blind with the same functions below.
+
+A rated round becomes preference data (``loradex review pairs REVIEW_ID -o pairs.jsonl``,
+:func:`review_pairs`), one JSON object per line, the format TRL's DPO trainer and
+``loradex train --method dpo`` read::
+
+    {"prompt":   [{"role": "user", "content": "..."}],          # the conversation before the answer
+     "chosen":   [{"role": "assistant", "content": "..."}],     # the answer the reviewer preferred
+     "rejected": [{"role": "assistant", "content": "..."}],     # the other one
+     "review": {"review_id": 3, "row_id": "3-9f2c...", "rating": 2, "preferred": "adapter"}}
+
+Ties (rating 3) and rows whose two answers are identical are dropped (counted).
+The prompt is the eval item's full conversation (system turn included) when the
+eval run's data file is still there with the same sha256; otherwise the stored
+prompt text as one user turn (``prompt_source`` says which).
 """
 from __future__ import annotations
 
@@ -82,8 +96,9 @@ def _insert(cur, version: dict, run: dict, chosen: list[dict], rng: random.Rando
     for s in chosen:
         row_id = f"{rid}-{secrets.token_hex(4)}"
         adapter_is_a = rng.random() < 0.5
-        cur.execute("INSERT INTO review_items VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                    [rid, row_id, s["prompt"], s["reference"], s["output"], s["base_output"], adapter_is_a])
+        cur.execute("INSERT INTO review_items (review_id, row_id, prompt, reference, adapter_output, base_output, "
+                    "adapter_is_a, rating, sample_idx) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                    [rid, row_id, s["prompt"], s["reference"], s["output"], s["base_output"], adapter_is_a, s["idx"]])
         rows.append(_blinded({"row_id": row_id, "prompt": s["prompt"], "reference": s["reference"],
                               "adapter_output": s["output"], "base_output": s["base_output"],
                               "adapter_is_a": adapter_is_a}))
@@ -142,6 +157,112 @@ def review_sheet(catalog: Catalog, review_id: int) -> dict:
             "version": version["version"] if version else None, "eval_run_id": review["eval_run_id"],
             "status": review["status"], "sheet": review["sheet_path"], "result": review["result"],
             "scale": SCALE_HELP, "ratings": RATINGS, "rows": [_blinded(i) for i in items]}
+
+
+def describe_review(review: dict) -> str:
+    """One line for `show`, the leaderboard and `review list`: a round's human verdict, or that it awaits ratings."""
+    head = f"review {review['id']} (eval run {review.get('eval_run_id')}, {review['n']} rows)"
+    r = review.get("result")
+    if review.get("status") != "imported" or not r:
+        return f"{head}: exported, awaiting ratings"
+    return (f"{head}: human preference for the adapter {r['preference_rate']:.0%} "
+            f"[95% CI {r['ci_low']:.0%}, {r['ci_high']:.0%}] ({r['adapter_preferred']} adapter, {r['ties']} ties, "
+            f"{r['base_preferred']} base)")
+
+
+def _conversations(run: dict | None) -> tuple[list | None, str]:
+    """The eval data file's conversations by item index, if the file is unchanged; else None and why."""
+    from loradex.evals.data import read_eval_set
+
+    if not run or not run.get("data_path"):
+        return None, "review text (the eval run is gone)"
+    path = Path(run["data_path"])
+    if not path.is_file():
+        return None, f"review text ({path} is gone)"
+    try:
+        data = read_eval_set(path)
+    except InvalidData:
+        return None, f"review text ({path} no longer reads as an eval set)"
+    if data.sha256 != run["data_sha256"]:
+        return None, f"review text ({path} changed since the eval)"
+    return [list(it.messages) for it in data.items], f"eval data {path}"
+
+
+@op("reviews.pairs")
+def review_pairs(catalog: Catalog, review_id: int) -> dict:
+    """A rated review round as DPO pairs (see the module docstring): {review_id, pairs, n, ties, identical, ...}."""
+    review = catalog.one("SELECT * FROM reviews WHERE id = ?", [review_id])
+    if review is None:
+        raise NotFound(f"review {review_id} not found")
+    if review["status"] != "imported":
+        raise Conflict(f"review {review_id} has no ratings yet: fill its sheet and run `loradex review import SHEET` "
+                       f"(or rate it on the web page) first")
+    run = catalog.one("SELECT id, data_path, data_sha256 FROM eval_runs WHERE id = ?", [review["eval_run_id"]])
+    convs, source = _conversations(run)
+    by_text = {}
+    if convs is not None:
+        from loradex.evals.data import EvalItem
+
+        for i, msgs in enumerate(convs):
+            by_text.setdefault(EvalItem(tuple(msgs), "", 0).prompt_text, i)  # rows exported before sample_idx
+    items = catalog.query("SELECT * FROM review_items WHERE review_id = ? ORDER BY row_id", [review_id])
+    pairs, ties, identical, fallback = [], 0, 0, 0
+    for it in items:
+        rating = int(it["rating"])
+        if rating == 3:
+            ties += 1
+            continue
+        adapter_won = (rating < 3) == bool(it["adapter_is_a"])
+        chosen, rejected = ((it["adapter_output"], it["base_output"]) if adapter_won
+                            else (it["base_output"], it["adapter_output"]))
+        if _same(chosen, rejected):
+            identical += 1
+            continue
+        idx = it.get("sample_idx")
+        if convs is not None and idx is None:
+            idx = by_text.get(it["prompt"])
+        if convs is not None and idx is not None and 0 <= idx < len(convs):
+            prompt = convs[idx]
+        else:
+            prompt = [{"role": "user", "content": it["prompt"]}]
+            fallback += 1
+        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                      "rejected": [{"role": "assistant", "content": rejected}],
+                      "review": {"review_id": review_id, "row_id": it["row_id"], "rating": rating,
+                                 "preferred": "adapter" if adapter_won else "base"}})
+    version = catalog.one("SELECT adapter, version FROM adapter_versions WHERE id = ?", [review["adapter_version_id"]])
+    return {"review_id": review_id, "adapter": version["adapter"] if version else None,
+            "version": version["version"] if version else None, "n": len(pairs), "rated": len(items), "ties": ties,
+            "identical": identical, "prompt_source": source if not fallback else
+            (f"review text for {fallback} row(s): {source}" if convs is not None else source), "pairs": pairs}
+
+
+def write_pairs(result: dict, out: str | Path) -> Path:
+    """Write :func:`review_pairs`' pairs as JSONL (temp file, fsync, rename)."""
+    import json
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in result["pairs"]:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return out
+
+
+@op("reviews.latest")
+def latest_reviews(catalog: Catalog) -> dict[str, dict]:
+    """{NAME@V: its latest rated review round (id, eval_run_id, n, status, result)} for every version with one."""
+    rows = catalog.query(
+        "SELECT r.id, r.eval_run_id, r.n, r.status, r.result, r.imported_at, v.adapter, v.version FROM reviews r "
+        "JOIN adapter_versions v ON v.id = r.adapter_version_id WHERE r.status = 'imported' ORDER BY r.id DESC")
+    latest: dict[str, dict] = {}
+    for r in rows:
+        latest.setdefault(f"{r['adapter']}@{r['version']}", r)
+    return latest
 
 
 def _same(a: str | None, b: str | None) -> bool:

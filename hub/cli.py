@@ -154,8 +154,14 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
         if tr:
             cost = f"${tr['cost_usd']:.4f}" if tr["cost_usd"] is not None else "-"
             loss = f"{tr['final_loss']:.4f}" if tr["final_loss"] is not None else "-"
-            out.append(f"    training     run {tr['id']} {tr['status']}, {tr['steps']} steps, final loss {loss}, "
+            out.append(f"    training     run {tr['id']} {tr['status']}, {(tr.get('method') or 'sft').upper()}, "
+                       f"{tr['steps']} steps, final loss {loss}, "
                        f"{tr['device']}/{tr['precision']}, est. cost {cost}, data {str(tr['data_sha256'])[:12]}")
+            pref = tr.get("preference")
+            if pref:
+                out.append(f"    preference   margin log p(chosen) - log p(rejected) {pref['margin_before']:+.3f} -> "
+                           f"{pref['margin_after']:+.3f} nats on {pref['n']} pairs (preferred {pref['accuracy_before']:.0%} "
+                           f"-> {pref['accuracy_after']:.0%})")
             if tr.get("loss_png"):
                 out.append(f"    loss curve   {tr['loss_png']}")
         if v.get("served"):
@@ -172,6 +178,15 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
 
             out.append(f"    eval run {ev['id']} n={ev['n']} data {ev['data_sha256'][:12]} "
                        f"({config_label(ev.get('serving_config'))}): " + "; ".join(parts))
+            for j in v.get("judgements") or []:
+                if j["eval_run_id"] == ev["id"]:
+                    from loradex.evals.judge import describe
+
+                    out.append(f"      {describe(j['summary'], j['judge'])} [judgement {j['id']}]")
+        for r in v.get("reviews") or []:
+            from loradex.evals.review import describe_review
+
+            out.append(f"    {describe_review(r)}")
         for m in v["merges"]:
             out.append(f"    merge {m['id']} {m['dtype']} into {m['merged_into']} -> base {m['base_name']}")
         for e in v["exports"]:

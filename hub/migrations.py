@@ -315,6 +315,51 @@ def m007_eval_runs_serving_config(cur) -> None:
                         [json.dumps(cfg, sort_keys=True), config_key(cfg), rid])
 
 
+def m009_judges_reviews_dpo(cur) -> None:
+    """Judges, reviews and the loop: pairwise judge verdicts per eval item, review rows linked to their
+    eval sample, and the training method (sft | dpo) with the adapter a preference run continued."""
+    cur.execute("CREATE SEQUENCE judge_run_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE judge_runs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('judge_run_ids'),
+            eval_run_id BIGINT NOT NULL,      -- whose adapter and base outputs were judged
+            judge VARCHAR NOT NULL,           -- what the user typed: a hub ref or an OpenAI-compatible URL
+            judge_kind VARCHAR NOT NULL,      -- hub | url
+            judge_model VARCHAR,              -- the resolved model (NAME@V, base name, or the URL's model id)
+            prompt_version VARCHAR NOT NULL,  -- evals.judge.PROMPT_VERSION
+            n INTEGER NOT NULL,
+            summary JSON NOT NULL,            -- preference + CI, position consistency, bias, counts
+            settings JSON,                    -- max_tokens, temperature, ...
+            duration_s DOUBLE,
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE judge_samples (
+            judge_run_id BIGINT NOT NULL,
+            idx INTEGER NOT NULL,             -- eval_samples.idx
+            verdict_ab VARCHAR,               -- A | B | tie | NULL (unparsed); order 1: adapter shown as A
+            verdict_ba VARCHAR,               -- order 2: adapter shown as B
+            winner_ab VARCHAR,                -- adapter | base | tie | NULL
+            winner_ba VARCHAR,
+            consistent BOOLEAN NOT NULL,      -- both parsed and the same winner in both orders
+            score DOUBLE,                     -- adapter's preference on the item (1, 0.5, 0), NULL if unparsed
+            raw_ab VARCHAR,                   -- the judge's full answer (rationale + verdict), order 1
+            raw_ba VARCHAR,
+            PRIMARY KEY (judge_run_id, idx)
+        )
+        """
+    )
+    cur.execute("ALTER TABLE review_items ADD COLUMN IF NOT EXISTS sample_idx INTEGER")  # eval_samples.idx
+    cur.execute("ALTER TABLE training_runs ADD COLUMN IF NOT EXISTS method VARCHAR")  # sft | dpo (NULL: sft)
+    cur.execute("ALTER TABLE training_runs ADD COLUMN IF NOT EXISTS parent_version_id BIGINT")  # adapter continued
+    # dpo: log-prob margin (chosen - rejected) and pair accuracy on the training pairs, before and after
+    cur.execute("ALTER TABLE training_runs ADD COLUMN IF NOT EXISTS preference JSON")
+
+
 MIGRATIONS: list[tuple[str, Callable]] = [
     ("001_core", m001_core),
     ("002_training", m002_training),
@@ -323,6 +368,7 @@ MIGRATIONS: list[tuple[str, Callable]] = [
     ("005_training_runs_extra", m005_training_runs_extra),
     ("006_service", m006_service),
     ("007_eval_runs_serving_config", m007_eval_runs_serving_config),
+    ("009_judges_reviews_dpo", m009_judges_reviews_dpo),
 ]
 
 

@@ -43,6 +43,7 @@ OP_MODULES = (
     "loradex.training.records",
     "loradex.evals.record",
     "loradex.evals.review",
+    "loradex.evals.judge",
     "loradex.evals.leaderboard",
     "loradex.evals.gate",
     "loradex.promote.merge",

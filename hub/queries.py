@@ -15,7 +15,7 @@ from loradex.hub.registry import aliases_of, resolve
 
 @op("adapters.show")
 def adapter_detail(catalog: Catalog, ref: str, served_config: dict | None = None) -> dict:
-    """An adapter with its versions, files, training run, eval scores, reviews, merges and exports.
+    """An adapter with its versions, files, training run, eval scores, judgements, reviews, merges and exports.
 
     ``served`` on each version is its score under the configuration it is served with
     (``served_config``, a running server's; else the default server's), or None with a note.
@@ -35,10 +35,14 @@ def adapter_detail(catalog: Catalog, ref: str, served_config: dict | None = None
         item["aliases"] = sorted(a for a, v in aliases.items() if v == row["version"])
         item["training_run"] = catalog.one(
             "SELECT id, status, duration_s, steps, final_loss, eval_loss, cost_usd, device, precision, data_sha256, "
-            "loss_png FROM training_runs WHERE id = ?", [row["training_run_id"]]) if row["training_run_id"] else None
+            "loss_png, method, parent_version_id, preference FROM training_runs WHERE id = ?", [row["training_run_id"]]) if row["training_run_id"] else None
         item["evals"] = catalog.query(
             "SELECT id, data_sha256, n, metrics, paired, win_rate, config_key, serving_config, created_at "
             "FROM eval_runs WHERE adapter_version_id = ? ORDER BY id", [row["id"]])
+        item["judgements"] = catalog.query(
+            "SELECT j.id, j.eval_run_id, j.judge, j.judge_kind, j.judge_model, j.n, j.summary, j.created_at "
+            "FROM judge_runs j JOIN eval_runs r ON r.id = j.eval_run_id WHERE r.adapter_version_id = ? ORDER BY j.id",
+            [row["id"]])
         item["reviews"] = catalog.query(
             "SELECT id, eval_run_id, n, status, result, created_at, imported_at FROM reviews "
             "WHERE adapter_version_id = ? ORDER BY id", [row["id"]])

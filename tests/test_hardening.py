@@ -470,3 +470,76 @@ def test_6_a_vanishing_temperature_is_greedy_not_a_500(hsrv):
         greedy = h.post("/v1/completions", json={**body, "temperature": 0})
     assert tiny.status_code == 200, tiny.text
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_6_sigkill_during_an_upload_registration_leaves_catalog_and_store_consistent(tiny_base_dir, tmp_path):
+    """`kill -9` of `loradex serve` while it receives / registers an uploaded archive, then a restart:
+    no ready version without its files, no pending row or dead writer's temp folder left, and the same
+    upload then registers fine."""
+    import io
+    import os
+    import signal
+    import tarfile
+    import threading
+
+    from loradex.hub.bases import add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.settings import Settings
+    from loradex.hub.store import Store
+    from tests.helpers import start_server, stop_server
+
+    settings = Settings(home=tmp_path / "home", store=tmp_path / "store")
+    store = Store(settings.store)
+    with Catalog.open(settings.catalog_path) as cat:
+        add_base(cat, store, "tiny", str(tiny_base_dir))
+    src = make_adapter(tiny_base_dir, tmp_path / "big", r=8, scale=0.3)
+    (src / "README.md").write_text("model card\n" * 2_500_000)  # ~27 MB: a window to kill in
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for f in src.iterdir():
+            tf.add(f, arcname=f.name)
+    archive = buf.getvalue()
+    env = {"LORADEX_HOME": str(settings.home), "LORADEX_STORE": str(settings.store), "LORADEX_API_KEY": None}
+    args = ("--base", "tiny", "--quantize", "none", "--max-upload-bytes", str(64 << 20))
+    tmp_root = store.root / "tmp"
+
+    def upload(url: str) -> httpx.Response | None:
+        try:
+            return httpx.post(url + "/adapters", files={"file": ("big.tar", archive)}, data={"name": "big"}, timeout=120)
+        except httpx.HTTPError:
+            return None
+
+    kills = 0
+    for delay in (0.0, 0.3):  # kill at different points: receiving, then extracting / hashing / storing
+        proc, url = start_server(*args, env=env)
+        t = threading.Thread(target=upload, args=(url,))
+        t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and t.is_alive():
+            if tmp_root.exists() and any(p.name.startswith(f"{proc.pid}-") for p in tmp_root.iterdir()):
+                time.sleep(delay)
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.001)
+        t.join(130)
+        proc.wait()
+    assert kills == 2
+
+    proc, url = start_server(*args, env=env)  # the restart: opens the catalog, clears the dead writers' leftovers
+    try:
+        assert not [p for p in tmp_root.iterdir()] if tmp_root.exists() else True
+        with httpx.Client(base_url=url, timeout=120) as h:
+            listed = h.get("/v1/adapters").json()
+            for v in listed:  # whatever finished before a kill is complete
+                assert all(x["ok"] for x in h.get(f"/v1/adapters/{v['ref']}/verify").json()), v
+            r = upload(url)
+            assert r is not None and r.status_code == 201, r.text if r is not None else "no answer"
+            ref = f"big@{r.json()['version']}"
+            assert [x["ok"] for x in h.get(f"/v1/adapters/{ref}/verify").json()] == [True]
+    finally:
+        stop_server(proc)
+    with Catalog.open(settings.catalog_path) as cat:
+        assert cat.query("SELECT id FROM adapter_versions WHERE status <> 'ready'") == []
+        for r in cat.query("SELECT path, files FROM adapter_versions WHERE status = 'ready'"):
+            assert store.verify(r["path"], r["files"]) == []

@@ -149,3 +149,28 @@ def test_cli_round_trip_and_one_line_errors(catalog, reviewed, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["adapter_preferred"] == 6 and out["preference_rate"] == 1.0
+
+
+def test_stored_review_is_shown_by_show_and_leaderboard(catalog, reviewed, tmp_path):
+    sheet = tmp_path / "sheet.csv"
+    res = export_sheet(catalog, "bot", sheet, n=N, seed=2)
+    catalog.close()
+    r = run_cli("show", "bot")
+    assert r.returncode == 0, r.stderr
+    assert f"review {res['review_id']} (eval run {res['eval_run_id']}, {N} rows): exported, awaiting ratings" in r.stdout
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.settings import Settings
+
+    with Catalog.open(Settings().catalog_path) as cat:
+        _write(sheet, _fill(cat, _read(sheet), ties=2))
+        import_sheet(cat, sheet)
+    line = (f"review {res['review_id']} (eval run {res['eval_run_id']}, {N} rows): human preference for the adapter "
+            f"{(N - 1) / N:.0%}")
+    r = run_cli("show", "bot")
+    assert r.returncode == 0 and line in r.stdout and f"({N - 2} adapter, 2 ties, 0 base)" in r.stdout, r.stdout
+    r = run_cli("leaderboard")
+    assert r.returncode == 0, r.stderr
+    board = r.stdout.split("human reviews and judges (latest per version):")
+    assert len(board) == 2 and "bot@1" in board[1] and line in board[1]
+    r = run_cli("leaderboard", "--json")
+    assert json.loads(r.stdout)["reviews"]["bot@1"]["id"] == res["review_id"]

@@ -2,6 +2,7 @@
 
     loradex train --data train.jsonl --name my-adapter [--base B] [--eval-data held.jsonl]
                   [--config run.yaml] [--resume] [--r 16 --targets q_proj,v_proj --quantize nf4 ...]
+    loradex train --method dpo --data pairs.jsonl --name NAME [--from NAME@V] [--beta 0.1]
     loradex plan  --base B | --config-json FILE [--r 16 --targets q_proj,v_proj --quantize nf4]
                   [--data FILE --epochs N --gpu a10g]
 
@@ -39,13 +40,19 @@ TRAIN_FLAGS = [
     ("--eval-batch-size", "eval_batch_size", int, "batch size for the held-out loss (default 8)"),
     ("--eval-max-new-tokens", "eval_max_new_tokens", int, "tokens generated per held-out item when scoring (default 64)"),
     ("--description", "description", str, "description stored with the adapter"),
+    ("--method", "method", str, "sft (default) | dpo: preference pairs {prompt, chosen, rejected} from "
+                                "`loradex review pairs`"),
+    ("--from", "from_ref", str, "with --method dpo: the adapter NAME[@V] to continue (its base, LoRA weights and, "
+                                "unless --quantize is given, its quantization); default a fresh LoRA"),
+    ("--beta", "beta", float, "with --method dpo: pull towards the starting adapter (default 0.1)"),
 ]
 
 
 def add_commands(sub, common) -> None:
     p = sub.add_parser("train", parents=[common], help="fine-tune a LoRA/QLoRA adapter, record the run, register it",
                        description="Fine-tune a LoRA (or QLoRA with --quantize nf4) adapter on a JSONL file, "
-                                   "record the run in the catalog and register the adapter.")
+                                   "record the run in the catalog and register the adapter. With --method dpo, "
+                                   "preference-tune one (--from) on chosen/rejected pairs.")
     p.add_argument("--data", help="training JSONL (chat messages, prompt/completion, or text rows)")
     p.add_argument("--name", help="adapter name to register the result under")
     p.add_argument("--base", help="registered base model (default smollm2-135m-instruct)")
@@ -96,6 +103,8 @@ def cmd_train(ctx) -> int:
     overrides.update(data=a.data, name=a.name, base=a.base, eval_data=a.eval_data, resume=a.resume,
                      chat_template=a.chat_template, gradient_checkpointing=a.gradient_checkpointing,
                      run_evals=a.run_evals, allow_noop=a.allow_noop)
+    if a.method == "dpo":
+        return _cmd_dpo(ctx, overrides)
     config = load_config(a.config, **overrides)
     ctx.close_catalog()  # train() opens the catalog only for its short writes
     result = train(config, settings=ctx.settings, store=ctx.store)
@@ -116,6 +125,38 @@ def cmd_train(ctx) -> int:
                 f"{human_bytes(v['size_bytes'])}, digest {v['digest'][:12]}; loss curve {result.output_dir}/loss_curve.png")
 
     ctx.emit(data, human)
+    return 0
+
+
+def _cmd_dpo(ctx, overrides: dict) -> int:
+    from loradex.training.config import load_config
+    from loradex.training.dpo import train_dpo
+
+    a = ctx.args
+    if a.from_ref and (a.base is None or a.quantize is None):  # continue the adapter on what it was trained against
+        from loradex.hub.registry import resolve
+
+        parent = resolve(ctx.catalog, a.from_ref)
+        overrides["base"] = a.base or parent["base"]
+        if a.quantize is None:
+            overrides["quantize"] = parent["quantization"] if parent["quantization"] in ("none", "nf4") else "none"
+    if a.eval_data:
+        from loradex.hub.errors import InvalidConfig
+
+        raise InvalidConfig("--eval-data is for SFT runs; score the DPO adapter with `loradex eval NAME --data FILE`")
+    config = load_config(a.config, **overrides)
+    ctx.close_catalog()
+    r = train_dpo(config, settings=ctx.settings, store=ctx.store)
+    v, p = r.version, r.preference
+    data = {"run_id": r.run_id, "method": "dpo", "adapter": v["adapter"], "version": v["version"], "base": v["base"],
+            "output_dir": str(r.output_dir), "steps": r.steps, "final_loss": r.final_loss, "duration_s": r.duration_s,
+            "digest": v["digest"], "quantization": v["quantization"], "preference": p}
+    loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+    ctx.emit(data, f"trained {v['adapter']}@{v['version']} with DPO on {p['n']} pairs (run {r.run_id}, "
+                   f"{config.from_ref or 'fresh LoRA on ' + config.base}): {r.steps} steps in {r.duration_s:.0f}s, "
+                   f"final loss {loss}; margin log p(chosen) - log p(rejected) {p['margin_before']:+.3f} -> "
+                   f"{p['margin_after']:+.3f} nats, pairs preferred {p['accuracy_before']:.0%} -> "
+                   f"{p['accuracy_after']:.0%}; digest {v['digest'][:12]}")
     return 0
 
 

@@ -18,6 +18,7 @@ CONFIG_FILE = "loradex_train_config.json"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 QUANTIZE = ("none", "nf4")
 PRECISIONS = ("auto", "fp32", "bf16")
+METHODS = ("sft", "dpo")
 
 
 def _flag(name: str) -> str:
@@ -97,6 +98,14 @@ class TrainConfig:
     """Free-text description stored with the adapter; flag --description."""
     allow_noop: bool = False
     """Register the adapter even if every lora_B is still zero (e.g. a 1-step smoke test); flag --allow-noop."""
+    method: str = "sft"
+    """sft (supervised, training.run) or dpo (preference pairs, training.dpo: --data holds
+    {prompt, chosen, rejected} rows as written by `loradex review pairs`); flag --method."""
+    from_ref: str | None = None
+    """dpo: the adapter to continue (NAME[@V|@ALIAS]); its LoRA weights are trained further and its base is
+    used; default: fresh LoRA on --base; flag --from."""
+    beta: float = 0.1
+    """dpo: strength of the pull towards the reference (the starting adapter); higher stays closer; flag --beta."""
     extra: dict = field(default_factory=dict)
     """Free-form notes kept with the run (not used by training)."""
 
@@ -138,6 +147,13 @@ class TrainConfig:
             raise InvalidConfig("--targets must name at least one module (e.g. q_proj,v_proj) or be all-linear")
         if self.quantize not in QUANTIZE:
             raise InvalidConfig(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.method not in METHODS:
+            raise InvalidConfig(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.from_ref is not None and self.method != "dpo":
+            raise InvalidConfig("--from continues an adapter with preference training: use it with --method dpo")
+        self.beta = float(self.beta)
+        if not self.beta > 0:
+            raise InvalidConfig(f"--beta must be > 0, got {self.beta}")
         if self.precision not in PRECISIONS:
             raise InvalidConfig(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.threads, int) or self.threads < 0:

@@ -17,6 +17,7 @@ RESUMABLE = ("interrupted", "failed")
 UPDATABLE = frozenset((
     "status", "error", "ended_at", "duration_s", "steps", "tokens_seen", "tokens_per_s", "loss_curve", "final_loss",
     "eval_loss", "eval_loss_before", "loss_png", "checkpoint", "cost_usd", "cost_basis", "adapter_version_id",
+    "method", "parent_version_id", "preference",
 ))
 
 

@@ -107,6 +107,23 @@ function reviewTable(reviews) {
     })));
 }
 
+function judgeTable(judgements) {
+  if (!judgements.length) return h("p", { class: "muted" }, "No judge yet: loradex eval NAME --data FILE --judge REF_OR_URL");
+  return h("table", { class: "judgements" },
+    h("thead", {}, h("tr", {}, ["Judgement", "Eval run", "Judge", "n", "Adapter preferred (95% CI)", "Wins / ties / losses", "Position-consistent"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, judgements.map((j) => {
+      const s = j.summary || {};
+      const consistency = s.consistency_rate === null || s.consistency_rate === undefined ? "–"
+        : `${s.consistent}/${s.n_parsed} (${Math.round(s.consistency_rate * 100)}%)` + (s.position_biased ? ` POSITION-BIASED (slot ${s.biased_toward})` : "");
+      return h("tr", { "data-judgement": j.id },
+        h("td", {}, String(j.id)), h("td", {}, j.eval_run_id), h("td", { class: "small" }, j.judge_model && j.judge_model !== j.judge ? `${j.judge} (${j.judge_model})` : j.judge),
+        h("td", { class: "num" }, s.n_unparsed ? `${s.n_parsed} (+${s.n_unparsed} unparsed)` : s.n),
+        h("td", { class: "num mono" }, s.preference_rate !== null && s.preference_rate !== undefined ? ci(s.preference_rate, s.ci_low, s.ci_high) : "–"),
+        h("td", { class: "num" }, `${s.wins ?? 0} / ${s.ties ?? 0} / ${s.losses ?? 0}`),
+        h("td", { class: s.position_biased ? "small error" : "small" }, consistency));
+    })));
+}
+
 async function trainingSection(v) {
   const tr = v.training_run;
   if (!tr) return h("p", { class: "muted" }, "Registered from files (no training run recorded by loradex).");
@@ -207,7 +224,10 @@ export async function render(root, route) {
           return { label: `run ${r.id} (${configLabel(r.serving_config)})`, mean: p.diff ?? null, lo: p.ci_low, hi: p.ci_high };
         }), { title: "lift over the base per eval run, 95% CI", zero: true, signed: true, adapterLabel: "lift adapter − base, 95% CI" }),
         evalTable(runs)] : h("p", { class: "muted" }, `No eval yet: loradex eval ${ref} --data FILE`)),
-    section("Human review", reviewTable(v.reviews || []), h("p", {}, h("a", { href: `#/review?ref=${encodeURIComponent(ref)}` }, `Review ${ref} against the base`))),
+    section("Human review", reviewTable(v.reviews || []), h("p", {}, h("a", { href: `#/review?ref=${encodeURIComponent(ref)}` }, `Review ${ref} against the base`)),
+      h("p", { class: "small muted" }, "A rated round becomes DPO training data: ", h("code", {}, "loradex review pairs REVIEW_ID -o pairs.jsonl"), " then ",
+        h("code", {}, `loradex train --method dpo --data pairs.jsonl --from ${ref} --name ${name}`))),
+    section("Judges (adapter vs base, both orders)", judgeTable(v.judgements || [])),
     section("Training run", await trainingSection(v)),
     section("Model card", h("div", { class: "card md" }, card)),
   );
