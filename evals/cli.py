@@ -69,6 +69,14 @@ def _run_text(run: dict, gate: dict | None = None) -> str:
     if t:
         lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
                      f"(load {t.get('load_s', 0):.1f}s, adapter {t.get('adapter_s', 0):.1f}s, base {t.get('base_s', 0):.1f}s)")
+    if run.get("zero_effect"):
+        lines.append(f"  ZERO EFFECT: outputs equal the base's on {run.get('identical_rate') or 0:.0%} of items")
+    elif run.get("identical_rate") is not None:
+        lines.append(f"  outputs equal to the base's: {run['identical_rate']:.0%} of items")
+    if run.get("forgetting"):
+        from loradex.evals.record import forgetting_label
+
+        lines.append(f"  {forgetting_label(run['forgetting'])} (forgetting run {run['forgetting']['id']})")
     if gate is not None:
         verdict = "would pass" if gate["ok"] else "would refuse: " + "; ".join(gate["reasons"])
         lines.append(f"  promotion gate: {verdict}")
@@ -81,8 +89,13 @@ def cmd_eval(ctx) -> int:
         return cmd_eval_show(ctx)
     if args.run is not None:
         raise InvalidConfig(f"unexpected argument {args.run!r}: use `loradex eval NAME --data FILE` or `loradex eval show RUN`")
-    if not args.data:
-        raise InvalidConfig("--data FILE is required: a JSONL held-out set (chat messages or prompt/completion)")
+    if args.forgetting_data and not args.forgetting:
+        raise InvalidConfig("--forgetting-data needs --forgetting")
+    if args.forgetting and not args.data and args.judge:
+        raise InvalidConfig("--judge compares answers to --data FILE: give --data, or drop --judge for --forgetting alone")
+    if not args.data and not args.forgetting:
+        raise InvalidConfig("--data FILE is required: a JSONL held-out set (chat messages or prompt/completion); "
+                            "or --forgetting alone for held-out loss on general text")
     from loradex.evals.run import evaluate
     from loradex.evals.gate import check_promotion
 
@@ -99,10 +112,20 @@ def cmd_eval(ctx) -> int:
         as_served = True  # the default: as `loradex serve` serves it by default
     judge = _open_url_judge(ctx) if args.judge else None  # a judge that cannot answer fails before generation
     ctx.close_catalog()  # evaluate opens short-lived catalogs around the model work
+    if not args.data:
+        return _forgetting_only(ctx, quantize, dtype, as_served)
     run = evaluate(None, ctx.store, args.ref, args.data, metrics=args.metrics, max_new_tokens=args.max_new_tokens,
                    limit=args.limit, batch_size=args.batch_size, seed=args.seed, settings=ctx.settings,
                    quantize=quantize, device=args.device, use_cache=not args.no_cache,
                    progress=not args.no_progress and not ctx.as_json, as_served=as_served, dtype=dtype)
+    from loradex.evals.record import zero_effect_line
+
+    loud = zero_effect_line(run)
+    if loud:
+        print(f"loradex: {loud}", file=sys.stderr)
+    if args.forgetting:  # same configuration as the task eval just measured
+        run["forgetting"] = _forgetting(ctx, run["serving_config"]["quantize"], run["serving_config"]["dtype"],
+                                        False, eval_run_id=run["id"])
     judgement = _judge(ctx, judge, run) if args.judge else None
     from loradex.hub.registry import get_version_by_id
 
@@ -114,6 +137,36 @@ def cmd_eval(ctx) -> int:
         print(f"loradex: warning: {warning}", file=sys.stderr)
     ctx.emit(dict(run, gate=gate, warning=warning, judgement=judgement),
              lambda: _run_text(run, gate) + _judge_text([judgement] if judgement else []))
+    return 0
+
+
+def _forgetting(ctx, quantize, dtype, as_served, eval_run_id=None) -> dict:
+    from loradex.evals.forgetting import measure_forgetting
+
+    return measure_forgetting(None, ctx.store, ctx.args.ref, ctx.settings, data=ctx.args.forgetting_data,
+                              quantize=quantize, dtype=dtype, as_served=as_served, device=ctx.args.device,
+                              batch_size=ctx.args.batch_size * 2, seed=ctx.args.seed, eval_run_id=eval_run_id,
+                              use_cache=not ctx.args.no_cache)
+
+
+def _forgetting_only(ctx, quantize, dtype, as_served) -> int:
+    """``loradex eval REF --forgetting`` without --data: held-out loss on general text, and the gate's verdict."""
+    from loradex.evals.config import config_label
+    from loradex.evals.gate import check_promotion
+    from loradex.evals.record import forgetting_label
+    from loradex.hub.registry import get_version_by_id
+
+    f = _forgetting(ctx, quantize, dtype, as_served)
+    gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, f["adapter_version_id"]),
+                           config=f.get("serving_config"))
+
+    def human() -> str:
+        verdict = "would pass" if gate["ok"] else "would refuse: " + "; ".join(gate["reasons"])
+        return (f"forgetting run {f['id']}: {f['adapter']}@{f['version']} vs base {f['base']} under "
+                f"{config_label(f['serving_config'])}\n  {forgetting_label(f)}, {f['tokens']} tokens, "
+                f"{f['duration_s']:.1f}s\n  promotion gate: {verdict}")
+
+    ctx.emit({"forgetting": f, "gate": gate}, human)
     return 0
 
 
@@ -338,6 +391,11 @@ def add_commands(sub, common) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-cache", action="store_true", help="recompute the base's outputs even if cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--forgetting", action="store_true",
+                   help="also score held-out loss of base and adapter on the shipped general-text set (change with a "
+                        "95%% CI, stored; the gate refuses regressions beyond LORADEX_GATE_MAX_FORGETTING); "
+                        "alone without --data it runs only that")
+    p.add_argument("--forgetting-data", help="another general-text JSONL of {\"text\": ...} rows for --forgetting")
     p.add_argument("--worst", type=_positive_int("--worst"), help="with `eval show RUN`: only the N worst items")
     p.add_argument("--judge", help="also judge adapter vs base per item, in both orders: a base or adapter of this hub "
                                    "(NAME[@V], loaded here) or an OpenAI-compatible URL (http://host:port/v1; key "
