@@ -29,7 +29,7 @@ test: $(STAMP)
 test-runtimes: $(STAMP)
 	bash .ci/setup_llamacpp.sh
 	bash .ci/setup_vllm.sh
-	$(BIN)/python -m pytest -q -m llamacpp tests/test_llamacpp.py
+	$(BIN)/python -m pytest -q -m llamacpp tests/test_llamacpp.py tests/test_llamacpp_families.py
 	$(BIN)/python -m pytest -q -m vllm tests/test_vllm.py tests/test_fleet_vllm.py
 
 # the web page in headless chromium (Debian package, installed by the script with the web-test extra)

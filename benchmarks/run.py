@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "cold_load": "benchmarks.cold_load",
     "llamacpp": "benchmarks.llamacpp",
     "http": "benchmarks.http",
+    "eval_many": "benchmarks.eval_many",
     "training": "benchmarks.training",
 }
 

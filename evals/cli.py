@@ -1,7 +1,7 @@
 """``loradex eval``, ``eval show``, ``leaderboard``, ``review export|import``.
 
-    loradex eval NAME[@V|@ALIAS] --data held_out.jsonl [--metrics similarity,exact,perplexity]
-                 [--max-new-tokens 64] [--limit N] [--batch-size 8] [--quantize nf4 | --as-served]
+    loradex eval NAME[@V|@ALIAS] [REF ...] [--all-of NAME] --data held_out.jsonl [--metrics similarity,exact,perplexity]
+                 [--max-new-tokens 64] [--limit N] [--batch-size 8] [--quantize nf4 | --as-served] [--batch-invariant]
                  [--judge REF|URL [--judge-model ID] [--judge-max-tokens 96]]
     loradex eval show RUN [--worst 10]
     loradex leaderboard [--data FILE_OR_HASH] [--config KEY|as-served|none|nf4|int8] [--png board.png] [--json]
@@ -59,7 +59,12 @@ def _run_text(run: dict, gate: dict | None = None) -> str:
                      f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
     lines.append(f"  decoding: {dec.get('strategy')}, max_new_tokens={dec.get('max_new_tokens')}, "
                  f"batch={dec.get('batch_size')}, {dec.get('device')}/{dec.get('dtype')}, quantize={dec.get('quantize')}"
+                 + (", batch-invariant" if dec.get("batch_invariant") else "")
                  + (", base outputs from cache" if dec.get("base_cached") else ""))
+    batch = dec.get("batch")
+    if batch:
+        lines.append(f"  batches: {', '.join(batch['sides'])} ({batch['rows']} rows, up to "
+                     f"{batch['max_rows_per_forward']} per forward; {batch['mode']})")
     cfg = run.get("serving_config")
     if cfg:
         served = "what `loradex serve` runs by default" if is_served_default(cfg) else "not the default server's configuration"
@@ -67,8 +72,21 @@ def _run_text(run: dict, gate: dict | None = None) -> str:
     else:
         lines.append("  scores describe: an unknown serving configuration (recorded before configs were)")
     if t:
-        lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
-                     f"(load {t.get('load_s', 0):.1f}s, adapter {t.get('adapter_s', 0):.1f}s, base {t.get('base_s', 0):.1f}s)")
+        if "generate_s" in t:  # one engine pass for every adapter of the eval and the base
+            lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
+                         f"(load {t.get('load_s', 0):.1f}s, generation {t['generate_s']:.1f}s, "
+                         f"perplexity {t.get('perplexity_s', 0):.1f}s, scoring {t.get('score_s', 0):.1f}s)")
+        else:
+            lines.append(f"  time: {run['duration_s']:.1f}s total, {t.get('per_item_s', 0):.2f}s/item "
+                         f"(load {t.get('load_s', 0):.1f}s, adapter {t.get('adapter_s', 0):.1f}s, base {t.get('base_s', 0):.1f}s)")
+    if run.get("zero_effect"):
+        lines.append(f"  ZERO EFFECT: outputs equal the base's on {run.get('identical_rate') or 0:.0%} of items")
+    elif run.get("identical_rate") is not None:
+        lines.append(f"  outputs equal to the base's: {run['identical_rate']:.0%} of items")
+    if run.get("forgetting"):
+        from loradex.evals.record import forgetting_label
+
+        lines.append(f"  {forgetting_label(run['forgetting'])} (forgetting run {run['forgetting']['id']})")
     if gate is not None:
         verdict = "would pass" if gate["ok"] else "would refuse: " + "; ".join(gate["reasons"])
         lines.append(f"  promotion gate: {verdict}")
@@ -77,20 +95,31 @@ def _run_text(run: dict, gate: dict | None = None) -> str:
 
 def cmd_eval(ctx) -> int:
     args = ctx.args
-    if args.ref == "show" and args.run is not None:
+    refs = list(args.refs)
+    if refs[:1] == ["show"] and not args.all_of:
+        if len(refs) != 2:
+            raise InvalidConfig("use `loradex eval show RUN` with one eval run id")
+        args.run = refs[1]
         return cmd_eval_show(ctx)
-    if args.run is not None:
-        raise InvalidConfig(f"unexpected argument {args.run!r}: use `loradex eval NAME --data FILE` or `loradex eval show RUN`")
-    if not args.data:
-        raise InvalidConfig("--data FILE is required: a JSONL held-out set (chat messages or prompt/completion)")
-    from loradex.evals.run import evaluate
+    if not refs and not args.all_of:
+        raise InvalidConfig("name an adapter: `loradex eval NAME[@V|@ALIAS] ... --data FILE` or `--all-of NAME`")
+    if args.forgetting_data and not args.forgetting:
+        raise InvalidConfig("--forgetting-data needs --forgetting")
+    if args.forgetting and not args.data and args.judge:
+        raise InvalidConfig("--judge compares answers to --data FILE: give --data, or drop --judge for --forgetting alone")
+    if not args.data and not args.forgetting:
+        raise InvalidConfig("--data FILE is required: a JSONL held-out set (chat messages or prompt/completion); "
+                            "or --forgetting alone for held-out loss on general text")
+    if not args.data and (len(refs) != 1 or args.all_of):
+        raise InvalidConfig("--forgetting without --data measures one adapter: name one, or give --data FILE")
+    from loradex.evals.run import evaluate_many
     from loradex.evals.gate import check_promotion
 
     quantize, dtype, as_served = args.quantize, args.dtype, args.as_served
     if args.as_trained and (quantize or as_served):
         raise InvalidConfig("--as-trained chooses the quantization itself: drop --quantize / --as-served")
     chosen = quantize is not None or dtype is not None or args.as_trained
-    server = _running_server(ctx, args.ref) if not chosen else None
+    server = _running_server(ctx, refs[0] if refs else args.all_of[0]) if not chosen else None
     if server is not None:  # a server owns the catalog: score the adapter as that server serves it
         quantize, dtype, as_served = server["quantize"], server["dtype"], False
         print(f"loradex: scoring as the running server serves it ({server['config_label']}); "
@@ -99,21 +128,86 @@ def cmd_eval(ctx) -> int:
         as_served = True  # the default: as `loradex serve` serves it by default
     judge = _open_url_judge(ctx) if args.judge else None  # a judge that cannot answer fails before generation
     ctx.close_catalog()  # evaluate opens short-lived catalogs around the model work
-    run = evaluate(None, ctx.store, args.ref, args.data, metrics=args.metrics, max_new_tokens=args.max_new_tokens,
-                   limit=args.limit, batch_size=args.batch_size, seed=args.seed, settings=ctx.settings,
-                   quantize=quantize, device=args.device, use_cache=not args.no_cache,
-                   progress=not args.no_progress and not ctx.as_json, as_served=as_served, dtype=dtype)
-    judgement = _judge(ctx, judge, run) if args.judge else None
+    if not args.data:
+        return _forgetting_only(ctx, refs[0], quantize, dtype, as_served)
+    runs = evaluate_many(None, ctx.store, refs, args.data, all_of=args.all_of or (), metrics=args.metrics,
+                         max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
+                         seed=args.seed, settings=ctx.settings, quantize=quantize, device=args.device,
+                         use_cache=not args.no_cache, progress=not args.no_progress and not ctx.as_json,
+                         as_served=as_served, dtype=dtype, batch_invariant=args.batch_invariant)
+    if args.judge and judge is None:  # a hub judge: loaded once, now that the eval's engine is freed
+        judge = _load_hub_judge(ctx)
+    from loradex.evals.record import zero_effect_line
+
+    for run in runs:
+        loud = zero_effect_line(run)
+        if loud:
+            print(f"loradex: {loud}", file=sys.stderr)
+        if args.forgetting:  # same configuration as the task eval just measured
+            run["forgetting"] = _forgetting(ctx, f"{run['adapter']}@{run['version']}",
+                                            run["serving_config"]["quantize"], run["serving_config"]["dtype"], False,
+                                            eval_run_id=run["id"])
     from loradex.hub.registry import get_version_by_id
 
-    # the gate's verdict for the configuration just measured: these numbers say nothing about others
-    gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]),
-                           config=run.get("serving_config"))
-    warning = None if server is not None else served_warning(run, data=args.data)
-    if warning:
-        print(f"loradex: warning: {warning}", file=sys.stderr)
-    ctx.emit(dict(run, gate=gate, warning=warning, judgement=judgement),
-             lambda: _run_text(run, gate) + _judge_text([judgement] if judgement else []))
+    shown = []
+    for run in runs:
+        judgement = _judge(ctx, judge, run) if args.judge else None
+        # the gate's verdict for the configuration just measured: these numbers say nothing about others
+        gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, run["adapter_version_id"]),
+                               config=run.get("serving_config"))
+        warning = None if server is not None else served_warning(run, data=args.data)
+        if warning:
+            print(f"loradex: warning: {warning}", file=sys.stderr)
+        shown.append(dict(run, gate=gate, warning=warning, judgement=judgement))
+    if len(shown) == 1 and len(refs) == 1 and not args.all_of:
+        run = shown[0]
+        ctx.emit(run, lambda: _run_text(run, run["gate"]) + _judge_text([run["judgement"]] if run["judgement"] else []))
+    else:
+        ctx.emit({"runs": shown}, lambda: _many_text(shown))
+    return 0
+
+
+def _many_text(runs: list[dict]) -> str:
+    """Each run as a single eval prints it, then one line per adapter (primary metric, lift)."""
+    parts = [_run_text(r, r["gate"]) + _judge_text([r["judgement"]] if r.get("judgement") else []) for r in runs]
+    batch = (runs[0]["decoding"] or {}).get("batch") or {}
+    t = (runs[0]["decoding"] or {}).get("timings") or {}
+    lines = [f"{len(runs)} adapters scored in one pass ({batch.get('rows')} rows, "
+             f"{t.get('total_s', 0):.1f}s total, generation {t.get('generate_s', 0):.1f}s):"]
+    for r in runs:
+        metric = (r["decoding"] or {}).get("primary_metric") or next(iter(r["metrics"]))
+        lines.append(f"  {r['adapter']}@{r['version']:<4} run {r['id']:<5} {metric} {_ci(r['metrics'][metric])}  "
+                     f"lift {_ci((r['paired'] or {}).get(metric), signed=True)}")
+    return "\n\n".join(parts) + "\n\n" + "\n".join(lines)
+
+
+def _forgetting(ctx, ref: str, quantize, dtype, as_served, eval_run_id=None) -> dict:
+    from loradex.evals.forgetting import measure_forgetting
+
+    return measure_forgetting(None, ctx.store, ref, ctx.settings, data=ctx.args.forgetting_data,
+                              quantize=quantize, dtype=dtype, as_served=as_served, device=ctx.args.device,
+                              batch_size=ctx.args.batch_size * 2, seed=ctx.args.seed, eval_run_id=eval_run_id,
+                              use_cache=not ctx.args.no_cache)
+
+
+def _forgetting_only(ctx, ref: str, quantize, dtype, as_served) -> int:
+    """``loradex eval REF --forgetting`` without --data: held-out loss on general text, and the gate's verdict."""
+    from loradex.evals.config import config_label
+    from loradex.evals.gate import check_promotion
+    from loradex.evals.record import forgetting_label
+    from loradex.hub.registry import get_version_by_id
+
+    f = _forgetting(ctx, ref, quantize, dtype, as_served)
+    gate = check_promotion(ctx.catalog, get_version_by_id(ctx.catalog, f["adapter_version_id"]),
+                           config=f.get("serving_config"))
+
+    def human() -> str:
+        verdict = "would pass" if gate["ok"] else "would refuse: " + "; ".join(gate["reasons"])
+        return (f"forgetting run {f['id']}: {f['adapter']}@{f['version']} vs base {f['base']} under "
+                f"{config_label(f['serving_config'])}\n  {forgetting_label(f)}, {f['tokens']} tokens, "
+                f"{f['duration_s']:.1f}s\n  promotion gate: {verdict}")
+
+    ctx.emit({"forgetting": f, "gate": gate}, human)
     return 0
 
 
@@ -134,19 +228,25 @@ def _open_url_judge(ctx):
     return open_judge(args.judge, model=args.judge_model, max_tokens=args.judge_max_tokens)
 
 
+def _load_hub_judge(ctx):
+    from loradex.evals.judge import open_judge
+
+    if not ctx.as_json:
+        print(f"loradex: loading judge {ctx.args.judge}", file=sys.stderr)
+    return open_judge(ctx.args.judge, max_tokens=ctx.args.judge_max_tokens, store=ctx.store,
+                      settings=ctx.settings, device=ctx.args.device)
+
+
 def _judge(ctx, judge, run: dict) -> dict:
     """Judge the stored run's samples adapter-vs-base in both orders and store the judgement."""
     import time
 
-    from loradex.evals.judge import judge_run, open_judge, store_judgement
+    from loradex.evals.judge import judge_run, store_judgement
     from loradex.evals.record import get_samples
     from loradex.hub.catalog import borrowed
 
     if judge is None:
-        if not ctx.as_json:
-            print(f"loradex: loading judge {ctx.args.judge}", file=sys.stderr)
-        judge = open_judge(ctx.args.judge, max_tokens=ctx.args.judge_max_tokens, store=ctx.store,
-                           settings=ctx.settings, device=ctx.args.device)
+        judge = _load_hub_judge(ctx)
     with borrowed(None, ctx.settings) as cat:
         samples = get_samples(cat, run["id"])
     t = time.perf_counter()
@@ -315,15 +415,24 @@ def cmd_review_pairs(ctx) -> int:
 def add_commands(sub, common) -> None:
     from loradex.evals.metrics import METRICS
 
-    p = sub.add_parser("eval", parents=[common], help="score an adapter against its base on held-out data (or: eval show RUN)",
-                       description="loradex eval NAME[@V|@ALIAS] --data FILE ... | loradex eval show RUN [--worst N]")
-    p.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS (or the word `show` followed by a run id)")
-    p.add_argument("run", nargs="?", help=argparse.SUPPRESS)
+    p = sub.add_parser("eval", parents=[common],
+                       help="score adapters against their base on held-out data, many in one pass (or: eval show RUN)",
+                       description="loradex eval REF [REF ...] [--all-of NAME] --data FILE ... | "
+                                   "loradex eval show RUN [--worst N]")
+    p.add_argument("refs", nargs="*", metavar="REF",
+                   help="NAME, NAME@VERSION or NAME@ALIAS, one or more (all scored in one pass on the serving engine); "
+                        "or the word `show` followed by a run id")
+    p.add_argument("--all-of", action="append", metavar="NAME",
+                   help="also score every ready version of NAME (repeatable)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="run each row's forward by itself, so outputs do not depend on batch size or neighbours "
+                        "(slower; see docs/evals.md)")
     p.add_argument("--data", help="held-out JSONL: chat `messages` (last assistant turn = reference) or prompt/completion")
     p.add_argument("--metrics", default="similarity", help=f"comma-separated: {', '.join(METRICS)} (default similarity)")
     p.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=64, help="greedy tokens per item (default 64)")
     p.add_argument("--limit", type=_positive_int("--limit"), help="score only the first N items")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="items per batch (default 8)")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8,
+                   help="items per batch (default 8); the engine runs that many items of every adapter and the base per forward")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="load the base quantized so (default: as served, see --as-served; a warning says when the "
@@ -338,6 +447,11 @@ def add_commands(sub, common) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-cache", action="store_true", help="recompute the base's outputs even if cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--forgetting", action="store_true",
+                   help="also score held-out loss of base and adapter on the shipped general-text set (change with a "
+                        "95%% CI, stored; the gate refuses regressions beyond LORADEX_GATE_MAX_FORGETTING); "
+                        "alone without --data it runs only that")
+    p.add_argument("--forgetting-data", help="another general-text JSONL of {\"text\": ...} rows for --forgetting")
     p.add_argument("--worst", type=_positive_int("--worst"), help="with `eval show RUN`: only the N worst items")
     p.add_argument("--judge", help="also judge adapter vs base per item, in both orders: a base or adapter of this hub "
                                    "(NAME[@V], loaded here) or an OpenAI-compatible URL (http://host:port/v1; key "

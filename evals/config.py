@@ -12,9 +12,10 @@ run therefore records::
 ``config_key`` is what is compared (a running server builds the same dict with
 :func:`serving_config` and looks scores up by its key). ``engine`` (which code
 generated the tokens) is recorded for the audit trail but is not part of the
-key: evals generate with ``transformers.generate`` on a PEFT model, the server
-with its own engine over the same weights, and greedy decoding on the same
-weights is what a score promises about a server, not the loop that drives it.
+key: evals now generate on the server's own engine (:mod:`evals.engine_eval`),
+runs stored before that used ``transformers.generate`` on a PEFT model, and
+greedy decoding on the same weights is what a score promises about a server,
+not the loop that drives it.
 
 :func:`served_default` says what ``loradex serve`` runs with no flags
 (its ``EngineConfig`` defaults), so ``eval --as-served``, the leaderboard's
@@ -26,9 +27,9 @@ from loradex.hub.errors import InvalidConfig
 from loradex.hub.loading import QUANTIZE_CHOICES
 
 EVAL_ENGINE = "transformers.generate+peft"
-"""What evals/generate.py drives: ``PeftModel.generate`` (greedy, left-padded batches)."""
+"""What evals generated with before they moved to the serving engine (older runs record it)."""
 SERVE_ENGINE = "loradex-engine"
-"""What ``loradex serve`` drives: serving/engine.py's continuous batcher over serving/lora.py."""
+"""What ``loradex serve`` and ``loradex eval`` drive: serving/engine.py's continuous batcher over serving/lora.py."""
 
 _DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
 

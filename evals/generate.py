@@ -1,4 +1,10 @@
-"""Model-side work of an eval: batched greedy generation and teacher-forced perplexity.
+"""Model-side work on a plain transformers model: teacher-forced perplexity, and a reference greedy generator.
+
+``loradex eval`` generates on the serving engine (:mod:`evals.engine_eval`), so a
+score describes what ``loradex serve`` answers; it uses
+:func:`reference_perplexities` here on the engine's loaded model.
+:func:`generate_outputs` (``transformers.generate``, left-padded batches) is the
+plain-transformers reference the engine is checked against, kept for that.
 
 Prompts go through the base's chat template with ``hub.chat.encode_chat``
 (``add_generation_prompt=True``), exactly as serving and training see them. Batches are formed from

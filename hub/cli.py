@@ -177,7 +177,8 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
             from loradex.evals.config import config_label
 
             out.append(f"    eval run {ev['id']} n={ev['n']} data {ev['data_sha256'][:12]} "
-                       f"({config_label(ev.get('serving_config'))}): " + "; ".join(parts))
+                       f"({config_label(ev.get('serving_config'))}): " + "; ".join(parts)
+                       + (" ZERO EFFECT (outputs = base's)" if ev.get("zero_effect") else ""))
             for j in v.get("judgements") or []:
                 if j["eval_run_id"] == ev["id"]:
                     from loradex.evals.judge import describe
@@ -187,6 +188,11 @@ def _show_text(name: str, aliases: dict, versions: list[dict]) -> str:
             from loradex.evals.review import describe_review
 
             out.append(f"    {describe_review(r)}")
+        for f in v.get("forgetting") or []:
+            from loradex.evals.config import config_label
+            from loradex.evals.record import forgetting_label
+
+            out.append(f"    forgetting {f['id']} ({config_label(f.get('serving_config'))}): {forgetting_label(f)}")
         for m in v["merges"]:
             out.append(f"    merge {m['id']} {m['dtype']} into {m['merged_into']} -> base {m['base_name']}")
         for e in v["exports"]:

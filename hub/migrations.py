@@ -315,6 +315,72 @@ def m007_eval_runs_serving_config(cur) -> None:
                         [json.dumps(cfg, sort_keys=True), config_key(cfg), rid])
 
 
+def m008_eval_like_for_like(cur) -> None:
+    """Evals: like-for-like keys, the zero-effect flag, and forgetting measurements (issue 14).
+
+    ``compare_key`` (+ ``compare_settings``, what it hashes) says which runs may be
+    ranked together (data, n, metrics, decoding, similarity model, base, serving
+    config: ``evals.record.comparison_settings``); ``identical_rate`` is the share
+    of items where the adapter's output equals the base's and ``zero_effect`` flags
+    >= 95%. Existing runs are backfilled from what they recorded and their samples.
+    ``forgetting_runs`` holds held-out loss of base and adapter on the shipped
+    general-text set, per version and serving configuration (``evals.forgetting``).
+    """
+    import json
+
+    from loradex.evals.record import comparison_key, comparison_settings, identical_rate, is_zero_effect
+
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN compare_key VARCHAR")
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN compare_settings JSON")
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN identical_rate DOUBLE")  # share of items with output == base output
+    cur.execute("ALTER TABLE eval_runs ADD COLUMN zero_effect BOOLEAN")    # identical_rate >= 0.95
+
+    def load(v):
+        return json.loads(v) if isinstance(v, str) else v
+
+    cols = {r[0] for r in cur.execute("SELECT column_name FROM information_schema.columns "
+                                      "WHERE table_name = 'eval_runs'").fetchall()}
+    cfg_cols = "serving_config, config_key" if "config_key" in cols else "NULL, NULL"  # applied without 007 (tests)
+    rows = cur.execute(f"SELECT id, base, data_sha256, n, metrics, decoding, metric_model, {cfg_cols} "
+                       "FROM eval_runs").fetchall()
+    for rid, base, data_sha, n, metrics, decoding, metric_model, cfg, key in rows:
+        settings = comparison_settings({"base": base, "data_sha256": data_sha, "n": n, "metrics": load(metrics),
+                                        "decoding": load(decoding), "metric_model": metric_model,
+                                        "serving_config": load(cfg), "config_key": key})
+        samples = [{"output": o, "base_output": b, "scores": load(s), "base_scores": load(bs)} for o, b, s, bs in
+                   cur.execute("SELECT output, base_output, scores, base_scores FROM eval_samples WHERE run_id = ? "
+                               "ORDER BY idx", [rid]).fetchall()]
+        rate = identical_rate(samples)
+        cur.execute("UPDATE eval_runs SET compare_key = ?, compare_settings = ?, identical_rate = ?, zero_effect = ? "
+                    "WHERE id = ?", [comparison_key(settings), json.dumps(settings, sort_keys=True), rate,
+                                     is_zero_effect(rate), rid])
+    cur.execute("CREATE SEQUENCE forgetting_run_ids START 1")
+    cur.execute(
+        """
+        CREATE TABLE forgetting_runs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('forgetting_run_ids'),
+            adapter_version_id BIGINT NOT NULL,
+            base VARCHAR NOT NULL,
+            data_path VARCHAR NOT NULL,       -- the general-text set (evals/data/general.jsonl unless given)
+            data_sha256 VARCHAR NOT NULL,
+            n INTEGER NOT NULL,               -- passages
+            tokens BIGINT,                    -- scored tokens over all passages
+            serving_config JSON,
+            config_key VARCHAR,
+            base_nll JSON NOT NULL,           -- {mean, n, ci_low, ci_high, method, std}: mean token NLL per passage
+            adapter_nll JSON NOT NULL,
+            diff DOUBLE NOT NULL,             -- adapter - base, nats/token (positive = forgetting)
+            ci_low DOUBLE NOT NULL,
+            ci_high DOUBLE NOT NULL,
+            method VARCHAR,
+            eval_run_id BIGINT,               -- the task eval it ran with, if any
+            duration_s DOUBLE,
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+
+
 def m009_judges_reviews_dpo(cur) -> None:
     """Judges, reviews and the loop: pairwise judge verdicts per eval item, review rows linked to their
     eval sample, and the training method (sft | dpo) with the adapter a preference run continued."""
@@ -368,6 +434,7 @@ MIGRATIONS: list[tuple[str, Callable]] = [
     ("005_training_runs_extra", m005_training_runs_extra),
     ("006_service", m006_service),
     ("007_eval_runs_serving_config", m007_eval_runs_serving_config),
+    ("008_eval_like_for_like", m008_eval_like_for_like),
     ("009_judges_reviews_dpo", m009_judges_reviews_dpo),
 ]
 

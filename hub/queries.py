@@ -15,10 +15,12 @@ from loradex.hub.registry import aliases_of, resolve
 
 @op("adapters.show")
 def adapter_detail(catalog: Catalog, ref: str, served_config: dict | None = None) -> dict:
-    """An adapter with its versions, files, training run, eval scores, judgements, reviews, merges and exports.
+    """An adapter with its versions, files, training run, eval scores, forgetting, judgements, reviews, merges and exports.
 
     ``served`` on each version is its score under the configuration it is served with
-    (``served_config``, a running server's; else the default server's), or None with a note.
+    (``served_config``, a running server's; else the default server's), or None with a note:
+    the best-covered run there (most items, then newest), its n, settings, zero-effect flag
+    and the latest forgetting measurement under that configuration.
     """
     parsed = parse_ref(ref)
     if parsed.version is None and parsed.alias is None:
@@ -37,8 +39,13 @@ def adapter_detail(catalog: Catalog, ref: str, served_config: dict | None = None
             "SELECT id, status, duration_s, steps, final_loss, eval_loss, cost_usd, device, precision, data_sha256, "
             "loss_png, method, parent_version_id, preference FROM training_runs WHERE id = ?", [row["training_run_id"]]) if row["training_run_id"] else None
         item["evals"] = catalog.query(
-            "SELECT id, data_sha256, n, metrics, paired, win_rate, config_key, serving_config, created_at "
+            "SELECT id, data_sha256, n, metrics, paired, win_rate, config_key, serving_config, compare_key, "
+            "compare_settings, identical_rate, zero_effect, created_at "
             "FROM eval_runs WHERE adapter_version_id = ? ORDER BY id", [row["id"]])
+        item["forgetting"] = catalog.query(
+            "SELECT id, data_path, data_sha256, n, tokens, config_key, serving_config, base_nll, adapter_nll, diff, "
+            "ci_low, ci_high, method, eval_run_id, created_at FROM forgetting_runs WHERE adapter_version_id = ? "
+            "ORDER BY id", [row["id"]])
         item["judgements"] = catalog.query(
             "SELECT j.id, j.eval_run_id, j.judge, j.judge_kind, j.judge_model, j.n, j.summary, j.created_at "
             "FROM judge_runs j JOIN eval_runs r ON r.id = j.eval_run_id WHERE r.adapter_version_id = ? ORDER BY j.id",
@@ -129,7 +136,8 @@ def loss_curve(catalog: Catalog, run_id: int) -> dict:
 def eval_runs(catalog: Catalog, adapter: str | None = None) -> list[dict]:
     """Eval runs, newest first, with the adapter version they scored."""
     rows = _for(catalog, "eval_runs", "id, adapter_version_id, base, data_path, data_sha256, n, metrics, paired, "
-                "win_rate, config_key, serving_config, duration_s, created_at", adapter)
+                "win_rate, config_key, serving_config, compare_key, compare_settings, identical_rate, zero_effect, "
+                "duration_s, created_at", adapter)
     refs = {r["id"]: f"{r['adapter']}@{r['version']}" for r in catalog.query(
         "SELECT id, adapter, version FROM adapter_versions")}
     for r in rows:

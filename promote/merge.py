@@ -128,9 +128,11 @@ def plan_merge(catalog: Catalog, store: Store, ref: str | dict, config: MergeCon
     from loradex.hub.bases import get_base
     from loradex.hub.names import check_name
     from loradex.hub.registry import adapter_folder
+    from loradex.promote.families import check_architecture
 
     version, adapter_dir = adapter_folder(catalog, store, ref)
     base = get_base(catalog, version["base"], store=store)
+    check_architecture(base.get("architecture"), "loradex merge", base.get("model_type"))
     quant = (version.get("quantization") or "none").lower()
     if quant not in MERGED_INTO:
         raise InvalidConfig(f"{version['adapter']}@{version['version']} was trained against quantization {quant!r}; "

@@ -46,6 +46,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--route-merged", action="store_true",
                    help="serve an adapter version from its merged model (loradex merge) when one exists")
     p.add_argument("--max-merged", type=int, default=2, help="merged models loaded at most for --route-merged (default 2)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="run each row's forward alone: answers do not depend on batch size or neighbours (slower)")
     p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, time for in-flight requests (default 30)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.add_argument("--registry", metavar="URL",
@@ -61,7 +63,8 @@ def build_config(args):
                           max_loaded=args.max_loaded, pin=list(args.pin), max_batch=args.max_batch,
                           batch_window_ms=args.batch_window_ms, max_queued=args.max_queued,
                           max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                          max_context=args.max_context, route_merged=args.route_merged, max_merged=args.max_merged)
+                          max_context=args.max_context, route_merged=args.route_merged, max_merged=args.max_merged,
+                          batch_invariant=args.batch_invariant)
     return ServerConfig(engine=engine, host=args.host, port=args.port,
                         api_key=args.api_key or os.environ.get("LORADEX_API_KEY") or None,
                         max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,

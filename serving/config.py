@@ -40,6 +40,8 @@ class EngineConfig:
     """Send requests for an adapter version that has a merged model to that model (--route-merged)."""
     max_merged: int = 2
     """Merged models loaded at most for --route-merged; further ones are served as adapters (--max-merged)."""
+    batch_invariant: bool = False
+    """Run every row's forward by itself, so its tokens do not depend on batch size or neighbours (--batch-invariant)."""
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:

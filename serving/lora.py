@@ -2,7 +2,9 @@
 
 Every targeted base ``Linear`` stays as it is (fp32, bf16, or a bitsandbytes
 4-/8-bit layer) and is wrapped by :class:`BatchedLoRALinear`, which adds the
-low-rank update of each row's own adapter::
+low-rank update of each row's own adapter. Attention and MLP projections of every
+served family are alike here, fused ones too (Phi-3's ``qkv_proj`` and
+``gate_up_proj`` take one A/B pair over the whole fused output, as PEFT trains them)::
 
     x [rows, T, in] --base--> y [rows, T, out]
        |

@@ -1,9 +1,9 @@
 """The model forward for serving: prefill and one-token decode over a ragged batch.
 
 The decoder layers of the loaded transformers model are used as modules (their
-norms, projections, MLPs, rotary embedding), but the loop and the KV cache are
-ours, so that rows of different lengths and adapters share a decode step and
-new rows can join between steps (continuous batching)::
+embedding, norms, projections, MLPs, q/k norms, rotary embedding), but the loop
+and the KV cache are ours, so that rows of different lengths and adapters share a
+decode step and new rows can join between steps (continuous batching)::
 
     prefill(new rows, right-padded)      decode(all rows, one token each)
     ids [n, T] -> causal attention       ids [B, 1] -> attention over the row's
@@ -14,25 +14,28 @@ Right padding keeps every real token at the position it has when run alone,
 and the causal mask already hides the pad tokens that follow it, so a row's
 prefill is the same computation as its solo run. Only the last position of each
 row goes through the final norm and the LM head.
+
+One loop serves every family in ``serving/families.py``; that table says what
+differs (fused qkv, q/k norms, Gemma's sandwich norms, sliding windows, per-layer
+rope, soft-capping). Sliding-window layers keep every key in the cache and mask
+the old ones out (a query at i sees keys i-W < j <= i, as transformers does).
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from loradex.hub.errors import InvalidBase
+from loradex.serving.families import FAMILIES, family_of, layer_rope_keys, layer_windows
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 CAPACITY_STEP = 64
 
 
 def check_supported(model) -> None:
-    mtype = getattr(model.config, "model_type", None)
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise InvalidBase(
-            f"the batched serving engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models; this base is {mtype!r}"
-        )
+    """InvalidBase (one line, naming the supported model types) unless the engine runs this model."""
+    family_of(model.config)
 
 
 class KVCache:
@@ -89,41 +92,91 @@ class KVCache:
 
 
 class Runner:
-    """Prefill and decode for a Llama-family ``*ForCausalLM`` (its modules, our loop)."""
+    """Prefill and decode for a ``*ForCausalLM`` of a family in serving/families.py (its modules, our loop)."""
 
     def __init__(self, model):
-        check_supported(model)
+        cfg = model.config
+        self.family = family_of(cfg)
         self.model = model
         inner = model.model
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
-        self.lm_head = model.lm_head
-        cfg = model.config
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.scaling = attn.scaling
         self.device = self.embed.weight.device
+        n = len(self.layers)
+        self.windows = layer_windows(self.family, cfg, n)
+        self.rope_keys = layer_rope_keys(self.family, cfg, n)
+        self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None) if self.family.attn_softcap else None
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        # the modeling file's own rope application (Phi-3's rotates only part of each head)
+        self.apply_rope = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+
+    @property
+    def lm_head(self):
+        return self.model.lm_head
 
     def empty_cache(self) -> KVCache:
         return KVCache([], [], torch.zeros(0, dtype=torch.long, device=self.device))
 
+    def _rope(self, h: torch.Tensor, pos: torch.Tensor) -> dict:
+        """{rope key: (cos, sin)} for the positions ``pos`` [B, T]."""
+        if self.family.rope_per_layer_type:
+            return {key: self.rotary(h, pos, key) for key in set(self.rope_keys)}
+        return {None: self.rotary(h, pos)}
+
     def _attn_qkv(self, layer, x: torch.Tensor, B: int, T: int):
         attn = layer.self_attn
-        q = attn.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        return q, k, v
+        if self.family.qkv == "fused":
+            qkv = attn.qkv_proj(x)
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(B, T, -1, self.head_dim)
+        k = k.view(B, T, -1, self.head_dim)
+        if self.family.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v
+
+    def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q [B, H, T, d] over k/v [B, kv, L, d]; ``mask`` (bool, True = visible) or None = causal."""
+        gqa = self.n_kv != self.n_heads
+        if self.attn_softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=self.scaling, enable_gqa=gqa)
+        # soft-capping (Gemma 2) happens between q.k and softmax, where SDPA offers no hook
+        if gqa:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
+        if mask is None:
+            T, L = q.shape[2], k.shape[2]
+            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
     def _finish_layer(self, layer, h: torch.Tensor, o: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        a = layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        if self.family.sandwich_norms:
+            h = h + layer.post_attention_layernorm(a)
+            return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        h = h + a
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(last_hidden)).float()
+        # looked up each time: the LoRA bank wraps lm_head when an adapter that targets it is loaded
+        logits = self.lm_head(self.norm(last_hidden)).float()
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache]:
@@ -136,21 +189,23 @@ class Runner:
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         pos = torch.arange(T, device=self.device).unsqueeze(0).expand(B, T)
         h = self.embed(ids)
-        cos, sin = self.rotary(h, pos)
+        rope = self._rope(h, pos)
+        qi = torch.arange(T, device=self.device)
+        masks = {w: None if w is None or w >= T else
+                 (qi[None, :] <= qi[:, None]) & (qi[None, :] > qi[:, None] - w) for w in set(self.windows)}
         cap = -(-(T + 1) // CAPACITY_STEP) * CAPACITY_STEP
         keys, values = [], []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             q, k, v = self._attn_qkv(layer, x, B, T)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = self.apply_rope(q, k, *rope[self.rope_keys[i]])
             kc = k.new_zeros(B, self.n_kv, cap, self.head_dim)
             vc = v.new_zeros(B, self.n_kv, cap, self.head_dim)
             kc[:, :, :T] = k
             vc[:, :, :T] = v
             keys.append(kc)
             values.append(vc)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
-                                               enable_gqa=self.n_kv != self.n_heads)
+            o = self._attend(q, k, v, masks[self.windows[i]])
             h = self._finish_layer(layer, h, o, B, T)
         last = h[torch.arange(B, device=self.device), lengths - 1]
         return self._logits(last), KVCache(keys, values, lengths)
@@ -164,18 +219,20 @@ class Runner:
         cache.ensure_capacity(L)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         h = self.embed(ids)
-        cos, sin = self.rotary(h, pos.unsqueeze(1))
-        mask = (torch.arange(L, device=self.device).unsqueeze(0) <= pos.unsqueeze(1))[:, None, None, :]
+        rope = self._rope(h, pos.unsqueeze(1))
+        kj = torch.arange(L, device=self.device).unsqueeze(0)
+        seen = kj <= pos.unsqueeze(1)  # [B, L]: the row's own tokens so far
+        masks = {w: (seen if w is None else seen & (kj > pos.unsqueeze(1) - w))[:, None, None, :]
+                 for w in set(self.windows)}
         rows = torch.arange(B, device=self.device)
         for i, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             q, k, v = self._attn_qkv(layer, x, B, 1)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = self.apply_rope(q, k, *rope[self.rope_keys[i]])
             kc, vc = cache.keys[i], cache.values[i]
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, kc[:, :, :L], vc[:, :, :L], attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=self.n_kv != self.n_heads)
+            o = self._attend(q, kc[:, :, :L], vc[:, :, :L], masks[self.windows[i]])
             h = self._finish_layer(layer, h, o, B, 1)
         cache.lengths = pos + 1
         return self._logits(h[:, 0])

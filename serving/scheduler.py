@@ -14,7 +14,11 @@ hands it requests already resolved (``serving/router.py``), tokenized and checke
     call(fn) ---> commands ------> run between steps (pin, forget, tests)
 
 New requests join the running batch between decode steps (continuous
-batching); finished, cancelled and failed rows leave it. A failing adapter load
+batching); finished, cancelled and failed rows leave it. With
+``EngineConfig.batch_invariant`` every row's prefill and decode step run as
+forwards of their own (the decode over a view of the row's KV-cache rows, which
+relies on ``Runner.decode`` writing K/V in place), so a row's numbers are those
+of its solo run whatever shares its batch. A failing adapter load
 fails only the requests for that adapter; a failing forward fails the rows in
 it, not the thread. Every forward is noted in a short step record
 (:meth:`Scheduler.recent_steps`), so tests can see which rows shared a step.
@@ -35,7 +39,7 @@ from loradex.serving.config import EngineConfig
 from loradex.serving.errors import Cancelled, ContextTooLong, GenerationFailed, NotReady, QueueFull
 from loradex.serving.lora import AdapterWeights, LoRABank
 from loradex.serving.metrics import Metrics
-from loradex.serving.runner import Runner
+from loradex.serving.runner import KVCache, Runner
 from loradex.serving.sampling import SamplingParams, TextStream, sample, suppress_eos
 
 STEP_RECORD = 512  # forwards kept in the step record
@@ -288,16 +292,13 @@ class Scheduler:
         self._waiting = still
         if not newcomers:
             return
-        self.bank.ctx.set_rows([s.slot for s in newcomers])
         try:
-            logits, kv = self.runner.prefill([s.prompt_ids for s in newcomers])
+            logits, kv = self._prefill(newcomers)
         except Exception as exc:
             for s in newcomers:
                 self._release(s)
                 self._finish_error(s, exc)
             return
-        finally:
-            self.bank.ctx.clear()
         self._record("prefill", newcomers)
         self.metrics.observe("batch_size", len(newcomers), "prefill")
         self._kv.extend(kv)
@@ -311,11 +312,7 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         rows = self._active
-        self.bank.ctx.set_rows([s.slot for s in rows])
-        try:
-            logits = self.runner.decode([s.generated[-1] for s in rows], self._kv)
-        finally:
-            self.bank.ctx.clear()
+        logits = self._decode(rows)
         self._record("decode", rows)
         self.metrics.observe("batch_size", len(rows), "decode")
         tokens = self._sample(rows, logits)
@@ -323,6 +320,53 @@ class Scheduler:
             if tok is not None and not s.cancelled:
                 self._accept(s, tok)
         self._reap()
+
+    def _prefill(self, rows: list[Sequence]):
+        """Logits at each new row's last prompt token and the rows' KV cache (one forward, or one per row)."""
+        if not self.config.batch_invariant:
+            self.bank.ctx.set_rows([s.slot for s in rows])
+            try:
+                return self.runner.prefill([s.prompt_ids for s in rows])
+            finally:
+                self.bank.ctx.clear()
+        import torch
+
+        # --batch-invariant: each row alone, exactly the shapes of its solo run
+        logits, kv = [], self.runner.empty_cache()
+        for s in rows:
+            self.bank.ctx.set_rows([s.slot])
+            try:
+                one_logits, one_kv = self.runner.prefill([s.prompt_ids])
+            finally:
+                self.bank.ctx.clear()
+            logits.append(one_logits)
+            kv.extend(one_kv)
+        return torch.cat(logits), kv
+
+    def _decode(self, rows: list[Sequence]):
+        """Logits of every active row's next token (one forward, or one per row)."""
+        if not self.config.batch_invariant:
+            self.bank.ctx.set_rows([s.slot for s in rows])
+            try:
+                return self.runner.decode([s.generated[-1] for s in rows], self._kv)
+            finally:
+                self.bank.ctx.clear()
+        import torch
+
+        # --batch-invariant: row i decodes alone over a view of its own cache rows, attending over exactly its
+        # own length (as in its solo run), so neither the batch size nor its neighbours change its numbers
+        kv = self._kv
+        kv.ensure_capacity(int(kv.lengths.max()) + 1)  # before the views: a resize would detach them
+        logits = []
+        for i, s in enumerate(rows):
+            one = KVCache([k[i:i + 1] for k in kv.keys], [v[i:i + 1] for v in kv.values], kv.lengths[i:i + 1])
+            self.bank.ctx.set_rows([s.slot])
+            try:
+                logits.append(self.runner.decode([s.generated[-1]], one))
+            finally:
+                self.bank.ctx.clear()
+        kv.lengths = kv.lengths + 1
+        return torch.cat(logits)
 
     def _sample(self, rows: list[Sequence], logits) -> list[int | None]:
         """One token per row; None for a row that failed alone (its ``error`` is set, ``_reap`` ends it).

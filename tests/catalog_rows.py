@@ -34,10 +34,12 @@ def config(quantize: str = "none", *, base: str = "tiny", dtype: str = "fp32", d
 
 
 def add_run(catalog, version: dict, adapter_scores: list[float], base_scores: list[float], *, metric: str = "similarity",
-            data_sha: str = DATA_A, outputs: list[str] | None = None, serving_config: dict | None = None) -> dict:
+            data_sha: str = DATA_A, outputs: list[str] | None = None, serving_config: dict | None = None,
+            base_outputs: list[str] | None = None, max_new_tokens: int = 8) -> dict:
     """An eval run whose summaries are computed from the given per-item scores, as evaluate() would.
 
     ``serving_config``: what the run measured (see ``config()``); None stores an unknown configuration.
+    ``base_outputs`` equal to ``outputs`` make a zero-effect run; ``max_new_tokens`` is a decoding setting.
     """
     n = len(adapter_scores)
     binary = metric == "exact"
@@ -51,12 +53,13 @@ def add_run(catalog, version: dict, adapter_scores: list[float], base_scores: li
         "base_metrics": {metric: stats.summarize(base_scores, binary=binary)},
         "paired": {metric: paired},
         "win_rate": dict(stats.win_rate(adapter_scores, base_scores, higher_is_better=higher), metric=metric),
-        "decoding": {"primary_metric": metric, "max_new_tokens": 8}, "metric_model": None, "seed": 0, "duration_s": 1.0,
+        "decoding": {"primary_metric": metric, "max_new_tokens": max_new_tokens}, "metric_model": None, "seed": 0, "duration_s": 1.0,
         "serving_config": serving_config,
     }
     outputs = outputs or [f"adapter answer {i}" for i in range(n)]
+    base_outputs = base_outputs or [f"base answer {i}" for i in range(n)]
     samples = [{"idx": i, "prompt": f"question {i}?", "reference": f"reference {i}", "output": outputs[i],
-                "base_output": f"base answer {i}", "scores": {metric: adapter_scores[i]},
+                "base_output": base_outputs[i], "scores": {metric: adapter_scores[i]},
                 "base_scores": {metric: base_scores[i]}} for i in range(n)]
     return store_run(catalog, run, samples)
 

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from loradex.evals import evaluate
-from loradex.evals.config import (EVAL_ENGINE, config_key, default_served_config, config_label, from_decoding, is_served_default, served_default,
+from loradex.evals.config import (EVAL_ENGINE, SERVE_ENGINE, config_key, default_served_config, config_label, from_decoding, is_served_default, served_default,
                           served_warning, serving_config)
 from loradex.evals.gate import check_promotion
 from loradex.evals.leaderboard import build, render_text
@@ -80,7 +80,7 @@ def test_eval_run_records_its_serving_config(catalog, store, settings, tiny_base
     run = evaluate(catalog, store, "tiny-ad", data_file, metrics="exact", max_new_tokens=3, settings=settings,
                    device="cpu")
     want = {"base": "tiny", "base_digest": manifest_digest(tiny_base["files"]), "quantize": "none", "dtype": "fp32",
-            "device": "cpu", "engine": EVAL_ENGINE}
+            "device": "cpu", "engine": SERVE_ENGINE}  # evals generate on the serving engine
     assert run["serving_config"] == want and run["config_key"] == config_key(want)
     assert run["trained_quantization"] == "none"
     # the default quantization is the adapter's own (LoRA: none), which is not what `loradex serve` runs: say so

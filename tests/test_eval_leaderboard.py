@@ -67,3 +67,19 @@ def test_png_panels_are_titled_by_file_name_with_n(catalog, tmp_path):
     assert title.startswith(f"{Path(section['data_path']).name} (n={len(BASE)}, sha256 {section['data_sha256'][:8]}")
     assert panel_title({**section, "rows": [{**r, "n": n} for r, n in zip(section["rows"] * 2, (20, 50))]}
                        ).split(" (")[1].startswith("n=20-50")
+
+
+def test_different_settings_are_separate_sections_and_partial_panels_say_so(catalog):
+    from loradex.evals.leaderboard import panel_title
+
+    a1, b1 = add_version(catalog, "alpha", 1), add_version(catalog, "beta", 1)
+    add_run(catalog, a1, [x + 0.1 for x in BASE], BASE, max_new_tokens=64)
+    add_run(catalog, b1, [x + 0.3 for x in BASE], BASE, max_new_tokens=8)  # better, but other settings
+    add_run(catalog, b1, [x + 0.3 for x in BASE[:3]], BASE[:3], max_new_tokens=64)  # same settings, fewer items
+    sections = build(catalog)
+    assert [(s["n"], s["coverage"], [r["ref"] for r in s["rows"]]) for s in sections] == [
+        (6, "full", ["beta@1"]), (6, "full", ["alpha@1"]), (3, "partial", ["beta@1"])]
+    assert {s["settings_label"] for s in sections[:2]} == {"n=6, max_new_tokens=8, similarity",
+                                                           "n=6, max_new_tokens=64, similarity"}
+    assert "n=3 of 6, partial" in panel_title(sections[2])
+    assert len({s["compare_key"] for s in sections}) == 3

@@ -44,7 +44,7 @@ def test_evaluate_stores_run_samples_and_caches_base(catalog, store, settings, t
     assert run["metrics"]["exact"]["method"] == "wilson"
     assert run["metrics"]["similarity"]["method"].startswith("bootstrap")
     dec = run["decoding"]
-    assert dec["do_sample"] is False and dec["max_new_tokens"] == 6 and dec["padding_side"] == "left"
+    assert dec["do_sample"] is False and dec["max_new_tokens"] == 6 and dec["engine"] == "loradex-engine"
     assert dec["base_cached"] is False and dec["eval_config"]["metrics"] == ["similarity", "exact", "perplexity"]
     assert "all-MiniLM-L6-v2" in run["metric_model"]
     samples = get_samples(catalog, run["id"])

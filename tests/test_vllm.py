@@ -8,7 +8,9 @@ Marker ``vllm`` (CI runs it after ``bash .ci/setup_vllm.sh``; the venv is found 
   transformers' greedy tokens / text;
 * ``--format vllm-lora``: the exported base + adapter started with the flags of the
   printed ``vllm serve`` command; the adapter (OpenAI ``model`` field) gives base +
-  adapter's greedy tokens, the base gives the base's.
+  adapter's greedy tokens, the base gives the base's;
+* model families: Qwen2 and Qwen3 (tests/family_models.py's configs at head_dim 64; the server
+  dropped the first request at their head_dim 16), merged folder and base + LoRA, 16 greedy tokens per prompt.
 """
 from __future__ import annotations
 
@@ -223,5 +225,127 @@ def test_vllm_serves_exported_lora_with_printed_command(real, tmp_path):
         chat = client.chat.completions.create(model="smolad", messages=ad_expected[0][0], max_tokens=N, temperature=0.0)
         assert chat.choices[0].message.content == tok.decode(_strip_eos(ad_expected[0][3], tok.eos_token_id))
         print(f"vLLM LoRA vs transformers base+adapter: {len(PROMPTS)}/{len(PROMPTS)} prompts, {total}/{total} tokens equal")
+    finally:
+        server.stop()
+
+
+# -- model families (tests/family_models.py): Qwen2 and Qwen3 -----------------------------------
+
+FAMILY_N = 16
+
+
+def _vllm_sized_family(fam: str, out: Path, tokenizer_dir: Path) -> Path:
+    """tests/family_models.py's base of ``fam`` with head_dim 64 (hidden 256): with the family bases'
+    head_dim 16 the vLLM CPU server dropped the connection on the first request (vLLM's CPU attention
+    takes only some head sizes; 64 is one)."""
+    import shutil
+
+    from tests.family_models import FAMILIES
+
+    cls, config = FAMILIES[fam]()
+    config.hidden_size, config.intermediate_size, config.head_dim = 256, 512, 64
+    config.initializer_range = 0.05  # 0.2 at width 256 gives activations in the thousands
+    if getattr(config, "query_pre_attn_scalar", None) is not None:
+        config.query_pre_attn_scalar = 64
+    config.architectures = [cls.__name__]
+    torch.manual_seed(0)
+    model = cls(config)
+    with torch.no_grad():  # as family_models does: Gemma norms start at 0
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fam_hub(tmp_path_factory, smol_tokenizer_dir):
+    """fam_hub(name): a catalog with that family's base (head_dim 64) and adapter fam-ad@1 (attention + MLP)."""
+    from loradex.hub.bases import add_base
+    from loradex.hub.registry import register_adapter
+
+    made, open_catalogs = {}, []
+
+    def get(fam: str) -> dict:
+        if fam not in made:
+            root = tmp_path_factory.mktemp(f"vllm-{fam}")
+            settings = Settings(home=root / "home", store=root / "store")
+            catalog = Catalog.open(settings.catalog_path, wait_s=5)
+            open_catalogs.append(catalog)
+            store = Store(settings.store)
+            base_dir = _vllm_sized_family(fam, root / "base", smol_tokenizer_dir)
+            add_base(catalog, store, f"{fam}-base", str(base_dir))
+            ad = make_adapter(base_dir, root / "ad", r=8, alpha=16, scale=0.3, seed=5,
+                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+            register_adapter(catalog, store, ad, f"{fam}-ad", base=f"{fam}-base")
+            made[fam] = {"catalog": catalog, "store": store, "settings": settings, "adapter_dir": ad,
+                         "base_dir": base_dir}
+        return made[fam]
+
+    yield get
+    for catalog in open_catalogs:
+        catalog.close()
+
+
+def _fam_hf(model, tok, prompt):
+    msgs = [{"role": "user", "content": prompt}]
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    with torch.no_grad():
+        # no eos_token_id=None here: with pad != eos, generate masks every pad token (<|im_end|>) inside
+        # the chat prompt as padding and answers a different prompt
+        out = model.generate(torch.tensor([ids]), max_new_tokens=FAMILY_N, do_sample=False, pad_token_id=tok.eos_token_id)
+    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), ids, out[0, len(ids):].tolist()
+
+
+def _fam_completion(client, model, text):
+    res = client.completions.create(model=model, prompt=text, max_tokens=FAMILY_N, temperature=0.0,
+                                    extra_body={"return_token_ids": True, "skip_special_tokens": False,
+                                                "ignore_eos": True})
+    choice = res.choices[0]
+    extra = choice.model_extra or {}
+    return extra.get("prompt_token_ids") or (res.model_extra or {}).get("prompt_token_ids"), extra["token_ids"]
+
+
+@pytest.mark.parametrize("fam", ["qwen2", "qwen3"])
+def test_vllm_serves_family_merged_and_lora_like_transformers(fam_hub, tmp_path, fam):
+    from openai import OpenAI
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    h = fam_hub(fam)
+    export_adapter(h["catalog"], h["store"], f"{fam}-ad@1", tmp_path / "v", ExportOptions(format="vllm"), h["settings"])
+    row = export_adapter(h["catalog"], h["store"], f"{fam}-ad@1", tmp_path / "vl", ExportOptions(format="vllm-lora"),
+                         h["settings"])
+    tok = AutoTokenizer.from_pretrained(h["base_dir"])
+    base = AutoModelForCausalLM.from_pretrained(h["base_dir"], dtype=torch.float32).eval()
+    base_expected = [_fam_hf(base, tok, p) for p in PROMPTS]
+    ad_model = PeftModel.from_pretrained(base, str(h["adapter_dir"])).eval()
+    ad_expected = [_fam_hf(ad_model, tok, p) for p in PROMPTS]
+    del ad_model, base
+    assert any(a[2] != b[2] for a, b in zip(ad_expected, base_expected)), "adapter must change the output"
+
+    merged = Server(["--model", str(tmp_path / "v" / "model"), "--served-model-name", "merged", "--max-model-len", "512",
+                     "--dtype", "float32"], tmp_path / "merged.log")
+    try:
+        print(f"\nvLLM {fam} merged started in {merged.wait():.0f}s")
+        client = OpenAI(base_url=merged.url, api_key="x")
+        for text, ids, new in ad_expected:
+            prompt_ids, got = _fam_completion(client, "merged", text)
+            assert prompt_ids == ids and got[:len(new)] == new, f"vLLM merged {got} != transformers+adapter {new}"
+    finally:
+        merged.stop()
+
+    argv = shlex.split(row["check_result"]["command"])
+    server = Server(["--model", argv[2], *argv[3:], "--dtype", "float32"], tmp_path / "lora.log")
+    try:
+        print(f"vLLM {fam} base + LoRA started in {server.wait():.0f}s")
+        client = OpenAI(base_url=server.url, api_key="x")
+        for (text, ids, new), (_, _, base_new) in zip(ad_expected, base_expected):
+            prompt_ids, got = _fam_completion(client, f"{fam}-ad", text)
+            assert prompt_ids == ids and got[:len(new)] == new, f"vLLM+LoRA {got} != transformers+adapter {new}"
+            assert _fam_completion(client, argv[2], text)[1][:len(base_new)] == base_new
+        print(f"vLLM {fam}: merged and LoRA {len(PROMPTS)}x{FAMILY_N} tokens equal to transformers, base too")
     finally:
         server.stop()

@@ -27,8 +27,11 @@ KEEP_KEYS = ("general.architecture", "general.type", "tokenizer.ggml.pre", "toke
              "tokenizer.ggml.add_bos_token", "adapter.type", "adapter.lora.alpha", "general.file_type")
 
 
-def read_back(path: Path) -> dict:
+def read_back(path: Path, *, full: bool = False) -> dict:
     """Static check: parse the header (key/values and tensor infos) and report what the file holds.
+
+    ``full`` adds every key (``fields``; arrays of up to 64 numbers decoded, longer ones
+    summarized) and each tensor's shape, type and absolute data offset (``tensor_infos``).
 
     A small reader of the documented format: ``gguf.GGUFReader`` builds a numpy view per
     vocabulary entry and takes seconds on a 49k-token file; this walks it in ~0.1 s.
@@ -39,10 +42,10 @@ def read_back(path: Path) -> dict:
     import gguf
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return _parse(data, gguf, struct)
+        return _parse(data, gguf, struct, full)
 
 
-def _parse(data, gguf, struct) -> dict:  # noqa: C901 - one pass over the documented layout
+def _parse(data, gguf, struct, full: bool = False) -> dict:  # noqa: C901 - one pass over the documented layout
     pos = 0
 
     def take(fmt: str):
@@ -69,6 +72,8 @@ def _parse(data, gguf, struct) -> dict:  # noqa: C901 - one pass over the docume
                     pos += skip
                 return f"<{n} strings>"
             size = struct.calcsize(_SCALARS[itype])
+            if full and n <= 64:
+                return [take(_SCALARS[itype]) for _ in range(n)]
             pos += size * n
             return f"<{n} values>"
         return take(_SCALARS[vtype])
@@ -77,21 +82,33 @@ def _parse(data, gguf, struct) -> dict:  # noqa: C901 - one pass over the docume
         return {"parses": False, "reason": "not a GGUF file (bad magic)"}
     pos = 4
     version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
-    kv = {}
+    kv, fields = {}, {}
     for _ in range(n_kv):
         key = string()
         val = value(take("<I"))
         if key in KEEP_KEYS:
             kv[key] = val
+        if full:
+            fields[key] = val
     kinds: dict[str, int] = {}
+    infos = {}
     for _ in range(n_tensors):
-        string()
+        name = string()
         n_dims = take("<I")
-        pos += 8 * n_dims
+        shape = [take("<Q") for _ in range(n_dims)]
         kind = gguf.GGMLQuantizationType(take("<I")).name
-        take("<Q")
+        offset = take("<Q")
         kinds[kind] = kinds.get(kind, 0) + 1
-    return {"parses": True, "version": version, "tensors": n_tensors, "tensor_types": kinds,
+        infos[name] = {"shape": shape, "type": kind, "offset": offset}
+    if full:
+        align = fields.get("general.alignment", 32)
+        start = pos + (-pos % align)
+        for info in infos.values():
+            info["offset"] += start
+        extra = {"fields": fields, "tensor_infos": infos}
+    else:
+        extra = {}
+    return {**extra, "parses": True, "version": version, "tensors": n_tensors, "tensor_types": kinds,
             "architecture": kv.get("general.architecture"), "type": kv.get("general.type"),
             "metadata": kv}
 

@@ -8,8 +8,9 @@ Layout llama.cpp expects (``general.type = adapter``, ``adapter.type = lora``)::
 
 Three details that silently break outputs if missed:
 
-* q/k rows are permuted in the base GGUF (see ``gguf_writer``), so ``lora_B`` of
-  q_proj/k_proj gets the same permutation (its rows add to those rows);
+* q/k rows are permuted in a llama-arch base GGUF (see ``gguf_writer``), so ``lora_B`` of
+  q_proj/k_proj gets the same permutation there (its rows add to those rows); other
+  families keep transformers' row order (``gguf_arch.py``);
 * rsLoRA scales by alpha / sqrt(r), llama.cpp by alpha / r: write alpha * sqrt(r);
 * one alpha serves the whole file, so a module whose own scale differs
   (``rank_pattern`` / ``alpha_pattern``) has the ratio folded into its ``lora_B``.
@@ -27,7 +28,8 @@ import numpy as np
 from loradex.hub.errors import InvalidConfig
 from loradex.hub.peft_format import (DEFAULT_ALPHA, LINEAR_PARTS, WEIGHTS, group_tensors, module_scale, read_config,
                               unbatchable)
-from loradex.promote.export.gguf_writer import hparams, permute_qk
+from loradex.promote.export.gguf_arch import family_of, hparams
+from loradex.promote.export.gguf_writer import permute_qk
 
 METHOD = "loradex gguf_lora (gguf package; lora_B of q/k permuted, per-module scale folded into lora_B)"
 HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -62,8 +64,10 @@ def write_lora_gguf(adapter_folder: str | Path, base_config: dict, out_path: str
     cfg = read_config(adapter_folder)
     if unbatchable(cfg):
         raise InvalidConfig(f"--format gguf-lora: {', '.join(unbatchable(cfg))}: no GGUF LoRA form")
+    fam = family_of(base_config)
     hp = hparams(base_config)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layer"])
+    arch = getattr(gguf.MODEL_ARCH, fam.arch)
+    name_map = gguf.get_tensor_name_map(arch, hp["n_layer"])
     grouped, other = group_tensors(load_file(str(adapter_folder / WEIGHTS)))
     other += [f"{module}.{part}" for module, got in grouped.items() for part in got if part not in LINEAR_PARTS]
     if other:
@@ -75,7 +79,7 @@ def write_lora_gguf(adapter_folder: str | Path, base_config: dict, out_path: str
 
     alpha_out = gguf_alpha(cfg)
     ftype = gguf.GGMLQuantizationType.F32 if dtype == "f32" else gguf.GGMLQuantizationType.F16
-    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha_out)
@@ -103,9 +107,9 @@ def write_lora_gguf(adapter_folder: str | Path, base_config: dict, out_path: str
         if not math.isclose(ratio, 1.0, rel_tol=1e-6):
             b = b * ratio
             folded.append(module)
-        if module.endswith("self_attn.q_proj"):
+        if fam.permute_qk and module.endswith("self_attn.q_proj"):
             b = permute_qk(b, hp["n_head"])
-        elif module.endswith("self_attn.k_proj"):
+        elif fam.permute_qk and module.endswith("self_attn.k_proj"):
             b = permute_qk(b, hp["n_head_kv"])
         np_dtype = np.float32 if dtype == "f32" else np.float16
         writer.add_tensor(target + ".lora_a", a.astype(np_dtype), raw_dtype=ftype)
@@ -117,5 +121,5 @@ def write_lora_gguf(adapter_folder: str | Path, base_config: dict, out_path: str
     writer.write_tensors_to_file()
     writer.close()
     return {"method": METHOD, "dtype": dtype, "alpha": alpha_out, "rslora": bool(cfg.get("use_rslora")),
-            "pairs": len(written), "folded_scale": folded, "base_model": meta,
+            "architecture": gguf.MODEL_ARCH_NAMES[arch], "pairs": len(written), "folded_scale": folded, "base_model": meta,
             "size_bytes": out_path.stat().st_size}

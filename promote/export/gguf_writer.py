@@ -1,11 +1,12 @@
-"""Hugging Face Llama folder -> GGUF file that llama.cpp runs, written with the ``gguf`` package.
+"""Hugging Face model folder -> GGUF file that llama.cpp runs, written with the ``gguf`` package.
 
 No code from llama.cpp's converter is used; the route is:
 
-    config.json        -> llama.* hyperparameters
+    config.json        -> <arch>.* hyperparameters (per family: ``gguf_arch.py``)
     *.safetensors      -> tensors renamed with gguf's name map
                           (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight),
-                          q/k rows permuted, 1-D norms kept f32, 2-D weights f16 or q8_0
+                          q/k rows permuted (llama arch only), Gemma norms + 1,
+                          1-D norms kept f32, 2-D weights f16 or q8_0
     tokenizer.json     -> tokenizer.ggml.* (gpt2 BPE: tokens, types, merges, special ids)
     chat template      -> tokenizer.chat_template
 
@@ -29,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from loradex.hub.errors import InvalidConfig
+from loradex.promote.export.gguf_arch import add_family_keys, family_of, hparams
 
 QUANTS = ("f32", "f16", "q8_0")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 METHOD = "loradex gguf_writer (gguf package; own tensor map, q/k permutation, tokenizer metadata)"
 
 # The pre-tokenizer llama.cpp must use, keyed by a hash of how the HF tokenizer
@@ -42,6 +43,27 @@ KNOWN_PRE = {
     # SmolLM / SmolLM2 (135M/360M/1.7B): digits split one by one
     "9919d6668685e135ca6301919a39db23f213c3e6362cd775d6354e94ef03d06d": "smollm",
 }
+
+
+# Tokenizers whose behaviour hash is unknown here (their files are not on these machines) are
+# recognised by the split regex of their pre-tokenizer, which is what llama.cpp's named
+# pre-tokenizer implements: Llama 3 splits digits in runs of up to 3, Qwen2/2.5/3 one by one.
+KNOWN_PRE_REGEX = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
+
+
+def split_regex(tok_json: dict) -> str | None:
+    """The regex of the pre-tokenizer's Split step (alone or first in a Sequence), if any."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Split" and isinstance(step.get("pattern"), dict):
+            return step["pattern"].get("Regex")
+    return None
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -56,36 +78,8 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def read_config(folder: Path) -> dict:
     cfg = json.loads((folder / "config.json").read_text())
-    archs = cfg.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise InvalidConfig(
-            f"--format gguf supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is {archs or cfg.get('model_type')}"
-        )
+    family_of(cfg)  # refuses an unsupported architecture, naming the supported ones
     return cfg
-
-
-def hparams(cfg: dict) -> dict:
-    """The Llama hyperparameters GGUF needs, from a transformers 4 or 5 config.json."""
-    n_head = cfg["num_attention_heads"]
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in ("default", "linear"):
-        raise InvalidConfig(f"--format gguf: rope type {rope_type!r} is not supported by this writer (default, linear)")
-    return {
-        "n_layer": cfg["num_hidden_layers"],
-        "n_embd": cfg["hidden_size"],
-        "n_ff": cfg["intermediate_size"],
-        "n_head": n_head,
-        "n_head_kv": cfg.get("num_key_value_heads") or n_head,
-        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-        "n_ctx": cfg.get("max_position_embeddings", 2048),
-        "eps": cfg.get("rms_norm_eps", 1e-5),
-        "rope_theta": float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
-        "rope_type": rope_type,
-        "rope_factor": float(rope.get("factor") or 1.0),
-        "vocab": cfg["vocab_size"],
-        "tied": bool(cfg.get("tie_word_embeddings", False)),
-    }
 
 
 # -- tensors --------------------------------------------------------------------------
@@ -155,6 +149,8 @@ def pre_tokenizer_name(folder: Path, tok_json: dict, override: str | None = None
     digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
     if digest in KNOWN_PRE:
         return KNOWN_PRE[digest]
+    if split_regex(tok_json) in KNOWN_PRE_REGEX:
+        return KNOWN_PRE_REGEX[split_regex(tok_json)]
     pre = tok_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
@@ -195,6 +191,10 @@ def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None) -> dict:
     model = tok_json.get("model", {})
     if model.get("type") != "BPE":
         raise InvalidConfig(f"--format gguf supports BPE (gpt2-style) tokenizers; this one is {model.get('type')!r}")
+    if model.get("byte_fallback") or "Metaspace" in json.dumps(tok_json.get("pre_tokenizer") or {}):
+        # Gemma / Mistral v0.x: llama.cpp reads these as its SentencePiece ("llama") vocabulary
+        raise InvalidConfig("--format gguf: SentencePiece-style tokenizers (byte_fallback BPE, as in Gemma and "
+                            "Mistral v0.x) are not written yet; byte-level BPE tokenizers are (Llama 3, Qwen2/3)")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["id"]: t for t in tok_json.get("added_tokens", [])}
     for tid, t in added.items():
@@ -247,21 +247,24 @@ def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None) -> dict:
 
 def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "f16", name: str | None = None,
                      pre: str | None = None) -> dict:
-    """Write the HF Llama model in ``folder`` as a GGUF file; returns what was written."""
+    """Write the HF model in ``folder`` (a supported family) as a GGUF file; returns what was written."""
     import gguf
 
     if quant not in QUANTS:
         raise InvalidConfig(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     folder, out_path = Path(folder), Path(out_path)
     cfg = read_config(folder)
+    fam = family_of(cfg)
     hp = hparams(cfg)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layer"])
+    arch = getattr(gguf.MODEL_ARCH, fam.arch)
+    name_map = gguf.get_tensor_name_map(arch, hp["n_layer"])
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
 
-    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or folder.name)
+    extra, notes = add_family_keys(writer, fam, cfg, hp)
     writer.add_context_length(hp["n_ctx"])
     writer.add_embedding_length(hp["n_embd"])
     writer.add_block_count(hp["n_layer"])
@@ -269,14 +272,10 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
     writer.add_head_count(hp["n_head"])
     writer.add_head_count_kv(hp["n_head_kv"])
     writer.add_rope_dimension_count(hp["head_dim"])
-    if hp["head_dim"] != hp["n_embd"] // hp["n_head"]:
-        writer.add_key_length(hp["head_dim"])
-        writer.add_value_length(hp["head_dim"])
+    writer.add_key_length(hp["head_dim"])
+    writer.add_value_length(hp["head_dim"])
     writer.add_layer_norm_rms_eps(hp["eps"])
     writer.add_rope_freq_base(hp["rope_theta"])
-    if hp["rope_type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(hp["rope_factor"])
     writer.add_vocab_size(hp["vocab"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -284,6 +283,9 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
 
     written: dict[str, dict] = {}
     skipped = []
+    for new, arr in extra:
+        writer.add_tensor(new, arr, raw_dtype=gguf.GGMLQuantizationType.F32)
+        written[new] = {"shape": list(arr.shape), "type": "F32", "from": "config.json rope_parameters"}
     for key, arr in iter_tensors(folder):
         if key.endswith("rotary_emb.inv_freq"):
             skipped.append(key)
@@ -294,11 +296,13 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
             continue
         new = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise InvalidConfig(f"--format gguf: no GGUF name for tensor {key!r}")
-        if key.endswith("self_attn.q_proj.weight"):
+            raise InvalidConfig(f"--format gguf: no GGUF name for tensor {key!r} of a {fam.family} model")
+        if fam.permute_qk and key.endswith("self_attn.q_proj.weight"):
             arr = permute_qk(arr, hp["n_head"])
-        elif key.endswith("self_attn.k_proj.weight"):
+        elif fam.permute_qk and key.endswith("self_attn.k_proj.weight"):
             arr = permute_qk(arr, hp["n_head_kv"])
+        if fam.norm_offset and key.endswith("norm.weight"):
+            arr = arr + fam.norm_offset
         qtype = tensor_type(new, arr, quant)
         writer.add_tensor(new, encode(arr, qtype), raw_dtype=qtype)
         written[new] = {"shape": list(arr.shape), "type": qtype.name, "from": key}
@@ -308,5 +312,5 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
     writer.write_tensors_to_file()
     writer.close()
     return {"method": METHOD, "quant": quant, "tensors": len(written), "skipped": skipped,
-            "tied_embeddings": hp["tied"], "tokenizer": tok_info, "architecture": "llama",
-            "size_bytes": out_path.stat().st_size}
+            "tied_embeddings": hp["tied"], "tokenizer": tok_info, "architecture": gguf.MODEL_ARCH_NAMES[arch],
+            "family": fam.family, "notes": notes, "size_bytes": out_path.stat().st_size}

@@ -21,6 +21,7 @@ from loradex.hub.ops import op
 from loradex.hub.store import Store, file_sha256
 from loradex.promote.export import FORMATS
 from loradex.promote.export.source import ExportOptions, ExportResult, ExportSource, prepare_out
+from loradex.promote.families import check_architecture
 from loradex.promote.merge import FIXED_PROBES, MergeConfig, find_merge, merged_folder, probe_prompts
 
 MANIFEST = "loradex_export.json"
@@ -44,6 +45,7 @@ def plan_export(catalog: Catalog, store: Store, ref: str | dict, out: str | Path
 
     version, adapter_dir = adapter_folder(catalog, store, ref)
     base = get_base(catalog, version["base"], store=store)
+    check_architecture(base.get("architecture"), f"loradex export --format {options.format}", base.get("model_type"))
     merge = merged_dir = None
     if options.needs_merge:
         merge = find_merge(catalog, version["id"], options.dtype)

@@ -33,7 +33,7 @@ ALLOWED_MODULES_TO_SAVE = ("classifier", "score")
 WEIGHT_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "eva")
 # Decoder architectures vLLM 0.32 implements (the ones loradex bases come in).
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "GemmaForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM",
+                 "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM",
                  "GPT2LMHeadModel", "OPTForCausalLM", "FalconForCausalLM", "StableLmForCausalLM")
 REQUIRED_CONFIG = ("architectures", "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
                    "intermediate_size", "max_position_embeddings")
@@ -172,7 +172,7 @@ def check_lora_folder(folder: str | Path) -> dict:
     names = sorted(set(modules) | (set(targets) if isinstance(targets, list) else set()))
     bad = [m for m in names if m not in LORA_TARGETS]
     if bad:
-        reasons.append(f"target modules {bad} are not LoRA targets vLLM supports for Llama "
+        reasons.append(f"target modules {bad} are not LoRA targets vLLM supports for these decoders "
                        f"({', '.join(LORA_TARGETS)})")
     if cfg.get("use_rslora"):
         warnings.append("use_rslora=true: vLLM applies alpha/sqrt(r) (supported)")

@@ -84,12 +84,25 @@ function evalTable(runs) {
         h("td", {}, String(r.id)), h("td", { class: "small" }, h("span", { class: "mono" }, short(r.data_sha256)), h("div", { class: "muted" }, r.data_path || "")),
         h("td", { class: "small", title: r.config_key || "" }, configLabel(r.serving_config)),
         h("td", { class: "num" }, r.n), h("td", {}, `${metric}${higherIsBetter(metric) ? " ↑" : " ↓"}`),
-        h("td", { class: "num mono" }, ci(m.mean, m.ci_low, m.ci_high)), h("td", { class: "num mono" }, ci(b.mean, b.ci_low, b.ci_high)),
+        h("td", { class: "num mono" }, ci(m.mean, m.ci_low, m.ci_high),
+          r.zero_effect ? h("div", { class: "zero-effect", style: "color: var(--bad)" }, `zero effect: outputs = base's on ${Math.round((r.identical_rate || 0) * 100)}%`) : ""),
+        h("td", { class: "num mono" }, ci(b.mean, b.ci_low, b.ci_high)),
         h("td", { class: "num mono" }, p ? ci(p.diff, p.ci_low, p.ci_high, true) : "–"),
         h("td", { class: "num" }, r.win_rate && r.win_rate.rate !== undefined ? `${Math.round(r.win_rate.rate * 100)}%` : "–"),
         h("td", { class: "small mono" }, decodingText(r.decoding)),
         h("td", {}, h("a", { href: `#/compare?a=${r.id}&b=base` }, "per sample")));
     }))));
+}
+
+function forgettingTable(rows, ref) {
+  // held-out loss on the shipped general-text set (evals/forgetting.py): positive change = forgetting
+  if (!rows.length) return h("p", { class: "muted" }, `Not measured: loradex eval ${ref} --forgetting`);
+  return h("table", { class: "forgetting" },
+    h("thead", {}, h("tr", {}, ["Run", "Served as", "n", "Base NLL", "Adapter NLL", "Change, nats/token (95% CI)"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, [...rows].reverse().map((f) => h("tr", {},
+      h("td", {}, String(f.id)), h("td", { class: "small", title: f.config_key || "" }, configLabel(f.serving_config)),
+      h("td", { class: "num" }, f.n), h("td", { class: "num mono" }, f.base_nll.mean.toFixed(3)),
+      h("td", { class: "num mono" }, f.adapter_nll.mean.toFixed(3)), h("td", { class: "num mono" }, ci(f.diff, f.ci_low, f.ci_high, true))))));
 }
 
 function reviewTable(reviews) {
@@ -224,6 +237,7 @@ export async function render(root, route) {
           return { label: `run ${r.id} (${configLabel(r.serving_config)})`, mean: p.diff ?? null, lo: p.ci_low, hi: p.ci_high };
         }), { title: "lift over the base per eval run, 95% CI", zero: true, signed: true, adapterLabel: "lift adapter − base, 95% CI" }),
         evalTable(runs)] : h("p", { class: "muted" }, `No eval yet: loradex eval ${ref} --data FILE`)),
+    section("Forgetting (held-out loss on general text)", forgettingTable(v.forgetting || [], ref)),
     section("Human review", reviewTable(v.reviews || []), h("p", {}, h("a", { href: `#/review?ref=${encodeURIComponent(ref)}` }, `Review ${ref} against the base`)),
       h("p", { class: "small muted" }, "A rated round becomes DPO training data: ", h("code", {}, "loradex review pairs REVIEW_ID -o pairs.jsonl"), " then ",
         h("code", {}, `loradex train --method dpo --data pairs.jsonl --from ${ref} --name ${name}`))),
