@@ -34,6 +34,9 @@ STABLE_KEYS = {
                 "scaling.3_over_1_resident"],
     "cold_load": ["cold_load.ms", "cold_load.warm_ttft_ms", "cold_load.cold_ttft_ms"],
     "http": ["http.tokens_per_s", "http.inprocess_tokens_per_s", "http.overhead_ratio", "http.p50_ms"],
+    "eval_many": ["eval_many.one_s", "eval_many.many_s", "eval_many.many_over_one",
+                  "eval_many.generate_many_over_one", "eval_many.invariant_over_normal",
+                  "eval_many.generate_invariant_over_normal"],
     "training": ["training.loradex_steps_per_s", "training.trl_steps_per_s", "training.loradex_over_trl"],
 }
 TARGETS = {"serving.mixed_over_base": (">=", 0.8), "serving.mixed_over_swap": (">=", 4.0),
