@@ -195,44 +195,16 @@ def dpo_args(config: TrainConfig, output_dir: Path, device: str, precision: str,
     """Every DPOConfig value loradex relies on, set explicitly (TRL's defaults: lr 1e-6, bf16 on, checkpointing on)."""
     from trl import DPOConfig
 
+    from loradex.training.run import shared_trainer_args
+
     return DPOConfig(
-        output_dir=str(output_dir),
-        max_length=config.max_length,
+        **shared_trainer_args(config, output_dir, device, precision, warmup_steps, grad_ckpt),
         truncation_mode="keep_start",
         beta=config.beta,
         loss_type=["sigmoid"],
         precompute_ref_log_probs=False,
         disable_dropout=True,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=warmup_steps,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        max_grad_norm=1.0,
-        bf16=precision == "bf16",
-        fp16=False,
-        activation_checkpointing=grad_ckpt,
-        gradient_checkpointing=grad_ckpt,
-        activation_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
         save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=device == "cpu",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        log_level="warning",
     )
 
 

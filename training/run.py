@@ -172,25 +172,13 @@ def load_model(config: TrainConfig, base_path: str, device: str, precision: str)
     return get_peft_model(model, lora)
 
 
-def training_args(config: TrainConfig, output_dir: Path, device: str, precision: str, warmup_steps: int,
-                  grad_ckpt: bool):
-    """Every SFTConfig value loradex relies on, set explicitly (defaults move between releases).
-
-    TRL's own defaults differ from transformers' (learning rate 2e-5, gradient checkpointing
-    on, bf16 on, max_length 1024): each is set here. The rows arrive tokenized and masked by
-    ``training.data`` (completion-only labels), so TRL's dataset preparation is skipped.
-    """
-    from trl import SFTConfig
-
-    return SFTConfig(
+def shared_trainer_args(config: TrainConfig, output_dir: Path, device: str, precision: str, warmup_steps: int,
+                        grad_ckpt: bool) -> dict:
+    """The TrainingArguments values SFT and DPO runs both rely on, set explicitly (defaults move between releases)."""
+    return dict(
         output_dir=str(output_dir),
         max_length=config.max_length,
-        packing=False,
-        padding_free=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        loss_type="nll",
         per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.grad_accum,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
@@ -210,10 +198,6 @@ def training_args(config: TrainConfig, output_dir: Path, device: str, precision:
         logging_strategy="steps",
         logging_steps=config.logging_steps,
         logging_first_step=True,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        save_only_model=False,
         eval_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -222,10 +206,34 @@ def training_args(config: TrainConfig, output_dir: Path, device: str, precision:
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
+        log_level="warning",
+    )
+
+
+def training_args(config: TrainConfig, output_dir: Path, device: str, precision: str, warmup_steps: int,
+                  grad_ckpt: bool):
+    """Every SFTConfig value loradex relies on, set explicitly (defaults move between releases).
+
+    TRL's own defaults differ from transformers' (learning rate 2e-5, gradient checkpointing
+    on, bf16 on, max_length 1024): each is set here. The rows arrive tokenized and masked by
+    ``training.data`` (completion-only labels), so TRL's dataset preparation is skipped.
+    """
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **shared_trainer_args(config, output_dir, device, precision, warmup_steps, grad_ckpt),
+        packing=False,
+        padding_free=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        loss_type="nll",
+        per_device_eval_batch_size=config.eval_batch_size,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        save_only_model=False,
         remove_unused_columns=False,
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",
-        log_level="warning",
     )
 
 
