@@ -143,6 +143,12 @@ def load_base(
     with borrowed(catalog, settings) as cat:
         record = get_base(cat, name, store=store or Store(settings.store))
     folder = Path(record["path"])
+    if serving:  # refuse an architecture the engine does not run before reading its weights
+        from types import SimpleNamespace
+
+        from loradex.serving.families import family_of
+
+        family_of(SimpleNamespace(**record["config"]))
     model, dev, torch_dtype = load_model_folder(folder, quantize=quantize, device=device, dtype=dtype)
     max_pos = record["config"].get("max_position_embeddings")
     tokenizer = load_tokenizer(folder, max_pos)

@@ -231,7 +231,7 @@ def test_shipped_configs_of_the_newer_families():
     assert gemma2["trainable_params"] == 42 * 16 * (7680 + 5632)
 
 
-def test_unsupported_architecture_is_refused_naming_the_supported_ones(hub, tmp_path, smol_tokenizer_dir):
+def test_unsupported_architecture_is_refused_naming_the_supported_ones(hub, tmp_path, smol_tokenizer_dir, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from loradex.hub.bases import add_base
@@ -246,6 +246,12 @@ def test_unsupported_architecture_is_refused_naming_the_supported_ones(hub, tmp_
     for f in smol_tokenizer_dir.iterdir():
         shutil.copy(f, tmp_path / "gpt2" / f.name)
     add_base(hub["catalog"], hub["store"], "tiny-gpt2", str(tmp_path / "gpt2"))  # registering is fine
+    import loradex.hub.loading as loading
+
+    def never(*a, **k):
+        raise AssertionError("the weights were read before the architecture was checked")
+
+    monkeypatch.setattr(loading, "load_model_folder", never)  # refused from the catalog record, before loading
     with pytest.raises(InvalidBase) as exc:
         Engine.load(EngineConfig(base="tiny-gpt2", quantize="none"), catalog=hub["catalog"], store=hub["store"])
     msg = str(exc.value)
