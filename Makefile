@@ -40,7 +40,7 @@ test-browser: $(STAMP)
 	LORADEX_ARTIFACTS=$(LORADEX_ARTIFACTS) $(BIN)/python -m pytest -q -m browser tests/test_web_browser.py
 	@echo "test-browser: screenshots in $(LORADEX_ARTIFACTS)/web-screenshots"
 
-# every API route fuzzed from /openapi.json (schemathesis, LORADEX_FUZZ_EXAMPLES cases per route, default 8)
+# every API route fuzzed from /openapi.json (schemathesis, LORADEX_FUZZ_EXAMPLES cases per route, default 40)
 test-fuzz: $(STAMP)
 	$(BIN)/python -c "import schemathesis" 2>/dev/null || $(BIN)/pip install -q "schemathesis>=4.30"
 	$(BIN)/python -m pytest -q -m fuzz tests/test_fuzz_api.py

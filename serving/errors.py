@@ -123,7 +123,7 @@ _TABLE: list[tuple[type, int, str, str | None]] = [
     (IntegrityError, 500, "server_error", "adapter_integrity"),
     (AdapterLoadFailed, 500, "server_error", "adapter_load_failed"),
     (GenerationFailed, 500, "server_error", "generation_failed"),
-    (InvalidBase, 500, "server_error", "invalid_base"),
+    (InvalidBase, 400, "invalid_request_error", "invalid_base"),  # a base source or architecture a request names
     (CatalogLocked, 503, "server_error", "catalog_locked"),
     (MissingDependency, 500, "server_error", "missing_dependency"),
     (LoradexError, 500, "server_error", None),

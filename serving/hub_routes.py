@@ -76,9 +76,13 @@ async def list_bases(state=Depends(get_state)):
 
 
 @bases.post("", response_model=BaseRow, status_code=201, summary="Add a base model")
-async def add_base(body: AddBaseRequest, state=Depends(get_state)):
+async def add_base(body: AddBaseRequest, request: Request, state=Depends(get_state)):
     from loradex.hub.bases import add_base as fn
 
+    try:  # a server path as the source: the same rules as the bases.add op
+        _confine_server_paths(request, state, "bases.add", {"source": body.source})
+    except ARGUMENT_ERRORS as exc:
+        raise BadRequest(f"unusable source ({type(exc).__name__}: {exc})", param="source") from exc
     return _json(await _run(fn, state.catalog, state.store, body.name, body.source), 201)
 
 
@@ -426,10 +430,10 @@ def _op_endpoint(entry):
         if not isinstance(payload, dict):
             raise BadRequest(f"{entry.name}: the body must be a JSON object of arguments")
         kwargs = entry.load_args(payload)
-        _confine_server_paths(request, state, entry.name, kwargs)
         if "served_config" in entry.signature.parameters and kwargs.get("served_config") is None:
             kwargs["served_config"] = state.served_config  # ops that judge "as served" judge as this server serves
         try:
+            _confine_server_paths(request, state, entry.name, kwargs)
             result = await _run(entry.call_local, state.catalog, state.store, kwargs)
         except ARGUMENT_ERRORS as exc:  # the client's arguments did not have the shape the op works on
             raise BadRequest(f"{entry.name}: unusable arguments ({type(exc).__name__}: {exc})",

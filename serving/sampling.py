@@ -85,7 +85,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             cum = sorted_p.cumsum(0)
-            keep = (cum - sorted_p) < p.top_p  # always keeps the top token
+            keep = (cum - sorted_p) < p.top_p
+            keep[0] = True  # the top token always stays (a top_p like 5e-324 is 0 in float32)
             sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
             choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generators[i])
             out[i] = int(order[choice])

@@ -2,7 +2,7 @@
 
 A real uvicorn on loopback over a tiny random base with two adapters and an API key; generation is
 capped to a few tokens per request. Cases come from hypothesis with a bounded example count per
-operation (LORADEX_FUZZ_EXAMPLES, default 8), so the suite takes minutes, not hours. The server runs
+operation (LORADEX_FUZZ_EXAMPLES, default 40), so the suite takes minutes, not hours. The server runs
 with ``confine_local_paths`` and the test's working directory is a temp folder: fuzzed path arguments
 are refused, and nothing outside the test's folders can be touched. (The first run of this suite
 emptied the checkout it ran in through ``merges.record``'s temp-folder argument: store.owned_tmp
@@ -19,7 +19,7 @@ import pytest
 from tests.test_http import KEY, Server, _home
 
 pytestmark = pytest.mark.fuzz
-EXAMPLES = int(os.environ.get("LORADEX_FUZZ_EXAMPLES", "8"))
+EXAMPLES = int(os.environ.get("LORADEX_FUZZ_EXAMPLES", "40"))
 # bases.init converts the default base's GGUF (about 40 s, once): not a route to hammer with random bodies
 SKIP = {"POST /v1/ops/bases.init"}
 

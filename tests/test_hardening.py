@@ -543,3 +543,22 @@ def test_6_sigkill_during_an_upload_registration_leaves_catalog_and_store_consis
         assert cat.query("SELECT id FROM adapter_versions WHERE status <> 'ready'") == []
         for r in cat.query("SELECT path, files FROM adapter_versions WHERE status = 'ready'"):
             assert store.verify(r["path"], r["files"]) == []
+
+
+def test_6_fuzz_findings_tiny_top_p_bad_base_source_and_surrogates_are_4xx(hsrv, tmp_path):
+    """Found by the fuzz suite at 40 cases per route: each was a 500."""
+    from starlette.testclient import TestClient
+
+    with hsrv.http() as h:
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2, "top_p": 5e-324,
+                                            "temperature": 1.0, "seed": 1})
+        assert r.status_code == 200, r.text  # top_p 0 in float32 kept no token: now the top token stays
+        r = h.post("/v1/bases", json={"name": "zbase", "source": "Z"})  # neither a path nor an org/name id
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_base", r.text
+    remote = TestClient(hsrv.app, client=("10.1.2.3", 40000), headers={"Authorization": f"Bearer {KEY}"})
+    body = b'{"name": "zbase", "source": "/\\udb8a\\ude9a"}'  # a lone surrogate: no file name can hold it
+    for path in ("/v1/ops/bases.add", "/v1/bases"):
+        r = remote.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+    r = remote.post("/v1/bases", json={"name": "zbase", "source": "/etc"})  # the resource route is confined too
+    assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed", r.text
