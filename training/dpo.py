@@ -172,23 +172,9 @@ def margins(model, tokenizer, rows: list[dict], batch_size: int = 8) -> tuple[fl
 
 def _model(config: TrainConfig, base_path: str, parent_folder: Path | None, device: str, precision: str):
     """The base in the run's precision with the starting LoRA: the --from adapter's (trainable) or a fresh one."""
-    import torch
+    from loradex.training.run import load_model
 
-    quiet.install()
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-
-    from loradex.hub.loading import load_model_folder
-
-    model, _, _ = load_model_folder(base_path, quantize=config.quantize, device=device, dtype=precision)
-    model.config.use_cache = False
-    if config.quantize == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    torch.manual_seed(config.seed)
-    if parent_folder is not None:
-        return PeftModel.from_pretrained(model, str(parent_folder), is_trainable=True)
-    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=config.target_list(), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return load_model(config, base_path, device, precision, parent_folder)
 
 
 def dpo_args(config: TrainConfig, output_dir: Path, device: str, precision: str, warmup_steps: int, grad_ckpt: bool):

@@ -152,12 +152,13 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def load_model(config: TrainConfig, base_path: str, device: str, precision: str):
-    """The base in the run's precision (NF4 for QLoRA), wrapped with fresh LoRA layers."""
+def load_model(config: TrainConfig, base_path: str, device: str, precision: str, parent_folder: Path | None = None):
+    """The base in the run's precision (NF4 for QLoRA), wrapped with fresh LoRA layers, or with the (trainable)
+    LoRA of the adapter in ``parent_folder`` (DPO on top of an SFT adapter)."""
     import torch
 
     quiet.install()
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     from loradex.hub.loading import load_model_folder
 
@@ -167,6 +168,8 @@ def load_model(config: TrainConfig, base_path: str, device: str, precision: str)
         # casts norms/embeddings to fp32 and enables input grads; checkpointing is the Trainer's job
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(config.seed)
+    if parent_folder is not None:
+        return PeftModel.from_pretrained(model, str(parent_folder), is_trainable=True)
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=config.target_list(), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
