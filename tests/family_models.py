@@ -86,3 +86,113 @@ def build_family(family: str, out: Path, tokenizer_dir: Path, *, seed: int = 0) 
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, out / f.name)
     return out
+
+
+# -- SentencePiece-style tokenizers (Mistral v0.x / Llama 2, Gemma) ----------------------------
+#
+# Real Mistral v0.x, Llama 2 and Gemma ship a SentencePiece BPE model; their tokenizer.json is the
+# transformers conversion of it: a BPE with byte_fallback, the 256 <0xNN> byte tokens, spaces as
+# "▁", and *every* split of each piece listed as a merge, ordered by the piece's score (so the
+# merges reproduce SentencePiece's score-driven merging). build_spm_tokenizer makes the same kind
+# of file from a small BPE trained on evals/data/general.jsonl, with no download.
+
+SPM_STYLES = {
+    # Llama 2 / Mistral v0.1 (legacy): "▁" put before every stretch of text, special tokens included
+    "llama": {"specials": ["<unk>", "<s>", "</s>"], "bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None,
+              "class": "LlamaTokenizer", "legacy": True,
+              "template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                          " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"},
+    # Mistral v0.3 style (legacy=False): Metaspace puts "▁" only before the start of the text
+    "metaspace": {"specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "bos": "<s>", "eos": "</s>",
+                  "unk": "<unk>", "pad": None, "class": "LlamaTokenizer", "legacy": False,
+                  "template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                              "{{ m['content'] }}[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+                              "{% endfor %}"},
+    # Gemma 1/2/3: spaces replaced by "▁" in the normalizer, no "▁" added in front, turn markers special
+    "gemma": {"specials": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"], "bos": "<bos>",
+              "eos": "<eos>", "unk": "<unk>", "pad": "<pad>", "class": "GemmaTokenizer",
+              "template": "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+                          "{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{{ m['content'] }}<end_of_turn>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"},
+}
+
+
+def build_spm_tokenizer(out: Path, style: str = "llama", *, pieces: int = 700) -> Path:
+    """Save a SentencePiece-style tokenizer.json + tokenizer_config.json (``style`` in SPM_STYLES) in ``out``."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    spec = SPM_STYLES[style]
+    root = Path(__file__).resolve().parents[1]
+    lines = [json.loads(line)["text"] for line in (root / "evals" / "data" / "general.jsonl").read_text().splitlines()
+             if line.strip()]
+    trainer_tok = Tokenizer(models.BPE(unk_token=spec["unk"]))
+    trainer_tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer_tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=pieces, min_frequency=2, show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]["vocab"]   # id order = merge order = SentencePiece score order
+
+    vocab = {tok: i for i, tok in enumerate(spec["specials"])}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    order = sorted(trained, key=trained.get)
+    for piece in order:
+        vocab.setdefault(piece, len(vocab))
+    # every split of a piece into two pieces, ranked by (piece, left, right): transformers' SentencePiece conversion
+    merges = sorted(((vocab[p], vocab[p[:i]], vocab[p[i:]]), (p[:i], p[i:]))
+                    for p in order for i in range(1, len(p)) if p[:i] in trained and p[i:] in trained)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[m for _, m in merges], unk_token=spec["unk"], fuse_unk=True,
+                               byte_fallback=True))
+    if style == "llama":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    elif style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec["specials"]])
+    bos = spec["bos"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, vocab[bos])])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": spec["class"], "bos_token": spec["bos"], "eos_token": spec["eos"], "unk_token": spec["unk"],
+           "pad_token": spec["pad"] or spec["eos"], "add_bos_token": True, "add_eos_token": False,
+           "model_max_length": 2048, "chat_template": spec["template"]}
+    if "legacy" in spec:
+        cfg.update(legacy=spec["legacy"], add_prefix_space=True)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def build_family_spm(family: str, out: Path, style: str, *, seed: int = 0) -> Path:
+    """A tiny random ``family`` base with a SentencePiece-style tokenizer (``build_spm_tokenizer``) sized to it."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    build_spm_tokenizer(out, style)
+    n_vocab = len(AutoTokenizer.from_pretrained(out))
+    ids = {k: json.loads((out / "tokenizer.json").read_text())["model"]["vocab"][SPM_STYLES[style][k]]
+           for k in ("bos", "eos")}
+    cls, config = FAMILIES[family]()
+    config.vocab_size = n_vocab
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos"], ids["eos"], ids["eos"]
+    config.architectures = [cls.__name__]
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out

