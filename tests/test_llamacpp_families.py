@@ -12,8 +12,15 @@ margin is at least ``TIE`` (random tiny models have near-ties that f16 rounding 
 llama.cpp's free-running greedy tokens must equal transformers' up to the first such near-tie
 (the whole continuation when there is none).
 
-Mistral runs without a sliding window (as Mistral v0.2/v0.3 ship): llama.cpp applies none, so a
-windowed model agrees only within its window (the writer records that; test_families_export.py).
+SentencePiece-style tokenizers (``mistral-spm``: Llama 2 / Mistral v0.1 style, ``gemma3-spm``: Gemma
+style; tests/family_models.py ``build_spm_tokenizer``, no download) on tiny Mistral and Gemma 3 bases
+sized to them: the same merged and LoRA comparisons, and llama.cpp's ids for plain prompts (with
+BOS) and chat prompts equal transformers'.
+
+Mistral runs without a sliding window in those comparisons (as Mistral v0.2/v0.3 ship). With one
+(window 8), ``test_mistral_sliding_window_is_not_applied_by_llamacpp`` pins the measured fact behind
+the writer's choice (context_length written as the window): llama.cpp agrees with windowed
+transformers within the window and with *unwindowed* transformers beyond it.
 """
 from __future__ import annotations
 
@@ -38,13 +45,17 @@ def _needs_llama_cpp():
         pytest.fail("llama-cpp-python is not installed: run bash .ci/setup_llamacpp.sh")
 
 
-from tests.family_models import FAMILIES  # noqa: E402
+from tests.family_models import FAMILIES, build_family_spm  # noqa: E402
 from tests.helpers import make_adapter  # noqa: E402
 
 N = 24
 TIE = 0.05
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = ["Write a long story about a dragon who learns to bake bread.", "What is 17 times 23? Show your working."]
+SPM = {"mistral-spm": ("mistral", "llama"), "gemma3-spm": ("gemma3", "gemma")}   # name -> (family, tokenizer style)
+CASES = list(FAMILIES) + list(SPM)
+PLAIN = ["Bread rises because yeast feeds on the sugars in flour.", "Hello world! 3.14 apples, naïve café 中文 🙂",
+         "two  spaces\tand a tab\nand a new line"]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +66,11 @@ def family(tmp_path_factory, family_base_dir):
     def get(fam: str):
         if fam not in made:
             root = tmp_path_factory.mktemp(f"llamacpp-{fam}")
-            base = family_base_dir(fam)
-            if fam == "mistral":
+            if fam in SPM:
+                base = build_family_spm(SPM[fam][0], root / "spm-base", SPM[fam][1])
+            else:
+                base = family_base_dir(fam)
+            if fam.startswith("mistral"):
                 base = shutil.copytree(base, root / "base")
                 cfg = json.loads((base / "config.json").read_text())
                 cfg["sliding_window"] = None
@@ -84,7 +98,8 @@ def _compare(gguf_path, hf_model, tok, *, lora=None) -> dict:
     out = {"decisive_agree": 0, "decisive": 0, "near_ties": 0, "free_equal_before_tie": 0, "of": 0}
     with open_gguf(gguf_path, lora=lora, logits_all=True, n_ctx=256) as llm:
         for text, ids, ref in zip(rendered, hf_ids, reference):
-            assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+            # the rendered template carries its own BOS where the family has one (HF encodes it without adding)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
             seq = ids + ref
             with torch.no_grad():
                 hf = hf_model(torch.tensor([seq])).logits[0, len(ids) - 1: len(seq) - 1].float().numpy()
@@ -107,7 +122,7 @@ def _compare(gguf_path, hf_model, tok, *, lora=None) -> dict:
     return out
 
 
-@pytest.mark.parametrize("fam", list(FAMILIES))
+@pytest.mark.parametrize("fam", CASES)
 def test_merged_gguf_f16_runs_like_transformers(family, tmp_path, fam):
     from loradex.hub.loading import load_tokenizer
     from loradex.promote.export.gguf_writer import write_model_gguf
@@ -120,13 +135,13 @@ def test_merged_gguf_f16_runs_like_transformers(family, tmp_path, fam):
         if not f.name.endswith(".safetensors") and f.name not in ("config.json", "generation_config.json"):
             shutil.copy(f, tmp_path / "merged" / f.name)
     info = write_model_gguf(tmp_path / "merged", tmp_path / "m.f16.gguf", quant="f16")
-    assert info["family"] in fam
+    assert info["family"] in fam and info["tokenizer"]["model"] == ("llama" if fam in SPM else "gpt2")
     got = _compare(tmp_path / "m.f16.gguf", model, load_tokenizer(base))
     assert got["decisive_agree"] == got["decisive"] > 0
     assert got["free_equal_before_tie"] == got["of"] == len(PROMPTS)
 
 
-@pytest.mark.parametrize("fam", list(FAMILIES))
+@pytest.mark.parametrize("fam", CASES)
 def test_gguf_lora_over_f16_base_runs_like_transformers(family, tmp_path, fam):
     from loradex.hub.loading import load_tokenizer
     from loradex.promote.export.gguf_lora import write_lora_gguf
@@ -143,3 +158,57 @@ def test_gguf_lora_over_f16_base_runs_like_transformers(family, tmp_path, fam):
     # the LoRA matters: the base GGUF alone disagrees with the adapter somewhere
     alone = _compare(tmp_path / "base.f16.gguf", model, load_tokenizer(base))
     assert alone["decisive_agree"] < alone["decisive"]
+
+
+@pytest.mark.parametrize("fam", list(SPM))
+def test_spm_tokenization_equals_transformers(family, tmp_path, fam):
+    """Plain prompts with BOS (and the chat prompts, in _compare) tokenize to transformers' ids."""
+    from loradex.hub.loading import load_tokenizer
+    from loradex.promote.export.llamacpp_check import open_gguf
+    from loradex.promote.export.gguf_writer import write_model_gguf
+
+    base, _ = family(fam)
+    info = write_model_gguf(base, tmp_path / "b.gguf", quant="f16")
+    assert info["tokenizer"]["add_space_prefix"] == (fam == "mistral-spm")
+    tok = load_tokenizer(base)
+    bytes_used = 0
+    with open_gguf(tmp_path / "b.gguf") as llm:
+        for text in PLAIN:
+            ids = tok(text)["input_ids"]
+            assert ids[0] == tok.bos_token_id
+            bytes_used += sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ids))
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
+            assert llm.detokenize(ids[1:]).decode() == tok.decode(ids[1:])
+    assert bytes_used > 0, "no prompt reached the byte-fallback tokens"
+
+
+def test_mistral_sliding_window_is_not_applied_by_llamacpp(tmp_path):
+    """Window 8: the written context_length is 8; llama.cpp equals windowed transformers up to 8 tokens and
+    unwindowed transformers after (so the window is ignored; if this starts failing, llama.cpp applies it)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from loradex.promote.export.llamacpp_check import open_gguf
+    from loradex.promote.export.gguf_writer import write_model_gguf
+
+    base = build_family_spm("mistral", tmp_path / "base", "llama")
+    assert json.loads((base / "config.json").read_text())["sliding_window"] == 8
+    info = write_model_gguf(base, tmp_path / "w.gguf", quant="f32")
+    assert gguf.GGUFReader(str(tmp_path / "w.gguf")).fields["llama.context_length"].contents() == 8
+    assert "sliding window (8 tokens)" in info["notes"][0]
+    ids = list(range(10, 34))
+    with torch.no_grad():
+        windowed = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(torch.tensor([ids]))
+        full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, sliding_window=None).eval()(
+            torch.tensor([ids]))
+    windowed, full = windowed.logits[0].numpy(), full.logits[0].numpy()
+    with open_gguf(tmp_path / "w.gguf", logits_all=True, n_ctx=64) as llm:
+        llm.eval(ids)
+        ll = np.asarray(llm.scores[: len(ids)])
+    within, beyond = slice(0, 8), slice(8, len(ids))
+    print({"within_vs_windowed": float(np.abs(ll[within] - windowed[within]).max()),
+           "beyond_vs_full": float(np.abs(ll[beyond] - full[beyond]).max()),
+           "beyond_vs_windowed": float(np.abs(ll[beyond] - windowed[beyond]).max())})
+    assert np.abs(ll[within] - windowed[within]).max() < 0.05
+    assert np.abs(ll[beyond] - full[beyond]).max() < 0.05
+    assert np.abs(ll[beyond] - windowed[beyond]).max() > 0.5

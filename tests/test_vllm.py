@@ -248,6 +248,10 @@ def _vllm_sized_family(fam: str, out: Path, tokenizer_dir: Path) -> Path:
     config.initializer_range = 0.05  # 0.2 at width 256 gives activations in the thousands
     if getattr(config, "query_pre_attn_scalar", None) is not None:
         config.query_pre_attn_scalar = 64
+    if fam.startswith("gemma"):
+        # tied, the sqrt(hidden)-scaled input embedding dominates the last position and every greedy
+        # token repeats the prompt's last one, with or without the adapter (measured at width 256)
+        config.tie_word_embeddings = False
     config.architectures = [cls.__name__]
     torch.manual_seed(0)
     model = cls(config)
