@@ -178,7 +178,7 @@ def test_spm_tokenization_equals_transformers(family, tmp_path, fam):
             assert ids[0] == tok.bos_token_id
             bytes_used += sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ids))
             assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
-            assert llm.detokenize(ids[1:]).decode() == tok.decode(ids[1:])
+            assert llm.detokenize(ids).decode() == tok.decode(ids, skip_special_tokens=True), text
     assert bytes_used > 0, "no prompt reached the byte-fallback tokens"
 
 
@@ -212,3 +212,33 @@ def test_mistral_sliding_window_is_not_applied_by_llamacpp(tmp_path):
     assert np.abs(ll[within] - windowed[within]).max() < 0.05
     assert np.abs(ll[beyond] - full[beyond]).max() < 0.05
     assert np.abs(ll[beyond] - windowed[beyond]).max() > 0.5
+
+
+@pytest.mark.parametrize("fam", list(SPM))
+def test_export_with_runtime_check_passes_for_spm_base(family, tmp_path, fam):
+    """`loradex export --format gguf` (f32) and `gguf-lora` of an adapter on a SentencePiece-style base: the
+    export's own llama.cpp check (prompt ids, then greedy tokens) passes and records it."""
+    from loradex.hub.bases import add_base
+    from loradex.hub.catalog import Catalog
+    from loradex.hub.registry import register_adapter
+    from loradex.hub.settings import Settings
+    from loradex.hub.store import Store
+    from loradex.promote.export.run import export_adapter
+    from loradex.promote.export.source import ExportOptions
+
+    base, adapter = family(fam)
+    settings = Settings(home=tmp_path / "home", store=tmp_path / "store")
+    catalog = Catalog.open(settings.catalog_path, wait_s=5)
+    try:
+        store = Store(settings.store)
+        add_base(catalog, store, "b", str(base))
+        register_adapter(catalog, store, adapter, "ad", base="b")
+        for fmt, quant in (("gguf", "f32"), ("gguf-lora", "f32")):
+            row = export_adapter(catalog, store, "ad@1", tmp_path / fmt, ExportOptions(format=fmt, quant=quant,
+                                                                                       check_tokens=12), settings)
+            check = row["check_result"]
+            runtime = check.get("runtime") or check
+            print(fmt, {k: runtime.get(k) for k in ("ok", "prompt_ids_equal", "exact_probes", "probes")})
+            assert runtime["ok"] and runtime["prompt_ids_equal"] == runtime["probes"] > 0, check
+    finally:
+        catalog.close()

@@ -165,7 +165,7 @@ def export_gguf(src: ExportSource, out: Path, opts: ExportOptions) -> ExportResu
     path, info, check = write_merged_gguf(src, out, opts)
     check["writer"] = info
     return ExportResult(method=info["method"], check=check, primary=path.name,
-                        command=f"llama-cli -m {path} -cnv")
+                        command=f"llama-cli -m {path} -cnv", notes=list(info["notes"]))
 
 
 def write_lora_gguf(src: ExportSource, out: Path, dtype: str, *, run_check: bool, opts: ExportOptions
@@ -202,4 +202,5 @@ def write_lora_gguf(src: ExportSource, out: Path, dtype: str, *, run_check: bool
 def export_gguf_lora(src: ExportSource, out: Path, opts: ExportOptions) -> ExportResult:
     lora_path, base_path, check = write_lora_gguf(src, out, opts.quant, run_check=opts.run_check, opts=opts)
     return ExportResult(method=check["writer"]["method"], check=check, primary=lora_path.name,
-                        command=f"llama-cli -m {base_path} --lora {lora_path} -cnv")
+                        command=f"llama-cli -m {base_path} --lora {lora_path} -cnv",
+                        notes=list(check["base_writer"]["notes"]))

@@ -80,8 +80,10 @@ def compare(gguf: Path, hf_model, tokenizer, texts: list[str], *, mode: str, n_t
     result["runtime_version"] = llama_cpp.__version__
     n_ctx = min(1024, int(getattr(hf_model.config, "max_position_embeddings", 1024) or 1024))
     with open_gguf(gguf, lora=lora, logits_all=(mode == "teacher_forced"), n_ctx=n_ctx) as llm:
-        # add_bos=True lets the GGUF's own add_bos_token metadata decide, as llama.cpp's tools do
-        ll_ids = [llm.tokenize(r.encode(), add_bos=True, special=True) for r in rendered]
+        # the rendered template is tokenized as transformers does it (encode_chat): no BOS added, since
+        # templates that want one (Gemma, Mistral, Llama 2) write it themselves; adding it by the
+        # GGUF's add_bos_token as well would give two
+        ll_ids = [llm.tokenize(r.encode(), add_bos=False, special=True) for r in rendered]
         result["prompt_ids_equal"] = sum(int(a == b) for a, b in zip(ll_ids, hf_ids))
         if result["prompt_ids_equal"] != len(texts):
             result["ok"] = False
