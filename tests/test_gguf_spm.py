@@ -2,7 +2,7 @@
 
 The tokenizers are built in code (tests/family_models.py ``build_spm_tokenizer``: a byte_fallback BPE
 trained on evals/data/general.jsonl, the 256 <0xNN> tokens, "▁" for spaces) and attached to tiny
-Mistral and Gemma 3 bases. Checked: llama.cpp's "llama" vocabulary (tokens by id, scores from the
+Mistral, Gemma 2 and Gemma 3 bases. Checked: llama.cpp's "llama" vocabulary (tokens by id, scores from the
 merge ranks, BYTE / UNKNOWN / CONTROL / NORMAL types), the space prefix per style, special ids, and
 the Mistral sliding-window context length. Running the files in llama.cpp against transformers is
 tests/test_llamacpp_families.py (marker ``llamacpp``).
@@ -29,11 +29,12 @@ def _read(path):
 def spm_bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("spm-bases")
     return {"mistral": build_family_spm("mistral", root / "mistral", "llama"),
+            "gemma2": build_family_spm("gemma2", root / "gemma2", "gemma"),
             "gemma3": build_family_spm("gemma3", root / "gemma3", "gemma"),
             "metaspace": build_family_spm("mistral", root / "metaspace", "metaspace")}
 
 
-@pytest.mark.parametrize("fam", ["mistral", "gemma3"])
+@pytest.mark.parametrize("fam", ["mistral", "gemma2", "gemma3"])
 def test_spm_vocab_metadata(spm_bases, tmp_path, fam):
     import gguf
 
@@ -53,7 +54,8 @@ def test_spm_vocab_metadata(spm_bases, tmp_path, fam):
     by_type = {t: [tokens[i] for i in range(len(tokens)) if types[i] == t] for t in set(types)}
     assert by_type[T.BYTE] == [f"<0x{b:02X}>" for b in range(256)]
     assert by_type[T.UNKNOWN] == ["<unk>"]
-    specials = {"mistral": ["<s>", "</s>"], "gemma3": ["<pad>", "<eos>", "<bos>", "<mask>", "<start_of_turn>",
+    gemma = ["<pad>", "<eos>", "<bos>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    specials = {"mistral": ["<s>", "</s>"], "gemma2": gemma, "gemma3": ["<pad>", "<eos>", "<bos>", "<mask>", "<start_of_turn>",
                                                        "<end_of_turn>"]}[fam]
     assert by_type[T.CONTROL] == specials
     assert set(types) == {T.BYTE, T.UNKNOWN, T.CONTROL, T.NORMAL}
@@ -71,7 +73,7 @@ def test_spm_vocab_metadata(spm_bases, tmp_path, fam):
     assert singles and max(singles) < -len(merges) + 1
     assert all(scores[idx[t]] == 0.0 for t in by_type[T.BYTE] + by_type[T.CONTROL])
 
-    bos, eos = {"mistral": ("<s>", "</s>"), "gemma3": ("<bos>", "<eos>")}[fam]
+    bos, eos = ("<s>", "</s>") if fam == "mistral" else ("<bos>", "<eos>")
     assert f["tokenizer.ggml.bos_token_id"] == idx[bos] and f["tokenizer.ggml.eos_token_id"] == idx[eos]
     assert f["tokenizer.ggml.unknown_token_id"] == idx["<unk>"]
     assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.add_eos_token"] is False

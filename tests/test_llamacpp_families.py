@@ -12,8 +12,9 @@ margin is at least ``TIE`` (random tiny models have near-ties that f16 rounding 
 llama.cpp's free-running greedy tokens must equal transformers' up to the first such near-tie
 (the whole continuation when there is none).
 
-SentencePiece-style tokenizers (``mistral-spm``: Llama 2 / Mistral v0.1 style, ``gemma3-spm``: Gemma
-style; tests/family_models.py ``build_spm_tokenizer``, no download) on tiny Mistral and Gemma 3 bases
+SentencePiece-style tokenizers (``mistral-spm``: Llama 2 / Mistral v0.1 style, ``gemma2-spm`` and
+``gemma3-spm``: Gemma style; tests/family_models.py ``build_spm_tokenizer``, no download) on tiny
+Mistral, Gemma 2 and Gemma 3 bases
 sized to them: the same merged and LoRA comparisons, and llama.cpp's ids for plain prompts (with
 BOS) and chat prompts equal transformers'.
 
@@ -52,7 +53,8 @@ N = 24
 TIE = 0.05
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = ["Write a long story about a dragon who learns to bake bread.", "What is 17 times 23? Show your working."]
-SPM = {"mistral-spm": ("mistral", "llama"), "gemma3-spm": ("gemma3", "gemma")}   # name -> (family, tokenizer style)
+SPM = {"mistral-spm": ("mistral", "llama"), "gemma2-spm": ("gemma2", "gemma"),  # name -> (family, tokenizer style)
+       "gemma3-spm": ("gemma3", "gemma")}
 CASES = list(FAMILIES) + list(SPM)
 PLAIN = ["Bread rises because yeast feeds on the sugars in flour.", "Hello world! 3.14 apples, naïve café 中文 🙂",
          "two  spaces\tand a tab\nand a new line"]
