@@ -244,3 +244,25 @@ def test_export_with_runtime_check_passes_for_spm_base(family, tmp_path, fam):
             assert runtime["ok"] and runtime["prompt_ids_equal"] == runtime["probes"] > 0, check
     finally:
         catalog.close()
+
+
+def test_metaspace_first_tokenizes_as_the_note_says(tmp_path):
+    """legacy=false (Metaspace "first"): plain text agrees; text after a special token or starting with a space
+    gets one more "▁" in llama.cpp, as the writer's note says (if this starts failing, revisit the note)."""
+    from loradex.hub.loading import load_tokenizer
+    from loradex.promote.export.gguf_writer import write_model_gguf
+    from loradex.promote.export.llamacpp_check import open_gguf
+
+    base = build_family_spm("mistral", tmp_path / "base", "metaspace")
+    info = write_model_gguf(base, tmp_path / "m.gguf", quant="f16")
+    assert any("follows a special token" in n for n in info["notes"])
+    tok = load_tokenizer(base)
+    space = tok.convert_tokens_to_ids("▁")
+    with open_gguf(tmp_path / "m.gguf") as llm:
+        plain = PLAIN[0]
+        assert llm.tokenize(plain.encode(), add_bos=True, special=False) == tok(plain)["input_ids"]
+        # (text, add BOS, where llama.cpp's extra "▁" lands): after [INST]; after the BOS it adds
+        for text, bos, at in (("<s>[INST] What is bread?[/INST]", False, 2), (" leading space", True, 1)):
+            hf = tok(text, add_special_tokens=bos)["input_ids"]
+            ll = llm.tokenize(text.encode(), add_bos=bos, special=True)
+            assert ll == hf[:at] + [space] + hf[at:], (text, ll, hf)

@@ -196,10 +196,12 @@ def is_sentencepiece(tok_json: dict) -> bool:
 
 
 def _steps(part: dict | None) -> list[dict]:
+    """The steps of a normalizer / pre-tokenizer, alone or in a Sequence."""
     if not part:
         return []
-    return [s for s in part.get("normalizers", part.get("pretokenizers", [])) if s] if part.get("type") == "Sequence" \
-        else [part]
+    if part.get("type") != "Sequence":
+        return [part]
+    return [s for s in part.get("normalizers") or part.get("pretokenizers") or [] if s]
 
 
 def space_prefix(folder: Path) -> tuple[bool, str]:
@@ -329,11 +331,12 @@ def add_spm_vocab(writer, folder: Path, tok_json: dict, n_vocab: int, pre: str |
     writer.add_add_space_prefix(prefix)
     notes = []
     if scheme == "first":
-        # llama.cpp puts "▁" before every stretch of text that follows a special token; transformers
-        # (Metaspace prepend_scheme "first", legacy=False) only before the start of the text
-        notes.append("llama.cpp adds a space prefix to text that follows a special token, transformers "
-                     "(legacy=False) does not: a prompt with text right after a special token tokenizes "
-                     "differently (\"<s>[INST]\" in llama.cpp is \"<s>▁[INST]\")")
+        # measured (tests/test_llamacpp_families.py): llama.cpp puts "▁" before every stretch of text
+        # that follows a special token and before text that starts with a space; transformers
+        # (Metaspace prepend_scheme "first", legacy=False) does neither
+        notes.append("llama.cpp adds a space prefix to text that follows a special token or starts with a space, "
+                     "transformers (legacy=false tokenizer) does not: such prompts tokenize differently in "
+                     "llama.cpp (\"<s>[INST] hi\" becomes <s> ▁ [INST] ...)")
     return {"model": "llama", "pre": "default", "n_tokens": len(tokens), "add_space_prefix": prefix,
             "space_prefix_scheme": scheme, "byte_tokens": sum(1 for t in types if t == T.BYTE),
             "control_tokens": sum(1 for t in types if t == T.CONTROL), "notes": notes}
