@@ -15,6 +15,7 @@ import pytest
 
 from loradex.hub.errors import InvalidConfig
 from loradex.promote.export.gguf_writer import write_model_gguf
+from loradex.promote.export.ollama import modelfile
 from tests.family_models import build_family_spm
 
 
@@ -96,6 +97,7 @@ def test_mistral_context_length_is_its_window(spm_bases, tmp_path):
     info = write_model_gguf(folder, tmp_path / "w.gguf", quant="f16")
     assert _read(tmp_path / "w.gguf")["llama.context_length"] == 8
     assert "sliding window (8 tokens)" in info["notes"][0] and "not 512" in info["notes"][0]
+    assert "PARAMETER num_ctx 8\n" in modelfile(model_file="w.gguf", adapter_file=None, folder=folder, label="x")[0]
     cfg = json.loads((folder / "config.json").read_text())
     cfg["sliding_window"] = None
     (tmp_path / "nowin").mkdir()

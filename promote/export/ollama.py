@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from loradex.promote.export import gguf as gguf_export
+from loradex.promote.export.gguf_arch import context_length, family_of, hparams
 from loradex.promote.export.source import ExportOptions, ExportResult, ExportSource
 
 METHOD = "loradex ollama: Modelfile (FROM/TEMPLATE/SYSTEM/PARAMETER) over loradex GGUF files"
@@ -68,7 +69,8 @@ def modelfile(*, model_file: str, adapter_file: str | None, folder: Path, label:
     for key, name in GEN_PARAMS.items():
         if gen.get(key) is not None and gen.get("do_sample", True):
             lines.append(f"PARAMETER {name} {gen[key]}")
-    lines.append(f"PARAMETER num_ctx {min(int(cfg.get('max_position_embeddings') or 2048), 8192)}")
+    # the GGUF's declared context (Mistral with a sliding window: the window, see gguf_arch.context_length)
+    lines.append(f"PARAMETER num_ctx {min(context_length(family_of(cfg), cfg, hparams(cfg)), 8192)}")
     return "\n".join(lines) + "\n", warnings
 
 
