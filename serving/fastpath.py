@@ -69,7 +69,7 @@ def why_not(runner) -> str | None:
     if native.library() is None:
         return "native kernels unavailable"
     if fam.qkv == "fused" or fam.sandwich_norms or fam.rope_per_layer_type:
-        return f"the {fam.family} layer differs from the Llama layout"
+        return f"the {fam.label} layer differs from the Llama layout"
     if runner.device.type != "cpu":
         return "not on CPU"
     cfg = runner.model.config
@@ -113,8 +113,9 @@ class NativeDecode:
         structs, keep = [], []
         for layer in r.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            down = mlp.down_proj.base if isinstance(mlp.down_proj, BatchedLoRALinear) else mlp.down_proj
             s = Layer(d=r.model.config.hidden_size, nh=r.n_heads, nkv=r.n_kv, hd=r.head_dim,
-                      inter=mlp.down_proj.in_features, eps=eps)
+                      inter=down.in_features, eps=eps)
             norms = [_rms_weight(layer.input_layernorm, eps), _rms_weight(layer.post_attention_layernorm, eps)]
             if r.family.qk_norm:
                 norms += [_rms_weight(attn.q_norm, eps), _rms_weight(attn.k_norm, eps)]

@@ -29,62 +29,79 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* dot(x, w) over K floats, fixed order */
+/* dot(x, w) over K floats in the fixed order every kernel here uses: chunk c of 8 goes to
+ * accumulator c % 2, then hsum(a0 + a1), then the scalar tail */
 static inline float dot_f32(const float *x, const float *w, int K) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int k = 0;
-    for (; k + 32 <= K; k += 32) {
+    for (; k + 16 <= K; k += 16) {
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(w + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(w + k + 24), a3);
     }
-    for (; k + 8 <= K; k += 8)
+    if (k + 8 <= K) {
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
-    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        k += 8;
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
     for (; k < K; k++) s += x[k] * w[k];
     return s;
 }
 
-/* dot_f32 of three rows of x with the same w (each w chunk loaded once): the same order per row */
-static inline void dot3_f32(const float *x0, const float *x1, const float *x2, const float *w, int K, float *out,
-                            size_t stride) {
-    __m256 a[3][4];
-    for (int r = 0; r < 3; r++)
-        for (int i = 0; i < 4; i++) a[r][i] = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 32 <= K; k += 32) {
-        for (int i = 0; i < 4; i++) {
-            const __m256 wc = _mm256_loadu_ps(w + k + 8 * i);
-            a[0][i] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 8 * i), wc, a[0][i]);
-            a[1][i] = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k + 8 * i), wc, a[1][i]);
-            a[2][i] = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k + 8 * i), wc, a[2][i]);
-        }
+/* R rows of x against O weight rows (each chunk of w and x loaded once per tile), in dot_f32's order:
+ * y[m][n] = dot_f32(x_m, w_n) + b_n for the tile. K % 8 == 0 here (every caller's K is). */
+#define TILE_STEP(R, O, kk, C)                                                                     \
+    {                                                                                              \
+        __m256 wc[O];                                                                              \
+        for (int o = 0; o < O; o++) wc[o] = _mm256_loadu_ps(w[o] + (kk));                          \
+        for (int r = 0; r < R; r++) {                                                              \
+            const __m256 xv = _mm256_loadu_ps(x + r * xs + (kk));                                  \
+            for (int o = 0; o < O; o++) a[r][o][C] = _mm256_fmadd_ps(xv, wc[o], a[r][o][C]);       \
+        }                                                                                          \
     }
-    for (; k + 8 <= K; k += 8) {
-        const __m256 wc = _mm256_loadu_ps(w + k);
-        a[0][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), wc, a[0][0]);
-        a[1][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), wc, a[1][0]);
-        a[2][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), wc, a[2][0]);
+#define TILE(R, O)                                                                                         \
+    static inline void tile_##R##x##O(const float *x, size_t xs, const float *const *w, int K,           \
+                                      const float *b, float *y, size_t ys) {                            \
+        __m256 a[R][O][2];                                                                               \
+        for (int r = 0; r < R; r++)                                                                      \
+            for (int o = 0; o < O; o++) a[r][o][0] = a[r][o][1] = _mm256_setzero_ps();                    \
+        int k = 0;                                                                                       \
+        for (; k + 16 <= K; k += 16) {                                                                   \
+            TILE_STEP(R, O, k, 0)                                                                        \
+            TILE_STEP(R, O, k + 8, 1)                                                                    \
+        }                                                                                                \
+        if (k + 8 <= K) {                                                                                \
+            TILE_STEP(R, O, k, 0)                                                                        \
+            k += 8;                                                                                      \
+        }                                                                                                \
+        for (int r = 0; r < R; r++)                                                                      \
+            for (int o = 0; o < O; o++) {                                                                \
+                float s = hsum8(_mm256_add_ps(a[r][o][0], a[r][o][1]));                                  \
+                for (int t = k; t < K; t++) s += x[r * xs + t] * w[o][t];                                \
+                y[r * ys + o] = s + b[o];                                                                \
+            }                                                                                            \
     }
-    const float *xs[3] = {x0, x1, x2};
-    for (int r = 0; r < 3; r++) {
-        float s = hsum8(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
-        for (int t = k; t < K; t++) s += xs[r][t] * w[t];
-        out[r * stride] = s;
-    }
-}
+TILE(3, 2)
+TILE(2, 2)
+TILE(1, 2)
+TILE(3, 1)
+TILE(2, 1)
+TILE(1, 1)
 
-/* y[m, n] (+= bias) for every row m of x against one weight row w (fp32, contiguous): tiles of 3 rows */
-static inline void rows_dot(const float *x, int M, int K, int N, int n, const float *w, float b, float *y) {
+/* y[:, n0:n0+O] for every row of x against O weight rows (fp32, contiguous each), O in {1, 2} */
+static inline void rows_dot(const float *x, int M, int K, int N, int n0, int O, const float *const *w,
+                            const float *b, float *y) {
     int m = 0;
     for (; m + 3 <= M; m += 3) {
-        dot3_f32(x + (size_t)m * K, x + (size_t)(m + 1) * K, x + (size_t)(m + 2) * K, w, K, y + (size_t)m * N + n,
-                 (size_t)N);
-        for (int r = 0; r < 3; r++) y[(size_t)(m + r) * N + n] += b;
+        if (O == 2) tile_3x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+        else tile_3x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
     }
-    for (; m < M; m++) y[(size_t)m * N + n] = dot_f32(x + (size_t)m * K, w, K) + b;
+    if (M - m == 2) {
+        if (O == 2) tile_2x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+        else tile_2x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+    } else if (M - m == 1) {
+        if (O == 2) tile_1x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+        else tile_1x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+    }
 }
 
 /* One NF4 row (K weights, K % 64 == 0) into fp32: weight 8j+i is nibble i of word j;
@@ -123,7 +140,6 @@ static inline float nf4_dot(const float *x, const uint32_t *q, const float *absm
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256 clo = _mm256_loadu_ps(code), chi = _mm256_loadu_ps(code + 8);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (int b = 0; b < K / 64; b++) {
         const __m256 s = _mm256_set1_ps(absmax[b]);
         const __m256 tlo = _mm256_mul_ps(clo, s), thi = _mm256_mul_ps(chi, s);
@@ -131,14 +147,14 @@ static inline float nf4_dot(const float *x, const uint32_t *q, const float *absm
         const float *xb = x + b * 64;
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb), NF4_W(qb[0]), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), NF4_W(qb[1]), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), NF4_W(qb[2]), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), NF4_W(qb[3]), a3);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), NF4_W(qb[2]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), NF4_W(qb[3]), a1);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 32), NF4_W(qb[4]), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 40), NF4_W(qb[5]), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 48), NF4_W(qb[6]), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 56), NF4_W(qb[7]), a3);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 48), NF4_W(qb[6]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 56), NF4_W(qb[7]), a1);
     }
-    return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return hsum8(_mm256_add_ps(a0, a1));
 }
 
 void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax, const float *code,
@@ -148,15 +164,23 @@ void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const floa
             y[n] = nf4_dot(x, q + (size_t)n * (K / 8), absmax + (size_t)n * (K / 64), code, K) + (bias ? bias[n] : 0.0f);
         return;
     }
-    for (int n = 0; n < N; n++) {
-        nf4_row(q + (size_t)n * (K / 8), absmax + (size_t)n * (K / 64), code, K, scratch);
-        rows_dot(x, M, K, N, n, scratch, bias ? bias[n] : 0.0f, y);
+    /* two weight rows at a time, dequantized into scratch [2 * K] */
+    const float *w[2] = {scratch, scratch + K};
+    for (int n = 0; n < N; n += 2) {
+        int O = N - n >= 2 ? 2 : 1;
+        for (int o = 0; o < O; o++)
+            nf4_row(q + (size_t)(n + o) * (K / 8), absmax + (size_t)(n + o) * (K / 64), code, K, scratch + o * K);
+        float b[2] = {bias ? bias[n] : 0.0f, bias && O == 2 ? bias[n + 1] : 0.0f};
+        rows_dot(x, M, K, N, n, O, w, b, y);
     }
 }
 
 void f32_gemm(const float *x, int M, int K, int N, const float *w, const float *bias, float *y) {
-    for (int n = 0; n < N; n++) {
-        rows_dot(x, M, K, N, n, w + (size_t)n * K, bias ? bias[n] : 0.0f, y);
+    for (int n = 0; n < N; n += 2) {
+        int O = N - n >= 2 ? 2 : 1;
+        const float *wr[2] = {w + (size_t)n * K, w + (size_t)(n + O - 1) * K};
+        float b[2] = {bias ? bias[n] : 0.0f, bias && O == 2 ? bias[n + 1] : 0.0f};
+        rows_dot(x, M, K, N, n, O, wr, b, y);
     }
 }
 
@@ -216,7 +240,7 @@ static void proj(const proj_t *p, const float *code, const float *x, int M, cons
 
 void layer_in(const layer_t *L, int M, const float *h, const int *slots, float *q, float *k, float *v) {
     float *xn = malloc(sizeof(float) * (size_t)M * L->d);
-    float scratch[L->d];
+    float scratch[2 * L->d];
     for (int m = 0; m < M; m++) rmsnorm(h + (size_t)m * L->d, L->in_norm, L->d, L->eps, xn + (size_t)m * L->d);
     proj(&L->p[0], L->code, xn, M, slots, q, scratch);
     proj(&L->p[1], L->code, xn, M, slots, k, scratch);
@@ -263,7 +287,7 @@ void layer_out(const layer_t *L, int M, const float *o, float *h, const int *slo
     size_t d = L->d, I = L->inter;
     float *a = malloc(sizeof(float) * (size_t)M * (d + d + 3 * I));
     float *xn = a + M * d, *g = xn + M * d, *u = g + M * I, *act = u + M * I;
-    float scratch[I > d ? I : d];
+    float scratch[2 * (I > d ? I : d)];
     proj(&L->p[3], L->code, o, M, slots, a, scratch);
     for (size_t i = 0; i < M * d; i++) h[i] = h[i] + a[i];
     for (int m = 0; m < M; m++) rmsnorm(h + m * d, L->post_norm, d, L->eps, xn + m * d);
