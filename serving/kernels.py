@@ -1,27 +1,33 @@
 """Which kernel computes the base's Linear layers when serving, chosen on this machine at load, by measurement.
 
-A quantized base (``--quantize nf4``) can be served two ways on the same
+A quantized base (``--quantize nf4``) can be served three ways on the same
 weights:
 
 * ``bnb``: the bitsandbytes layers as loaded (on CPU bitsandbytes dequantizes
   the 4-bit blocks on every call, then multiplies);
 * ``dense``: every 4-bit layer dequantized once, at load, into a plain
   ``nn.Linear`` in the compute dtype (the same values bitsandbytes computes
-  with, so the same math), at the memory cost of full-precision weights.
+  with, so the same math), at the memory cost of full-precision weights;
+* ``native``: loradex's own CPU kernel (``serving/native.py``) reading the 4-bit
+  indices and rebuilding each weight with the same fp32 product bitsandbytes
+  dequantizes to (checked bit for bit per layer), half a byte per weight read
+  per token; x86-64 with AVX2/FMA/F16C and a C compiler only.
 
 Which is faster depends on the machine (core, caches, memory bandwidth, what
 bitsandbytes has native code for), so it is never decided from a CPU model
-name: :func:`choose` times one batch-1 pass over every projection both ways
-(interleaved, best of a few repetitions; every layer, so weights stream from
-memory as in a decode step) and keeps the faster, provided the dense copy fits
-in half the available memory. On CPU in fp32 it also times the (tied, fp32) LM
-head, the largest single read of a decode step, against an fp16 copy of it at
-batch 1 and 8 and keeps the copy only on a clear win (>10%) at both. The choice and its timings go into
-``LoadedBase.info["kernels"]``, the log, ``GET /v1/server`` and ``/ready``.
+name: :func:`choose` times one batch-1 and one batch-8 pass over every
+projection each way (interleaved, best of a few repetitions; every layer, so
+weights stream from memory as in a decode step) and keeps the fastest (sum of
+both sizes), provided a dense copy fits in half the available memory. On CPU in
+fp32 it also times the (tied, fp32) LM head: torch's product against the native
+fp32 kernel on the same weights (no copy), or, without native kernels, against an
+fp16 copy (kept only on a clear win, >10%, at both sizes). The choice and its
+timings go into ``LoadedBase.info["kernels"]``, the log, ``GET /v1/server`` and
+``/ready``.
 
-``LORADEX_KERNELS``: ``auto`` (default: measure), or force ``bnb`` / ``dense``.
-Unquantized bases have nothing to choose (``dense`` already); int8 stays
-``bnb`` (LLM.int8's outlier split has no exact dense form here).
+``LORADEX_KERNELS``: ``auto`` (default: measure), or force ``bnb`` / ``dense`` /
+``native``. Unquantized bases have nothing to choose (``dense`` already); int8
+stays ``bnb`` (LLM.int8's outlier split has no exact dense form here).
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from loradex.hub.errors import InvalidConfig
 
 log = logging.getLogger("loradex.kernels")
 
-MODES = ("auto", "bnb", "dense")
+MODES = ("auto", "bnb", "dense", "native")
 REPS = 5           # timed repetitions per candidate and batch size (best kept)
 MEMORY_SHARE = 0.5  # a dense copy may take at most this share of the memory available now
 
@@ -101,21 +107,41 @@ def _time(mods: list[nn.Module], xs: list[torch.Tensor], device: str) -> float:
     return best
 
 
-def measure(quant: list[nn.Module], dense: list[nn.Module], dtype: torch.dtype, device: str) -> dict:
-    """One decode-like pass (batch 1) over every projection, as loaded and dense, interleaved; best of REPS.
+def measure(candidates: dict[str, list[nn.Module]], dtype: torch.dtype, device: str,
+            sizes: tuple[int, ...] = (1, 8)) -> dict:
+    """Microseconds for one pass over every projection per candidate and batch size, interleaved; best of REPS.
 
     Every layer is visited, as a decode step does, so the weights come from memory and not from a cache
-    that a single small layer would fit in.
+    that a single small layer would fit in. ``{name_b1_us: ..., name_b8_us: ...}`` per candidate.
     """
-    xs = [torch.randn(1, 1, m.in_features, dtype=dtype, device=device) for m in quant]
-    _time(quant, xs, device), _time(dense, xs, device)  # warm-up (bitsandbytes repacks on its first CPU forward)
-    b, d = [], []
-    for i in range(2):
-        if i % 2 == 0:
-            b.append(_time(quant, xs, device)), d.append(_time(dense, xs, device))
-        else:
-            d.append(_time(dense, xs, device)), b.append(_time(quant, xs, device))
-    return {"bnb_us": round(min(b) * 1e6, 1), "dense_us": round(min(d) * 1e6, 1)}
+    first = next(iter(candidates.values()))
+    out: dict = {}
+    for b in sizes:
+        xs = [torch.randn(b, 1, m.in_features, dtype=dtype, device=device) for m in first]
+        for mods in candidates.values():  # warm-up (bitsandbytes repacks on its first CPU forward)
+            _time(mods, xs, device)
+        best = {name: float("inf") for name in candidates}
+        names = list(candidates)
+        for i in range(2):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                best[name] = min(best[name], _time(candidates[name], xs, device))
+        for name, t in best.items():
+            out[f"{name}_b{b}_us"] = round(t * 1e6, 1)
+    return out
+
+
+def native_copies(layers: dict[str, nn.Module], dense: dict[str, nn.Linear]) -> dict[str, nn.Module]:
+    """The native NF4 layer for each 4-bit layer that rebuilds exactly (the rest keep their dense copy)."""
+    from loradex.serving.native import NF4Linear
+
+    out: dict[str, nn.Module] = {}
+    for name, mod in layers.items():
+        state = mod.weight.quant_state
+        lin = None
+        if getattr(state, "quant_type", "nf4") == "nf4":
+            lin = NF4Linear.from_weight(dense[name].weight, state.code, dense[name].bias)
+        out[name] = lin if lin is not None else dense[name]
+    return out
 
 
 class HalfLinear(nn.Module):
@@ -132,35 +158,42 @@ class HalfLinear(nn.Module):
 
 
 def choose_lm_head(model: nn.Module, dtype: torch.dtype, device: str) -> dict:
-    """On CPU in fp32: keep the (tied) fp32 LM head, or read an fp16 copy of it, whichever is faster here."""
+    """On CPU in fp32: the (tied) fp32 LM head through torch, or natively on the same weights, or (without native
+    kernels) an fp16 copy; whichever is faster here."""
+    from loradex.serving import native
+
     head = getattr(model, "lm_head", None)
     if not isinstance(head, nn.Linear) or dtype != torch.float32 or device != "cpu":
         return {"lm_head": "as loaded", "reason": "only an fp32 head on CPU has a choice"}
-    half = HalfLinear(head.weight, head.bias)
-    # batch 1 (a lone stream's decode) and batch 8 (a mixed batch's decode, a prefill's last tokens): fp16
-    # weights halve the bytes, but a CPU without fp16 arithmetic converts them, which costs more as rows grow
-    xs = [torch.randn(b, 1, head.in_features, dtype=dtype) for b in (1, 8)]
-    t32, t16 = [0.0, 0.0], [0.0, 0.0]
-    for j, x in enumerate(xs):
-        _time([head], [x], device), _time([half], [x], device)
-        a, b = [], []
-        for i in range(2):
-            pair = [(a, head), (b, half)] if i % 2 == 0 else [(b, half), (a, head)]
-            for out, mod in pair:
-                out.append(_time([mod], [x], device))
-        t32[j], t16[j] = min(a), min(b)
-    info = {"lm_head_timings": {"fp32_b1_us": round(t32[0] * 1e6, 1), "fp16_b1_us": round(t16[0] * 1e6, 1),
-                                "fp32_b8_us": round(t32[1] * 1e6, 1), "fp16_b8_us": round(t16[1] * 1e6, 1)}}
-    if all(h < 0.9 * f for h, f in zip(t16, t32)):  # a clear win at both sizes: fp16 logits differ in the last bits
-        model.lm_head = half
-        info["lm_head"] = "fp16"
+    if native.library() is not None:
+        # the same fp32 weights (no copy, still tied): only the speed differs
+        alt, alt_name, margin = native.F32Linear(head.weight, head.bias), "native", 1.0
+    else:
+        # fp16 weights halve the bytes, but a CPU without fp16 arithmetic converts them, which costs more as
+        # rows grow; and fp16 logits differ in the last bits, so it must win clearly
+        alt, alt_name, margin = HalfLinear(head.weight, head.bias), "fp16", 0.9
+    # batch 1 (a lone stream's decode) and batch 8 (a mixed batch's decode, a prefill's last tokens)
+    timings = measure({"fp32": [head], alt_name: [alt]}, dtype, device)
+    info = {"lm_head_timings": timings}
+    if all(timings[f"{alt_name}_b{b}_us"] < margin * timings[f"fp32_b{b}_us"] for b in (1, 8)):
+        model.lm_head = alt
+        info["lm_head"] = alt_name
     else:
         info["lm_head"] = "fp32"
     return info
 
 
+def _apply(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    for name, lin in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, lin)
+
+
 def choose(model: nn.Module, *, quantize: str, dtype: torch.dtype, device: str, mode: str | None = None) -> dict:
     """Pick the kernel for ``model``'s 4-bit layers and apply it; returns what was chosen and why."""
+    from loradex.serving import native
+
     mode = mode or requested_mode()
     layers = quantized_linears(model)
     if quantize != "nf4" or not layers:
@@ -170,33 +203,43 @@ def choose(model: nn.Module, *, quantize: str, dtype: torch.dtype, device: str, 
     dense_bytes = n_params * torch.empty(0, dtype=dtype).element_size()
     avail = _available_bytes(device)
     fits = avail is None or dense_bytes <= MEMORY_SHARE * avail
-    dense: dict[str, nn.Linear] | None = None
-    info: dict = {"mode": mode, "dense_bytes": dense_bytes, "available_bytes": avail, "device": device}
-    if mode == "auto":
-        if not fits:
-            info.update(linear="bnb", reason=f"a dense copy ({dense_bytes / 1e6:.0f} MB) does not fit in "
-                                             f"{MEMORY_SHARE:.0%} of available memory")
-        else:
-            dense = {n: dense_copy(m, dtype) for n, m in layers.items()}
-            timings = measure(list(layers.values()), list(dense.values()), dtype, device)
-            info["timings"] = timings
-            info["linear"] = "dense" if timings["dense_us"] < timings["bnb_us"] else "bnb"
-            info["reason"] = (f"one batch-1 pass over the {len(layers)} projections: bitsandbytes "
-                              f"{timings['bnb_us'] / 1000:.1f} ms, dense {timings['dense_us'] / 1000:.1f} ms")
+    native_ok = device == "cpu" and dtype == torch.float32 and native.library() is not None
+    info: dict = {"mode": mode, "dense_bytes": dense_bytes, "available_bytes": avail, "device": device,
+                  "native": native.status() if device == "cpu" else {"available": False, "reason": "not on CPU"}}
+    if mode in ("dense", "native") and not fits:
+        raise InvalidConfig(f"LORADEX_KERNELS={mode}: the dense copy ({dense_bytes / 1e6:.0f} MB) it is built "
+                            f"from does not fit in {MEMORY_SHARE:.0%} of available memory")
+    if mode == "native" and not native_ok:
+        why = info["native"]["reason"] if device == "cpu" and dtype == torch.float32 else "it runs on CPU in fp32 only"
+        raise InvalidConfig(f"LORADEX_KERNELS=native: the native kernels are not available here ({why})")
+    chosen: dict[str, nn.Module] | None = None
+    if mode == "auto" and not fits:
+        info.update(linear="bnb", reason=f"a dense copy ({dense_bytes / 1e6:.0f} MB) does not fit in "
+                                         f"{MEMORY_SHARE:.0%} of available memory")
+    elif mode == "auto":
+        dense = {n: dense_copy(m, dtype) for n, m in layers.items()}
+        candidates: dict[str, dict[str, nn.Module]] = {"bnb": layers, "dense": dense}
+        if native_ok:
+            candidates["native"] = native_copies(layers, dense)
+        timings = measure({k: list(v.values()) for k, v in candidates.items()}, dtype, device)
+        total = {k: timings[f"{k}_b1_us"] + timings[f"{k}_b8_us"] for k in candidates}
+        best = min(total, key=total.get)
+        info.update(timings=timings, linear=best, reason="a pass over the {} projections at batch 1 / 8: {}".format(
+            len(layers), ", ".join(f"{k} {timings[f'{k}_b1_us'] / 1000:.1f} / {timings[f'{k}_b8_us'] / 1000:.1f} ms"
+                                   for k in candidates)))
+        chosen = None if best == "bnb" else candidates[best]
     else:
-        if mode == "dense" and not fits:
-            raise InvalidConfig(f"LORADEX_KERNELS=dense: the dense copy ({dense_bytes / 1e6:.0f} MB) does not fit "
-                                f"in {MEMORY_SHARE:.0%} of available memory")
         info.update(linear=mode, reason="LORADEX_KERNELS=" + mode)
-    if info["linear"] == "dense":
-        dense = dense or {n: dense_copy(m, dtype) for n, m in layers.items()}
-        for name, lin in dense.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, lin)
+        if mode != "bnb":
+            dense = {n: dense_copy(m, dtype) for n, m in layers.items()}
+            chosen = native_copies(layers, dense) if mode == "native" else dense
+    if chosen is not None:
+        if info["linear"] == "native":
+            info["native_layers"] = sum(type(m).__name__ == "NF4Linear" for m in chosen.values())
+        _apply(model, chosen)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    if mode == "auto":
+    if mode in ("auto", "native"):
         info.update(choose_lm_head(model, dtype, device))
     log.info("kernels: %s, lm_head %s (%s)", info["linear"], info.get("lm_head", "as loaded"), info["reason"])
     return info

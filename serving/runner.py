@@ -29,6 +29,12 @@ import torch.nn.functional as F
 
 from loradex.serving.families import FAMILIES, family_of, layer_rope_keys, layer_windows
 
+
+def native_max_rows() -> int:
+    from loradex.serving.native import MAX_ROWS
+
+    return MAX_ROWS
+
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 CAPACITY_STEP = 64
 
@@ -116,6 +122,18 @@ class Runner:
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         # the modeling file's own rope application (Phi-3's rotates only part of each head)
         self.apply_rope = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+        self.bank = None       # the LoRA bank over this model, when one serves adapters (set by its owner)
+        self._native = None    # serving/fastpath.NativeDecode, once the model's layers qualify
+        self.native_reason: str | None = None
+
+    def native_decode(self):
+        """The native decode path (serving/fastpath.py) when this model's layers can take it, else None."""
+        from loradex.serving.fastpath import NativeDecode, why_not
+
+        if self._native is None:
+            self.native_reason = why_not(self)
+            self._native = NativeDecode(self) if self.native_reason is None else False
+        return self._native or None
 
     @property
     def lm_head(self):
@@ -210,6 +228,12 @@ class Runner:
         last = h[torch.arange(B, device=self.device), lengths - 1]
         return self._logits(last), KVCache(keys, values, lengths)
 
+    def _native_fits(self, h, rope, cache) -> bool:
+        cos = rope.get(None, (None,))[0]
+        return (h.dtype == torch.float32 and cos is not None and cos.shape[-1] == self.head_dim
+                and all(k.dtype == torch.float32 and k.is_contiguous() for k in cache.keys)
+                and all(v.is_contiguous() for v in cache.values))
+
     @torch.inference_mode()
     def decode(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
         """Feed one token per row (row i at position cache.lengths[i]); returns logits [B, vocab]."""
@@ -224,6 +248,11 @@ class Runner:
         seen = kj <= pos.unsqueeze(1)  # [B, L]: the row's own tokens so far
         masks = {w: (seen if w is None else seen & (kj > pos.unsqueeze(1) - w))[:, None, None, :]
                  for w in set(self.windows)}
+        fast = self.native_decode() if B <= native_max_rows() else None
+        if fast is not None and self._native_fits(h, rope, cache) and fast.usable(self.bank):
+            h = fast.run_layers(h, cache, pos, rope, masks, fast.slots(self.bank and self.bank.ctx, B))
+            cache.lengths = pos + 1
+            return self._logits(h[:, 0])
         rows = torch.arange(B, device=self.device)
         for i, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)

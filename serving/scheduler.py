@@ -114,6 +114,7 @@ class Scheduler:
         model = loaded.model
         self.runner = Runner(model)
         self.bank = LoRABank(model, loaded.dtype, loaded.device, capacity=min(config.max_loaded, 8))
+        self.runner.bank = self.bank
         self.cache = AdapterCache(self.bank, read_adapter, config.max_loaded, metrics)
         max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context = min(config.max_context or max_pos, max_pos)

@@ -137,15 +137,25 @@ def _peft_reference(folder, adapters: dict, quantize: str, prompt_ids: list[list
     return out
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
+NATIVE_FAMILIES = {"llama", "llama3", "qwen2", "qwen3", "mistral"}  # the Llama-style layer (serving/fastpath.py)
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4", "nf4-native"])
 @pytest.mark.parametrize("family", [*FAMILIES, *EXTRA])
-def test_mixed_batch_equals_peft(hub, family, quantize):
+def test_mixed_batch_equals_peft(hub, family, quantize, monkeypatch):
+    """``nf4-native``: the NF4 base served by loradex's own CPU kernels (forced), decode steps through
+    serving/fastpath.py where the family's layer allows it."""
+    from loradex.serving import native
     from loradex.serving.config import EngineConfig
     from loradex.serving.engine import Engine
 
+    if quantize == "nf4-native":
+        if native.library() is None:
+            pytest.fail(f"native kernels unavailable on this machine: {native.status()['reason']}")
+        monkeypatch.setenv("LORADEX_KERNELS", "native")
     got = hub["add"](family)
     adapters = got["adapters"]
-    eng = Engine.load(EngineConfig(base=family, quantize=quantize, max_loaded=4, batch_window_ms=200),
+    eng = Engine.load(EngineConfig(base=family, quantize=quantize.split("-")[0], max_loaded=4, batch_window_ms=200),
                       catalog=hub["catalog"], store=hub["store"])
     try:
         assert type(eng.scheduler.runner).__name__ == "Runner"
@@ -159,9 +169,15 @@ def test_mixed_batch_equals_peft(hub, family, quantize):
                                    for a, j in rows])
         prefills = [s for s in eng.scheduler.recent_steps() if s["step"] > before and s["phase"] == "prefill"]
         assert [len(s["ids"]) for s in prefills] == [len(rows)]  # one mixed batch
+        if quantize == "nf4-native":
+            runner = eng.scheduler.runner
+            assert eng.loaded.info["kernels"]["linear"] == "native"
+            fast = family in NATIVE_FAMILIES
+            assert (runner.native_reason is None) == fast, runner.native_reason
+            assert bool(runner._native) == fast
     finally:
         eng.shutdown()
-    want = _peft_reference(got["folder"], adapters, quantize, prompt_ids)
+    want = _peft_reference(got["folder"], adapters, quantize.split("-")[0], prompt_ids)
     for (a, j), out in zip(rows, outs):
         n = len(out.token_ids)  # the engine stops at EOS; PEFT was told not to
         assert n > 0 and out.token_ids == want[a, j][:n], (family, quantize, a, j)

@@ -37,19 +37,25 @@ def test_dense_kernel_computes_what_bitsandbytes_computes(tiny_base_dir):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_measures_both_and_applies_what_it_reports(tiny_base_dir):
+def test_auto_measures_each_kernel_and_applies_what_it_reports(tiny_base_dir):
+    from loradex.serving import native
     from loradex.serving.kernels import HalfLinear, choose, quantized_linears
 
     model, device, dtype = _nf4(tiny_base_dir)
     want = _logits(model, IDS)
     info = choose(model, quantize="nf4", dtype=dtype, device=device, mode="auto")
-    assert info["timings"]["bnb_us"] > 0 and info["timings"]["dense_us"] > 0
-    assert info["linear"] == ("dense" if info["timings"]["dense_us"] < info["timings"]["bnb_us"] else "bnb")
-    assert (quantized_linears(model) == {}) == (info["linear"] == "dense")
-    assert info["lm_head"] in ("fp32", "fp16") and info["lm_head_timings"]["fp32_b8_us"] > 0
-    assert isinstance(model.lm_head, HalfLinear) == (info["lm_head"] == "fp16")
-    # whatever was chosen serves the same model: logits agree to fp16 precision of the head
-    torch.testing.assert_close(_logits(model, IDS), want, rtol=2e-2, atol=2e-2)
+    names = ["bnb", "dense"] + (["native"] if native.library() is not None else [])
+    t = info["timings"]
+    assert all(t[f"{n}_b{b}_us"] > 0 for n in names for b in (1, 8))
+    assert info["linear"] == min(names, key=lambda n: t[f"{n}_b1_us"] + t[f"{n}_b8_us"])
+    assert (quantized_linears(model) == {}) == (info["linear"] != "bnb")
+    head = info["lm_head"]
+    assert head in ("fp32", "fp16", "native") and info["lm_head_timings"]["fp32_b8_us"] > 0
+    assert isinstance(model.lm_head, HalfLinear) == (head == "fp16")
+    assert isinstance(model.lm_head, native.F32Linear) == (head == "native")
+    # whatever was chosen serves the same model: logits agree (to fp16 precision if the head is fp16)
+    tol = 2e-2 if head == "fp16" else 1e-4
+    torch.testing.assert_close(_logits(model, IDS), want, rtol=tol, atol=tol)
 
 
 def test_unquantized_and_int8_bases_have_nothing_to_choose(tiny_base_dir):
@@ -69,7 +75,7 @@ def test_kernels_env_is_checked(monkeypatch, tiny_base_dir):
     monkeypatch.setenv("LORADEX_KERNELS", "Dense")
     assert requested_mode() == "dense"
     monkeypatch.setenv("LORADEX_KERNELS", "turbo")
-    with pytest.raises(InvalidConfig, match="LORADEX_KERNELS must be one of auto, bnb, dense"):
+    with pytest.raises(InvalidConfig, match="LORADEX_KERNELS must be one of auto, bnb, dense, native"):
         requested_mode()
 
 

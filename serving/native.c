@@ -1,0 +1,303 @@
+/* loradex CPU kernels (x86-64 AVX2 + FMA + F16C), built at first use by serving/native.py.
+ *
+ * y[M, N] = x[M, K] . W[N, K]^T (+ bias) for weights that stay compact in memory:
+ *
+ *   nf4_gemm  W = code[idx] * absmax[block]: 4-bit indices, one fp32 scale per 64 weights
+ *             (the values bitsandbytes' NF4 dequantizes to, bit for bit: the kernel
+ *             rebuilds each weight with the same fp32 product, it only reads 8x fewer bytes);
+ *   f32_gemm  W in fp32.
+ *
+ * Every output is one dot product over k in a fixed order (four 8-lane
+ * accumulators over chunks of 8, then a fixed reduction), whatever M is, so a
+ * row's result does not depend on the rows beside it in the batch.
+ * Single-threaded: one call per projection; the caller owns threading.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    s = _mm_add_ss(s, sh);
+    return _mm_cvtss_f32(s);
+}
+
+/* dot(x, w) over K floats in the fixed order every kernel here uses: chunk c of 8 goes to
+ * accumulator c % 2, then hsum(a0 + a1), then the scalar tail */
+static inline float dot_f32(const float *x, const float *w, int K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
+    }
+    if (k + 8 <= K) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
+        k += 8;
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; k < K; k++) s += x[k] * w[k];
+    return s;
+}
+
+/* R rows of x against O weight rows (each chunk of w and x loaded once per tile), in dot_f32's order:
+ * y[m][n] = dot_f32(x_m, w_n) + b_n for the tile. K % 8 == 0 here (every caller's K is). */
+#define TILE_STEP(R, O, kk, C)                                                                     \
+    {                                                                                              \
+        __m256 wc[O];                                                                              \
+        for (int o = 0; o < O; o++) wc[o] = _mm256_loadu_ps(w[o] + (kk));                          \
+        for (int r = 0; r < R; r++) {                                                              \
+            const __m256 xv = _mm256_loadu_ps(x + r * xs + (kk));                                  \
+            for (int o = 0; o < O; o++) a[r][o][C] = _mm256_fmadd_ps(xv, wc[o], a[r][o][C]);       \
+        }                                                                                          \
+    }
+#define TILE(R, O)                                                                                         \
+    static inline void tile_##R##x##O(const float *x, size_t xs, const float *const *w, int K,           \
+                                      const float *b, float *y, size_t ys) {                            \
+        __m256 a[R][O][2];                                                                               \
+        for (int r = 0; r < R; r++)                                                                      \
+            for (int o = 0; o < O; o++) a[r][o][0] = a[r][o][1] = _mm256_setzero_ps();                    \
+        int k = 0;                                                                                       \
+        for (; k + 16 <= K; k += 16) {                                                                   \
+            TILE_STEP(R, O, k, 0)                                                                        \
+            TILE_STEP(R, O, k + 8, 1)                                                                    \
+        }                                                                                                \
+        if (k + 8 <= K) {                                                                                \
+            TILE_STEP(R, O, k, 0)                                                                        \
+            k += 8;                                                                                      \
+        }                                                                                                \
+        for (int r = 0; r < R; r++)                                                                      \
+            for (int o = 0; o < O; o++) {                                                                \
+                float s = hsum8(_mm256_add_ps(a[r][o][0], a[r][o][1]));                                  \
+                for (int t = k; t < K; t++) s += x[r * xs + t] * w[o][t];                                \
+                y[r * ys + o] = s + b[o];                                                                \
+            }                                                                                            \
+    }
+TILE(3, 2)
+TILE(2, 2)
+TILE(1, 2)
+TILE(3, 1)
+TILE(2, 1)
+TILE(1, 1)
+
+/* y[:, n0:n0+O] for every row of x against O weight rows (fp32, contiguous each), O in {1, 2} */
+static inline void rows_dot(const float *x, int M, int K, int N, int n0, int O, const float *const *w,
+                            const float *b, float *y) {
+    int m = 0;
+    for (; m + 3 <= M; m += 3) {
+        if (O == 2) tile_3x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+        else tile_3x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+    }
+    if (M - m == 2) {
+        if (O == 2) tile_2x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+        else tile_2x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+    } else if (M - m == 1) {
+        if (O == 2) tile_1x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+        else tile_1x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+    }
+}
+
+/* One NF4 row (K weights, K % 64 == 0) into fp32: weight 8j+i is nibble i of word j;
+ * block b (64 weights) has scale absmax[b]; value = code[idx] * absmax[b] in fp32. */
+static inline void nf4_row(const uint32_t *q, const float *absmax, const float *code, int K, float *out) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256 clo = _mm256_loadu_ps(code), chi = _mm256_loadu_ps(code + 8);
+    for (int b = 0; b < K / 64; b++) {
+        const __m256 s = _mm256_set1_ps(absmax[b]);
+        const __m256 tlo = _mm256_mul_ps(clo, s), thi = _mm256_mul_ps(chi, s);
+        const uint32_t *qb = q + b * 8;
+        float *ob = out + b * 64;
+        for (int j = 0; j < 8; j++) {
+            __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)qb[j]), shifts);
+            __m256 lo = _mm256_permutevar8x32_ps(tlo, v);
+            __m256 hi = _mm256_permutevar8x32_ps(thi, v);
+            __m256 w = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+            _mm256_storeu_ps(ob + j * 8, w);
+        }
+    }
+}
+
+/* W [N, K] in NF4 -> fp32 (the whole matrix, for large-M products done by a BLAS) */
+void nf4_dequant(const uint32_t *q, const float *absmax, const float *code, int N, int K, float *out) {
+    for (int n = 0; n < N; n++)
+        nf4_row(q + (size_t)n * (K / 8), absmax + (size_t)n * (K / 64), code, K, out + (size_t)n * K);
+}
+
+#define NF4_W(word) ({ __m256i v_ = _mm256_srlv_epi32(_mm256_set1_epi32((int)(word)), shifts); \
+    _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, v_), _mm256_permutevar8x32_ps(thi, v_), \
+                     _mm256_castsi256_ps(_mm256_slli_epi32(v_, 28))); })
+
+/* One row's dot product straight from the 4-bit weights (M == 1): the same products and the
+ * same accumulation order as dot_f32 over nf4_row's output, without the round trip through memory. */
+static inline float nf4_dot(const float *x, const uint32_t *q, const float *absmax, const float *code, int K) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256 clo = _mm256_loadu_ps(code), chi = _mm256_loadu_ps(code + 8);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int b = 0; b < K / 64; b++) {
+        const __m256 s = _mm256_set1_ps(absmax[b]);
+        const __m256 tlo = _mm256_mul_ps(clo, s), thi = _mm256_mul_ps(chi, s);
+        const uint32_t *qb = q + b * 8;
+        const float *xb = x + b * 64;
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb), NF4_W(qb[0]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), NF4_W(qb[1]), a1);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), NF4_W(qb[2]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), NF4_W(qb[3]), a1);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 32), NF4_W(qb[4]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 40), NF4_W(qb[5]), a1);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 48), NF4_W(qb[6]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 56), NF4_W(qb[7]), a1);
+    }
+    return hsum8(_mm256_add_ps(a0, a1));
+}
+
+void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax, const float *code,
+              const float *bias, float *y, float *scratch) {
+    if (M == 1) {
+        for (int n = 0; n < N; n++)
+            y[n] = nf4_dot(x, q + (size_t)n * (K / 8), absmax + (size_t)n * (K / 64), code, K) + (bias ? bias[n] : 0.0f);
+        return;
+    }
+    /* two weight rows at a time, dequantized into scratch [2 * K] */
+    const float *w[2] = {scratch, scratch + K};
+    for (int n = 0; n < N; n += 2) {
+        int O = N - n >= 2 ? 2 : 1;
+        for (int o = 0; o < O; o++)
+            nf4_row(q + (size_t)(n + o) * (K / 8), absmax + (size_t)(n + o) * (K / 64), code, K, scratch + o * K);
+        float b[2] = {bias ? bias[n] : 0.0f, bias && O == 2 ? bias[n + 1] : 0.0f};
+        rows_dot(x, M, K, N, n, O, w, b, y);
+    }
+}
+
+void f32_gemm(const float *x, int M, int K, int N, const float *w, const float *bias, float *y) {
+    for (int n = 0; n < N; n += 2) {
+        int O = N - n >= 2 ? 2 : 1;
+        const float *wr[2] = {w + (size_t)n * K, w + (size_t)(n + O - 1) * K};
+        float b[2] = {bias ? bias[n] : 0.0f, bias && O == 2 ? bias[n + 1] : 0.0f};
+        rows_dot(x, M, K, N, n, O, wr, b, y);
+    }
+}
+
+
+/* ---- one decoder layer's decode step around attention (Llama-style families) ----------------------
+ *
+ *   layer_in:   xn = rmsnorm(h); q, k, v = proj(xn) (+ bias, + each row's LoRA update)
+ *   rope_cache: q/k per-head norm (Qwen3), rotary embedding of q and k, k and v written into the cache
+ *   (attention itself stays in torch: masks, sliding windows, soft-capping)
+ *   layer_out:  h += o_proj(o); xn = rmsnorm(h); h += down(silu(gate(xn)) * up(xn))
+ *
+ * Every step is the computation the torch modules do, in the same order of roundings
+ * (products, then sums; -ffp-contract=off), except where a reduction's order differs.
+ */
+typedef struct {
+    int n, k;
+    const uint32_t *q;
+    const float *absmax, *bias;
+    const float *A, *B;  /* LoRA stacks [slots, r, k] and [slots, n, r] (scale folded into B), or NULL */
+    int r;
+} proj_t;
+
+typedef struct {
+    int d, nh, nkv, hd, inter;
+    float eps;
+    const float *in_norm, *post_norm, *q_norm, *k_norm, *code;
+    proj_t p[7]; /* q k v o gate up down */
+} layer_t;
+
+static void rmsnorm(const float *x, const float *w, int D, float eps, float *out) {
+    float ss = dot_f32(x, x, D);
+    float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int i = 0; i < D; i++) {
+        float t = x[i] * r;
+        out[i] = w[i] * t;
+    }
+}
+
+static void proj(const proj_t *p, const float *code, const float *x, int M, const int *slots, float *y,
+                 float *scratch) {
+    nf4_gemm(x, M, p->k, p->n, p->q, p->absmax, code, p->bias, y, scratch);
+    if (!p->A || !slots) return;
+    float t[256];
+    for (int m = 0; m < M; m++) {
+        int s = slots[m];
+        if (s < 0) continue;
+        const float *A = p->A + (size_t)s * p->r * p->k, *B = p->B + (size_t)s * p->n * p->r;
+        const float *xm = x + (size_t)m * p->k;
+        for (int j = 0; j < p->r; j++) t[j] = dot_f32(xm, A + (size_t)j * p->k, p->k);
+        float *ym = y + (size_t)m * p->n;
+        for (int n = 0; n < p->n; n++) {
+            float dlt = dot_f32(t, B + (size_t)n * p->r, p->r);
+            ym[n] = ym[n] + dlt;
+        }
+    }
+}
+
+void layer_in(const layer_t *L, int M, const float *h, const int *slots, float *q, float *k, float *v) {
+    float *xn = malloc(sizeof(float) * (size_t)M * L->d);
+    float scratch[2 * L->d];
+    for (int m = 0; m < M; m++) rmsnorm(h + (size_t)m * L->d, L->in_norm, L->d, L->eps, xn + (size_t)m * L->d);
+    proj(&L->p[0], L->code, xn, M, slots, q, scratch);
+    proj(&L->p[1], L->code, xn, M, slots, k, scratch);
+    proj(&L->p[2], L->code, xn, M, slots, v, scratch);
+    free(xn);
+}
+
+static void rope_head(float *x, const float *cos, const float *sin, int hd) {
+    float tmp[hd];
+    int half = hd / 2;
+    for (int j = 0; j < hd; j++) {
+        float rot = j < half ? -x[j + half] : x[j - half];
+        float a = x[j] * cos[j];
+        float b = rot * sin[j];
+        tmp[j] = a + b;
+    }
+    memcpy(x, tmp, sizeof(float) * hd);
+}
+
+void rope_cache(const layer_t *L, int M, float *q, const float *k, const float *v, const float *cos,
+                const float *sin, float *kc, float *vc, int cap, const int64_t *pos) {
+    int hd = L->hd;
+    float kh[hd];
+    for (int m = 0; m < M; m++) {
+        const float *cm = cos + (size_t)m * hd, *sm = sin + (size_t)m * hd;
+        for (int h = 0; h < L->nh; h++) {
+            float *qh = q + ((size_t)m * L->nh + h) * hd;
+            if (L->q_norm) rmsnorm(qh, L->q_norm, hd, L->eps, qh);
+            rope_head(qh, cm, sm, hd);
+        }
+        for (int h = 0; h < L->nkv; h++) {
+            const float *src = k + ((size_t)m * L->nkv + h) * hd;
+            if (L->k_norm) rmsnorm(src, L->k_norm, hd, L->eps, kh);
+            else memcpy(kh, src, sizeof(float) * hd);
+            rope_head(kh, cm, sm, hd);
+            size_t at = (((size_t)m * L->nkv + h) * cap + (size_t)pos[m]) * hd;
+            memcpy(kc + at, kh, sizeof(float) * hd);
+            memcpy(vc + at, v + ((size_t)m * L->nkv + h) * hd, sizeof(float) * hd);
+        }
+    }
+}
+
+void layer_out(const layer_t *L, int M, const float *o, float *h, const int *slots) {
+    size_t d = L->d, I = L->inter;
+    float *a = malloc(sizeof(float) * (size_t)M * (d + d + 3 * I));
+    float *xn = a + M * d, *g = xn + M * d, *u = g + M * I, *act = u + M * I;
+    float scratch[2 * (I > d ? I : d)];
+    proj(&L->p[3], L->code, o, M, slots, a, scratch);
+    for (size_t i = 0; i < M * d; i++) h[i] = h[i] + a[i];
+    for (int m = 0; m < M; m++) rmsnorm(h + m * d, L->post_norm, d, L->eps, xn + m * d);
+    proj(&L->p[4], L->code, xn, M, slots, g, scratch);
+    proj(&L->p[5], L->code, xn, M, slots, u, scratch);
+    for (size_t i = 0; i < M * I; i++) {
+        float s = g[i] / (1.0f + expf(-g[i]));
+        act[i] = s * u[i];
+    }
+    proj(&L->p[6], L->code, act, M, slots, a, scratch);
+    for (size_t i = 0; i < M * d; i++) h[i] = h[i] + a[i];
+    free(a);
+}

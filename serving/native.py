@@ -1,0 +1,226 @@
+"""loradex's own CPU kernels (``serving/native.c``): NF4 and fp32 matrix products for decode.
+
+On CPU, bitsandbytes dequantizes a 4-bit layer on every call, and a layer
+dequantized once at load (``dense``) reads 4 bytes per weight per token. The
+native NF4 kernel reads the 4-bit indices (half a byte per weight) and rebuilds
+each weight in registers with the same fp32 product bitsandbytes dequantizes to
+(``code[index] * absmax``), so it computes with the same weights, bit for bit
+(checked per layer when it is built; a layer that does not rebuild exactly stays
+``dense``). The fp32 kernel serves the tied LM head (the largest single read of
+a decode step) with the same fp32 weights, faster than torch's GEMV here.
+
+Every output is one dot product in a fixed order whatever the number of rows,
+so a row's result does not depend on its neighbours in a batch. Up to
+:data:`MAX_ROWS` rows (decode steps, mixed batches) run in the native kernel;
+more rows (a prefill) dequantize the layer into fp32 once per call and use
+torch's matrix product, which wins there.
+
+The library is compiled at first use with the system C compiler
+(``$CC``, ``cc`` or ``gcc``; ``-mavx2 -mfma -mf16c``) into
+``$LORADEX_NATIVE_CACHE`` (default ``~/.cache/loradex/native``), once per
+source version. It is used only on x86-64 CPUs that report avx2, fma and f16c;
+elsewhere, or without a compiler, :func:`status` says why and serving keeps the
+torch kernels. ``LORADEX_NATIVE=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE = Path(__file__).with_name("native.c")
+REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC"]
+MAX_ROWS = 16
+"""Rows up to which the native kernels run; above it (prefill), dequantize once and let torch multiply
+(on a 2-core AVX2 machine the native NF4 product was faster up to about 16 rows)."""
+BLOCK = 64
+EXPORTS = ("nf4_gemm", "nf4_dequant", "f32_gemm", "layer_in", "rope_cache", "layer_out")
+
+_lock = threading.Lock()
+_state: dict = {}
+_local = threading.local()
+P, I = ctypes.c_void_p, ctypes.c_int
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORADEX_NATIVE_CACHE") or Path.home() / ".cache" / "loradex" / "native")
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"loradex-native-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            first = (proc.stderr or proc.stdout).strip().splitlines()
+            raise OSError(f"{cc} failed: {first[0] if first else 'exit ' + str(proc.returncode)}")
+        os.replace(tmp, out)  # atomic: concurrent builders agree on one file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> None:
+    if os.environ.get("LORADEX_NATIVE", "1").strip().lower() in ("0", "off", "false", "no"):
+        _state.update(lib=None, reason="LORADEX_NATIVE=0")
+        return
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _state.update(lib=None, reason=f"the native kernels are for x86-64, this is {platform.machine()}")
+        return
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    if missing:
+        _state.update(lib=None, reason=f"this CPU lacks {', '.join(missing)}")
+        return
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        _state.update(lib=None, reason="no C compiler (cc/gcc) to build the native kernels")
+        return
+    try:
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
+        for name in EXPORTS:
+            getattr(lib, name)
+    except (OSError, AttributeError, subprocess.SubprocessError) as exc:
+        _state.update(lib=None, reason=f"could not build the native kernels: {exc}")
+        return
+    lib.nf4_gemm.argtypes = [P, I, I, I, P, P, P, P, P, P]
+    lib.nf4_dequant.argtypes = [P, P, P, I, I, P]
+    lib.f32_gemm.argtypes = [P, I, I, I, P, P, P]
+    for fn in (lib.nf4_gemm, lib.nf4_dequant, lib.f32_gemm):
+        fn.restype = None
+    _state.update(lib=lib, reason="built " + path.name, path=str(path))
+
+
+def library():
+    """The loaded kernels, or None (see :func:`status` for why)."""
+    with _lock:
+        if "lib" not in _state:
+            _load()
+    return _state["lib"]
+
+
+def status() -> dict:
+    lib = library()
+    return {"available": lib is not None, "reason": _state.get("reason"), "path": _state.get("path")}
+
+
+def _scratch(n: int) -> torch.Tensor:
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _local.buf = torch.empty(max(n, 4096), dtype=torch.float32)
+    return buf
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+class NF4Linear(nn.Module):
+    """A Linear whose weight is NF4 (4-bit indices + one fp32 scale per 64 weights), computed natively."""
+
+    def __init__(self, q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features = q.shape[0]
+        self.in_features = q.shape[1] * 8
+        self.register_buffer("q", q)            # int32 [N, K/8]: weight 8j+i is nibble i of word j
+        self.register_buffer("absmax", absmax)  # fp32 [N, K/64]
+        self.register_buffer("code", code)      # fp32 [16]
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, code: torch.Tensor, bias: torch.Tensor | None = None,
+                    chunk_rows: int = 256) -> "NF4Linear | None":
+        """Pack fp32 weights that are NF4 values (``code[i] * scale`` per block of 64), or None if they are not."""
+        lib = library()
+        n, k = w.shape
+        if lib is None or k % BLOCK or w.dtype != torch.float32:
+            return None
+        code = code.detach().to(torch.float32).cpu().contiguous()
+        absmax = w.detach().reshape(n, k // BLOCK, BLOCK).abs().amax(-1).contiguous()
+        q = torch.empty(n, k // 8, dtype=torch.int32)
+        shifts = torch.arange(8, dtype=torch.int64) * 4
+        for lo in range(0, n, chunk_rows):
+            hi = min(n, lo + chunk_rows)
+            blocks = w[lo:hi].reshape(hi - lo, k // BLOCK, BLOCK, 1)
+            values = code.view(1, 1, 1, 16) * absmax[lo:hi].view(hi - lo, k // BLOCK, 1, 1)
+            hit = blocks == values
+            if not bool(hit.any(-1).all()):
+                return None
+            idx = hit.to(torch.uint8).argmax(-1).reshape(hi - lo, k // 8, 8).to(torch.int64)
+            words = (idx << shifts).sum(-1)
+            q[lo:hi] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        lin = cls(q, absmax, code, None if bias is None else bias.detach().to(torch.float32).contiguous())
+        if not torch.equal(lin.dequantize(), w):  # bit for bit, or not at all
+            return None
+        return lin
+
+    def dequantize(self) -> torch.Tensor:
+        w = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
+        library().nf4_dequant(self.q.data_ptr(), self.absmax.data_ptr(), self.code.data_ptr(),
+                              self.out_features, self.in_features, w.data_ptr())
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        x2 = _rows(x, k)
+        m = x2.shape[0]
+        if m > MAX_ROWS:
+            y = nn.functional.linear(x2, self.dequantize(), self.bias)
+        else:
+            y = torch.empty(m, n, dtype=torch.float32)
+            library().nf4_gemm(x2.data_ptr(), m, k, n, self.q.data_ptr(), self.absmax.data_ptr(),
+                               self.code.data_ptr(), _ptr(self.bias), y.data_ptr(), _scratch(2 * k).data_ptr())
+        return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+class F32Linear(nn.Module):
+    """A Linear over fp32 weights (shared with the original layer, no copy), computed natively for few rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight          # the same Parameter (a tied LM head stays tied to the embedding)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        x2 = _rows(x, k)
+        m = x2.shape[0]
+        if m > MAX_ROWS or not self.weight.is_contiguous():
+            y = nn.functional.linear(x2, self.weight, self.bias)
+        else:
+            y = torch.empty(m, n, dtype=torch.float32)
+            library().f32_gemm(x2.data_ptr(), m, k, n, self.weight.data_ptr(), _ptr(self.bias), y.data_ptr())
+        return y.reshape(*x.shape[:-1], n).to(x.dtype)
