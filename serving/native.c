@@ -157,6 +157,34 @@ static inline float nf4_dot(const float *x, const uint32_t *q, const float *absm
     return hsum8(_mm256_add_ps(a0, a1));
 }
 
+/* Pack fp32 weights W [N, K] that are NF4 values (code[i] * scale, one scale per 64 weights, the scale
+ * being the block's largest magnitude) into nf4_row's layout. Returns 0, or -1 if some weight is not
+ * exactly such a value (then nothing about q/absmax is meaningful). code: 16 ascending values. */
+int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float *absmax) {
+    for (size_t b = 0; b < (size_t)N * (K / 64); b++) {
+        const float *wb = w + b * 64;
+        float s = 0.0f;
+        for (int i = 0; i < 64; i++) s = fabsf(wb[i]) > s ? fabsf(wb[i]) : s;
+        absmax[b] = s;
+        float values[16];
+        for (int i = 0; i < 16; i++) values[i] = code[i] * s;
+        for (int j = 0; j < 8; j++) {
+            uint32_t word = 0;
+            for (int i = 0; i < 8; i++) {
+                float x = wb[j * 8 + i];
+                /* the value's index in the ascending table (branch-free: how many are below it), then exact? */
+                const __m256 xv = _mm256_set1_ps(x);
+                int lo = __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(values), xv, _CMP_LT_OQ))) +
+                         __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(values + 8), xv, _CMP_LT_OQ)));
+                if (lo > 15 || values[lo] != x) return -1;
+                word |= (uint32_t)lo << (4 * i);
+            }
+            q[b * 8 + j] = word;
+        }
+    }
+    return 0;
+}
+
 void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax, const float *code,
               const float *bias, float *y, float *scratch) {
     if (M == 1) {
@@ -176,14 +204,15 @@ void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const floa
 }
 
 void f32_gemm(const float *x, int M, int K, int N, const float *w, const float *bias, float *y) {
-    for (int n = 0; n < N; n += 2) {
-        int O = N - n >= 2 ? 2 : 1;
-        const float *wr[2] = {w + (size_t)n * K, w + (size_t)(n + O - 1) * K};
-        float b[2] = {bias ? bias[n] : 0.0f, bias && O == 2 ? bias[n + 1] : 0.0f};
-        rows_dot(x, M, K, N, n, O, wr, b, y);
+    /* one weight row at a time (weights stream from memory; two streams at once measured slower) */
+    float b[2] = {0.0f, 0.0f};
+    for (int n = 0; n < N; n++) {
+        const float *wr[2] = {w + (size_t)n * K, NULL};
+        b[0] = bias ? bias[n] : 0.0f;
+        if (M == 1) y[n] = dot_f32(x, wr[0], K) + b[0];
+        else rows_dot(x, M, K, N, n, 1, wr, b, y);
     }
 }
-
 
 /* ---- one decoder layer's decode step around attention (Llama-style families) ----------------------
  *

@@ -44,7 +44,7 @@ MAX_ROWS = 16
 """Rows up to which the native kernels run; above it (prefill), dequantize once and let torch multiply
 (on a 2-core AVX2 machine the native NF4 product was faster up to about 16 rows)."""
 BLOCK = 64
-EXPORTS = ("nf4_gemm", "nf4_dequant", "f32_gemm", "layer_in", "rope_cache", "layer_out")
+EXPORTS = ("nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "layer_in", "rope_cache", "layer_out")
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -113,6 +113,8 @@ def _load() -> None:
         return
     lib.nf4_gemm.argtypes = [P, I, I, I, P, P, P, P, P, P]
     lib.nf4_dequant.argtypes = [P, P, P, I, I, P]
+    lib.nf4_pack.argtypes = [P, I, I, P, P, P]
+    lib.nf4_pack.restype = ctypes.c_int
     lib.f32_gemm.argtypes = [P, I, I, I, P, P, P]
     for fn in (lib.nf4_gemm, lib.nf4_dequant, lib.f32_gemm):
         fn.restype = None
@@ -160,27 +162,20 @@ class NF4Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, code: torch.Tensor, bias: torch.Tensor | None = None,
-                    chunk_rows: int = 256) -> "NF4Linear | None":
+    def from_weight(cls, w: torch.Tensor, code: torch.Tensor, bias: torch.Tensor | None = None) -> "NF4Linear | None":
         """Pack fp32 weights that are NF4 values (``code[i] * scale`` per block of 64), or None if they are not."""
         lib = library()
         n, k = w.shape
         if lib is None or k % BLOCK or w.dtype != torch.float32:
             return None
         code = code.detach().to(torch.float32).cpu().contiguous()
-        absmax = w.detach().reshape(n, k // BLOCK, BLOCK).abs().amax(-1).contiguous()
+        if not bool((code[1:] > code[:-1]).all()):  # the packer searches an ascending table
+            return None
+        w = w.detach().contiguous()
         q = torch.empty(n, k // 8, dtype=torch.int32)
-        shifts = torch.arange(8, dtype=torch.int64) * 4
-        for lo in range(0, n, chunk_rows):
-            hi = min(n, lo + chunk_rows)
-            blocks = w[lo:hi].reshape(hi - lo, k // BLOCK, BLOCK, 1)
-            values = code.view(1, 1, 1, 16) * absmax[lo:hi].view(hi - lo, k // BLOCK, 1, 1)
-            hit = blocks == values
-            if not bool(hit.any(-1).all()):
-                return None
-            idx = hit.to(torch.uint8).argmax(-1).reshape(hi - lo, k // 8, 8).to(torch.int64)
-            words = (idx << shifts).sum(-1)
-            q[lo:hi] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        absmax = torch.empty(n, k // BLOCK, dtype=torch.float32)
+        if lib.nf4_pack(w.data_ptr(), n, k, code.data_ptr(), q.data_ptr(), absmax.data_ptr()) != 0:
+            return None
         lin = cls(q, absmax, code, None if bias is None else bias.detach().to(torch.float32).contiguous())
         if not torch.equal(lin.dequantize(), w):  # bit for bit, or not at all
             return None
