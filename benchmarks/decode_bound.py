@@ -84,7 +84,7 @@ def weight_bytes_per_token(model) -> dict:
             out["embedding"] += mod.weight.shape[1] * mod.weight.element_size()
             continue
         kind = "lm_head" if name.endswith("lm_head") else "norm" if "norm" in type(mod).__name__.lower() else (
-            "linear" if isinstance(mod, torch.nn.Linear) else "other")
+            "linear" if isinstance(mod, torch.nn.Linear) or hasattr(mod, "in_features") else "other")
         for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
             if t.data_ptr() in seen or t.device.type == "meta":
                 continue

@@ -170,7 +170,7 @@ def run(ws: Workspace, report: Report) -> dict:
             engine = open_engine(ws, cat, max_loaded=ADAPTERS, pin=names)  # LORADEX_KERNELS as set (auto)
             kernels = {"default": engine.loaded.info.get("kernels")}
             chosen = kernels["default"] or {}
-            if chosen.get("linear") == "dense" or chosen.get("lm_head") == "fp16":
+            if chosen.get("linear") in ("dense", "native") or chosen.get("lm_head") in ("fp16", "native"):
                 with kernels_env("bnb"):
                     bnb_engine = open_engine(ws, cat, max_loaded=ADAPTERS, pin=names)
                 kernels["bnb"] = bnb_engine.loaded.info.get("kernels")
