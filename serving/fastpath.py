@@ -95,9 +95,10 @@ class NativeDecode:
     def __init__(self, runner):
         self.runner = runner
         self.lib = native.library()
-        for fn in (self.lib.layer_in, self.lib.rope_cache, self.lib.layer_out):
+        for fn in (self.lib.layer_in, self.lib.rope_cache, self.lib.attend, self.lib.layer_out):
             fn.restype = None
         P, I = ctypes.c_void_p, ctypes.c_int
+        self.lib.attend.argtypes = [P, I, P, P, P, I, P, I, ctypes.c_float, P]
         self.lib.layer_in.argtypes = [P, I, P, P, P, P, P]
         self.lib.rope_cache.argtypes = [P, I, P, P, P, P, P, P, P, I, P]
         self.lib.layer_out.argtypes = [P, I, P, P, P]
@@ -175,6 +176,8 @@ class NativeDecode:
         sp = _ptr(slots)
         pos = pos.contiguous()
         L = int(pos.max()) + 1
+        o = torch.empty(B, r.n_heads * r.head_dim)
+        native_attention = r.attn_softcap is None
         qv = q.view(B, 1, r.n_heads, r.head_dim).transpose(1, 2)
         for i, s in enumerate(self.structs):
             ref = ctypes.byref(s)
@@ -182,7 +185,12 @@ class NativeDecode:
             kc, vc = cache.keys[i], cache.values[i]
             lib.rope_cache(ref, B, q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                            kc.data_ptr(), vc.data_ptr(), kc.shape[2], pos.data_ptr())
-            o = r._attend(qv, kc[:, :, :L], vc[:, :, :L], masks[r.windows[i]])
-            o = o.transpose(1, 2).reshape(B, -1).contiguous()
-            lib.layer_out(ref, B, o.data_ptr(), h.data_ptr(), sp)
+            if native_attention:
+                lib.attend(ref, B, q.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[2], pos.data_ptr(),
+                           r.windows[i] or 0, r.scaling, o.data_ptr())
+                out = o
+            else:
+                out = r._attend(qv, kc[:, :, :L], vc[:, :, :L], masks[r.windows[i]])
+                out = out.transpose(1, 2).reshape(B, -1).contiguous()
+            lib.layer_out(ref, B, out.data_ptr(), h.data_ptr(), sp)
         return h.view(B, 1, d)

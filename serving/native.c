@@ -330,3 +330,41 @@ void layer_out(const layer_t *L, int M, const float *o, float *h, const int *slo
     for (size_t i = 0; i < M * d; i++) h[i] = h[i] + a[i];
     free(a);
 }
+
+/* Attention of each row's new query over its own cache rows 0..pos (or the last `window` of them):
+ * o[m, h*hd:(h+1)*hd] = softmax(q.k_j * scale) . v_j, heads grouped over the kv heads (GQA). */
+void attend(const layer_t *L, int M, const float *q, const float *kc, const float *vc, int cap, const int64_t *pos,
+            int window, float scale, float *o) {
+    int hd = L->hd, group = L->nh / L->nkv;
+    float *sc = malloc(sizeof(float) * (size_t)cap);
+    for (int m = 0; m < M; m++) {
+        int len = (int)pos[m] + 1, start = window > 0 && len > window ? len - window : 0;
+        for (int h = 0; h < L->nh; h++) {
+            const float *qh = q + ((size_t)m * L->nh + h) * hd;
+            size_t base = (((size_t)m * L->nkv + h / group) * cap) * hd;
+            float mx = -INFINITY;
+            for (int j = start; j < len; j++) {
+                float t = dot_f32(qh, kc + base + (size_t)j * hd, hd) * scale;
+                sc[j] = t;
+                mx = t > mx ? t : mx;
+            }
+            float sum = 0.0f;
+            for (int j = start; j < len; j++) {
+                sc[j] = expf(sc[j] - mx);
+                sum += sc[j];
+            }
+            float *oh = o + ((size_t)m * L->nh + h) * hd;
+            for (int d = 0; d < hd; d++) oh[d] = 0.0f;
+            for (int j = start; j < len; j++) {
+                const float *vj = vc + base + (size_t)j * hd;
+                float p = sc[j] / sum;
+                int d = 0;
+                for (; d + 8 <= hd; d += 8)
+                    _mm256_storeu_ps(oh + d, _mm256_add_ps(_mm256_loadu_ps(oh + d),
+                                                           _mm256_mul_ps(_mm256_set1_ps(p), _mm256_loadu_ps(vj + d))));
+                for (; d < hd; d++) oh[d] += p * vj[d];
+            }
+        }
+    }
+    free(sc);
+}

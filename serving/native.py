@@ -44,7 +44,7 @@ MAX_ROWS = 16
 """Rows up to which the native kernels run; above it (prefill), dequantize once and let torch multiply
 (on a 2-core AVX2 machine the native NF4 product was faster up to about 16 rows)."""
 BLOCK = 64
-EXPORTS = ("nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "layer_in", "rope_cache", "layer_out")
+EXPORTS = ("nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "layer_in", "rope_cache", "attend", "layer_out")
 
 _lock = threading.Lock()
 _state: dict = {}
