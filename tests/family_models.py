@@ -66,26 +66,34 @@ FAMILIES = {"llama3": _llama3, "qwen2": _qwen2, "qwen3": _qwen3, "mistral": _mis
             "gemma3": _gemma3}
 
 
-def build_family(family: str, out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
-    """Save a tiny random ``family`` base (weights, config, SmolLM2 tokenizer) in ``out``; return ``out``."""
+def save_random_model(cls, config, out: Path, tokenizer_dir: Path | None = None, *, seed: int = 0) -> Path:
+    """Instantiate ``cls(config)`` with seed ``seed``, perturb its norms (random init is tiny on some
+    families: Gemma norms start at 0; this makes every layer matter), save it in ``out`` with the
+    tokenizer files of ``tokenizer_dir`` (if given); return ``out``."""
     import torch
 
-    if family not in FAMILIES:
-        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    cls, config = FAMILIES[family]()
     config.architectures = [cls.__name__]
     torch.manual_seed(seed)
     model = cls(config)
-    with torch.no_grad():  # random init is tiny on some families (Gemma norms start at 0): make layers matter
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    for f in Path(tokenizer_dir).iterdir():
-        shutil.copy(f, out / f.name)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            shutil.copy(f, out / f.name)
     return out
+
+
+def build_family(family: str, out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """Save a tiny random ``family`` base (weights, config, SmolLM2 tokenizer) in ``out``; return ``out``."""
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    cls, config = FAMILIES[family]()
+    return save_random_model(cls, config, out, tokenizer_dir, seed=seed)
 
 
 # -- SentencePiece-style tokenizers (Mistral v0.x / Llama 2, Gemma) ----------------------------
@@ -176,7 +184,6 @@ def build_family_spm(family: str, out: Path, style: str, *, seed: int = 0) -> Pa
     """A tiny random ``family`` base with a SentencePiece-style tokenizer (``build_spm_tokenizer``) sized to it."""
     import json
 
-    import torch
     from transformers import AutoTokenizer
 
     out = Path(out)
@@ -187,12 +194,4 @@ def build_family_spm(family: str, out: Path, style: str, *, seed: int = 0) -> Pa
     cls, config = FAMILIES[family]()
     config.vocab_size = n_vocab
     config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos"], ids["eos"], ids["eos"]
-    config.architectures = [cls.__name__]
-    torch.manual_seed(seed)
-    model = cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out)
-    return out
+    return save_random_model(cls, config, out, seed=seed)

@@ -241,9 +241,9 @@ def test_llamacpp_rows_or_a_note_saying_why_not(smoke_run):
     assert (payload["metrics"]["llamacpp.per_stream_ratio"]["target"], payload["metrics"]["llamacpp.eight_adapter_ratio"]
             ["target"]) == (0.7, 4.0)
     chosen = entry["details"]["kernels"]["default"]
-    assert chosen["linear"] in ("bnb", "dense")
+    assert chosen["linear"] in ("bnb", "dense", "native")
     # the bitsandbytes row (before the kernel choice) is there exactly when the choice changed something
-    changed = chosen["linear"] == "dense" or chosen.get("lm_head") == "fp16"
+    changed = chosen["linear"] in ("dense", "native") or chosen.get("lm_head") in ("fp16", "native")
     assert ("llamacpp.per_stream_bnb_ratio" in payload["metrics"]) == changed
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.family_models import COMMON, FAMILIES, build_family
+from tests.family_models import COMMON, FAMILIES, build_family, save_random_model
 from tests.helpers import make_adapter
 
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -48,17 +48,7 @@ EXTRA = {"phi3": _phi3, "gemma": _gemma}
 def _build_extra(family: str, out: Path, tokenizer_dir: Path) -> Path:
     """Like tests.family_models.build_family, for the families only this module tests."""
     cls, config = EXTRA[family]()
-    config.architectures = [cls.__name__]
-    torch.manual_seed(0)
-    model = cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out)
-    for f in Path(tokenizer_dir).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return save_random_model(cls, config, out, tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -239,9 +239,7 @@ def _vllm_sized_family(fam: str, out: Path, tokenizer_dir: Path) -> Path:
     """tests/family_models.py's base of ``fam`` with head_dim 64 (hidden 256): with the family bases'
     head_dim 16 the vLLM CPU server dropped the connection on the first request (vLLM's CPU attention
     takes only some head sizes; 64 is one)."""
-    import shutil
-
-    from tests.family_models import FAMILIES
+    from tests.family_models import FAMILIES, save_random_model
 
     cls, config = FAMILIES[fam]()
     config.hidden_size, config.intermediate_size, config.head_dim = 256, 512, 64
@@ -252,17 +250,7 @@ def _vllm_sized_family(fam: str, out: Path, tokenizer_dir: Path) -> Path:
         # tied, the sqrt(hidden)-scaled input embedding dominates the last position and every greedy
         # token repeats the prompt's last one, with or without the adapter (measured at width 256)
         config.tie_word_embeddings = False
-    config.architectures = [cls.__name__]
-    torch.manual_seed(0)
-    model = cls(config)
-    with torch.no_grad():  # as family_models does: Gemma norms start at 0
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out)
-    for f in Path(tokenizer_dir).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return save_random_model(cls, config, out, tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
