@@ -16,7 +16,8 @@ weights:
 Which is faster depends on the machine (core, caches, memory bandwidth, what
 bitsandbytes has native code for), so it is never decided from a CPU model
 name: :func:`choose` times one batch-1 and one batch-8 pass over every
-projection each way (interleaved, best of a few repetitions; every layer, so
+projection each way (interleaved, best of 3 passes, a way over 2x slower at batch 1
+not timed at batch 8; every layer, so
 weights stream from memory as in a decode step) and keeps the fastest (sum of
 both sizes), provided a dense copy fits in half the available memory. On CPU in
 fp32 it also times the (tied, fp32) LM head: torch's product against the native
@@ -43,7 +44,8 @@ from loradex.hub.errors import InvalidConfig
 log = logging.getLogger("loradex.kernels")
 
 MODES = ("auto", "bnb", "dense", "native")
-REPS = 5           # timed repetitions per candidate and batch size (best kept)
+ROUNDS = 3         # timed passes per candidate and batch size, interleaved (best kept)
+DROP = 2.0         # a candidate this many times slower than the best at batch 1 is not timed at batch 8
 MEMORY_SHARE = 0.5  # a dense copy may take at most this share of the memory available now
 
 
@@ -92,41 +94,43 @@ def _available_bytes(device: str) -> int | None:
 
 
 def _time(mods: list[nn.Module], xs: list[torch.Tensor], device: str) -> float:
-    """Seconds for one pass of ``mods`` over their inputs (best of REPS)."""
-    best = float("inf")
+    """Seconds for one pass of ``mods`` over their inputs."""
     with torch.inference_mode():
-        for _ in range(REPS):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            for m, x in zip(mods, xs):
-                m(x)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-    return best
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for m, x in zip(mods, xs):
+            m(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
 
 
 def measure(candidates: dict[str, list[nn.Module]], dtype: torch.dtype, device: str,
             sizes: tuple[int, ...] = (1, 8)) -> dict:
-    """Microseconds for one pass over every projection per candidate and batch size, interleaved; best of REPS.
+    """Microseconds for one pass over every projection per candidate and batch size: ``{name_b1_us: ...}``.
 
     Every layer is visited, as a decode step does, so the weights come from memory and not from a cache
-    that a single small layer would fit in. ``{name_b1_us: ..., name_b8_us: ...}`` per candidate.
+    that a single small layer would fit in. Per size: one untimed pass each (bitsandbytes repacks on its
+    first CPU forward), then ROUNDS timed passes interleaved in rotating order, best kept. A candidate
+    more than DROP times slower than the best at the first size is not timed at the next ones (it cannot
+    win; this keeps a load from spending seconds timing bitsandbytes at batch 8).
     """
     first = next(iter(candidates.values()))
     out: dict = {}
-    for b in sizes:
-        xs = [torch.randn(b, 1, m.in_features, dtype=dtype, device=device) for m in first]
-        for mods in candidates.values():  # warm-up (bitsandbytes repacks on its first CPU forward)
-            _time(mods, xs, device)
-        best = {name: float("inf") for name in candidates}
-        names = list(candidates)
-        for i in range(2):
-            for name in (names if i % 2 == 0 else names[::-1]):
+    names = list(candidates)
+    for size in sizes:
+        xs = [torch.randn(size, 1, m.in_features, dtype=dtype, device=device) for m in first]
+        for name in names:
+            _time(candidates[name], xs, device)
+        best = {name: float("inf") for name in names}
+        for i in range(ROUNDS):
+            for name in names[i % len(names):] + names[:i % len(names)]:
                 best[name] = min(best[name], _time(candidates[name], xs, device))
         for name, t in best.items():
-            out[f"{name}_b{b}_us"] = round(t * 1e6, 1)
+            out[f"{name}_b{size}_us"] = round(t * 1e6, 1)
+        fastest = min(best.values())
+        names = [n for n in names if best[n] <= DROP * fastest]
     return out
 
 
@@ -175,7 +179,8 @@ def choose_lm_head(model: nn.Module, dtype: torch.dtype, device: str) -> dict:
     # batch 1 (a lone stream's decode) and batch 8 (a mixed batch's decode, a prefill's last tokens)
     timings = measure({"fp32": [head], alt_name: [alt]}, dtype, device)
     info = {"lm_head_timings": timings}
-    if all(timings[f"{alt_name}_b{b}_us"] < margin * timings[f"fp32_b{b}_us"] for b in (1, 8)):
+    if all(timings.get(f"{alt_name}_b{b}_us", float("inf")) < margin * timings.get(f"fp32_b{b}_us", float("inf"))
+           for b in (1, 8)):
         model.lm_head = alt
         info["lm_head"] = alt_name
     else:
@@ -222,11 +227,12 @@ def choose(model: nn.Module, *, quantize: str, dtype: torch.dtype, device: str, 
         if native_ok:
             candidates["native"] = native_copies(layers, dense)
         timings = measure({k: list(v.values()) for k, v in candidates.items()}, dtype, device)
-        total = {k: timings[f"{k}_b1_us"] + timings[f"{k}_b8_us"] for k in candidates}
+        total = {k: timings[f"{k}_b1_us"] + timings[f"{k}_b8_us"] for k in candidates if f"{k}_b8_us" in timings}
         best = min(total, key=total.get)
         info.update(timings=timings, linear=best, reason="a pass over the {} projections at batch 1 / 8: {}".format(
-            len(layers), ", ".join(f"{k} {timings[f'{k}_b1_us'] / 1000:.1f} / {timings[f'{k}_b8_us'] / 1000:.1f} ms"
-                                   for k in candidates)))
+            len(layers), ", ".join(f"{k} {timings[f'{k}_b1_us'] / 1000:.1f} / "
+                                   + (f"{timings[f'{k}_b8_us'] / 1000:.1f}" if f"{k}_b8_us" in timings else "-")
+                                   + " ms" for k in candidates)))
         chosen = None if best == "bnb" else candidates[best]
     else:
         info.update(linear=mode, reason="LORADEX_KERNELS=" + mode)

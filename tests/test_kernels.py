@@ -46,11 +46,15 @@ def test_auto_measures_each_kernel_and_applies_what_it_reports(tiny_base_dir):
     info = choose(model, quantize="nf4", dtype=dtype, device=device, mode="auto")
     names = ["bnb", "dense"] + (["native"] if native.library() is not None else [])
     t = info["timings"]
-    assert all(t[f"{n}_b{b}_us"] > 0 for n in names for b in (1, 8))
-    assert info["linear"] == min(names, key=lambda n: t[f"{n}_b1_us"] + t[f"{n}_b8_us"])
+    assert all(t[f"{n}_b1_us"] > 0 for n in names)
+    fastest = min(t[f"{n}_b1_us"] for n in names)
+    # timed at batch 8 exactly when not over 2x slower than the best at batch 1
+    finalists = [n for n in names if t[f"{n}_b1_us"] <= 2 * fastest]
+    assert sorted(n for n in names if f"{n}_b8_us" in t) == sorted(finalists)
+    assert info["linear"] == min(finalists, key=lambda n: t[f"{n}_b1_us"] + t[f"{n}_b8_us"])
     assert (quantized_linears(model) == {}) == (info["linear"] != "bnb")
     head = info["lm_head"]
-    assert head in ("fp32", "fp16", "native") and info["lm_head_timings"]["fp32_b8_us"] > 0
+    assert head in ("fp32", "fp16", "native") and info["lm_head_timings"]["fp32_b1_us"] > 0
     assert isinstance(model.lm_head, HalfLinear) == (head == "fp16")
     assert isinstance(model.lm_head, native.F32Linear) == (head == "native")
     # whatever was chosen serves the same model: logits agree (to fp16 precision if the head is fp16)
