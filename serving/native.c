@@ -7,14 +7,15 @@
  *             rebuilds each weight with the same fp32 product, it only reads 8x fewer bytes);
  *   f32_gemm  W in fp32.
  *
- * Every output is one dot product over k in a fixed order (four 8-lane
- * accumulators over chunks of 8, then a fixed reduction), whatever M is, so a
- * row's result does not depend on the rows beside it in the batch.
+ * Every output is one dot product in a fixed order whatever M is (one 8-lane accumulator
+ * over the chunks of 8 in order, then a fixed horizontal sum, then the scalar tail), so a
+ * row's result does not depend on the rows beside it in the batch. Several rows go through
+ * register tiles (up to 4 rows x 3 outputs: each chunk of x and w loaded once per tile).
  * Single-threaded: one call per projection; the caller owns threading.
  */
 #include <immintrin.h>
-#include <stdint.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,98 +30,82 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* dot(x, w) over K floats in the fixed order every kernel here uses: chunk c of 8 goes to
- * accumulator c % 2, then hsum(a0 + a1), then the scalar tail */
+/* dot(x, w) over K floats in the order every kernel here uses */
 static inline float dot_f32(const float *x, const float *w, int K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a = _mm256_setzero_ps();
     int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
-    }
-    if (k + 8 <= K) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
-        k += 8;
-    }
-    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a);
+    float s = hsum8(a);
     for (; k < K; k++) s += x[k] * w[k];
     return s;
 }
 
-/* R rows of x against O weight rows (each chunk of w and x loaded once per tile), in dot_f32's order:
- * y[m][n] = dot_f32(x_m, w_n) + b_n for the tile. K % 8 == 0 here (every caller's K is). */
-#define TILE_STEP(R, O, kk, C)                                                                     \
-    {                                                                                              \
-        __m256 wc[O];                                                                              \
-        for (int o = 0; o < O; o++) wc[o] = _mm256_loadu_ps(w[o] + (kk));                          \
-        for (int r = 0; r < R; r++) {                                                              \
-            const __m256 xv = _mm256_loadu_ps(x + r * xs + (kk));                                  \
-            for (int o = 0; o < O; o++) a[r][o][C] = _mm256_fmadd_ps(xv, wc[o], a[r][o][C]);       \
-        }                                                                                          \
-    }
+/* R rows of x (stride xs) against O weight rows: y[r * ys + o] = dot_f32(x_r, w_o) + b[o] */
 #define TILE(R, O)                                                                                         \
     static inline void tile_##R##x##O(const float *x, size_t xs, const float *const *w, int K,           \
                                       const float *b, float *y, size_t ys) {                            \
-        __m256 a[R][O][2];                                                                               \
+        __m256 a[R][O];                                                                                  \
         for (int r = 0; r < R; r++)                                                                      \
-            for (int o = 0; o < O; o++) a[r][o][0] = a[r][o][1] = _mm256_setzero_ps();                    \
+            for (int o = 0; o < O; o++) a[r][o] = _mm256_setzero_ps();                                    \
         int k = 0;                                                                                       \
-        for (; k + 16 <= K; k += 16) {                                                                   \
-            TILE_STEP(R, O, k, 0)                                                                        \
-            TILE_STEP(R, O, k + 8, 1)                                                                    \
-        }                                                                                                \
-        if (k + 8 <= K) {                                                                                \
-            TILE_STEP(R, O, k, 0)                                                                        \
-            k += 8;                                                                                      \
+        for (; k + 8 <= K; k += 8) {                                                                     \
+            __m256 wc[O];                                                                                \
+            for (int o = 0; o < O; o++) wc[o] = _mm256_loadu_ps(w[o] + k);                               \
+            for (int r = 0; r < R; r++) {                                                                \
+                const __m256 xv = _mm256_loadu_ps(x + r * xs + k);                                       \
+                for (int o = 0; o < O; o++) a[r][o] = _mm256_fmadd_ps(xv, wc[o], a[r][o]);               \
+            }                                                                                            \
         }                                                                                                \
         for (int r = 0; r < R; r++)                                                                      \
             for (int o = 0; o < O; o++) {                                                                \
-                float s = hsum8(_mm256_add_ps(a[r][o][0], a[r][o][1]));                                  \
+                float s = hsum8(a[r][o]);                                                                \
                 for (int t = k; t < K; t++) s += x[r * xs + t] * w[o][t];                                \
                 y[r * ys + o] = s + b[o];                                                                \
             }                                                                                            \
     }
-TILE(3, 2)
-TILE(2, 2)
-TILE(1, 2)
+TILE(4, 3)
+TILE(3, 3)
+TILE(2, 3)
+TILE(1, 3)
+TILE(4, 1)
 TILE(3, 1)
 TILE(2, 1)
 TILE(1, 1)
 
-/* y[:, n0:n0+O] for every row of x against O weight rows (fp32, contiguous each), O in {1, 2} */
+/* y[:, n0:n0+O] for every row of x against O weight rows (fp32, contiguous each), O in {1, 3} */
 static inline void rows_dot(const float *x, int M, int K, int N, int n0, int O, const float *const *w,
                             const float *b, float *y) {
     int m = 0;
-    for (; m + 3 <= M; m += 3) {
-        if (O == 2) tile_3x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
-        else tile_3x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+    for (; m + 4 <= M; m += 4) {
+        if (O == 3) tile_4x3(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+        else tile_4x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
     }
-    if (M - m == 2) {
-        if (O == 2) tile_2x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
-        else tile_2x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
-    } else if (M - m == 1) {
-        if (O == 2) tile_1x2(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
-        else tile_1x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
+    const float *xm = x + (size_t)m * K;
+    float *ym = y + (size_t)m * N + n0;
+    switch ((M - m) * 4 + O) {
+        case 3 * 4 + 3: tile_3x3(xm, K, w, K, b, ym, N); break;
+        case 2 * 4 + 3: tile_2x3(xm, K, w, K, b, ym, N); break;
+        case 1 * 4 + 3: tile_1x3(xm, K, w, K, b, ym, N); break;
+        case 3 * 4 + 1: tile_3x1(xm, K, w, K, b, ym, N); break;
+        case 2 * 4 + 1: tile_2x1(xm, K, w, K, b, ym, N); break;
+        case 1 * 4 + 1: tile_1x1(xm, K, w, K, b, ym, N); break;
+        default: break;
     }
 }
 
 /* One NF4 row (K weights, K % 64 == 0) into fp32: weight 8j+i is nibble i of word j;
  * block b (64 weights) has scale absmax[b]; value = code[idx] * absmax[b] in fp32. */
+#define NF4_W(word, tlo, thi) ({ __m256i v_ = _mm256_srlv_epi32(_mm256_set1_epi32((int)(word)), shifts);         \
+    _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, v_), _mm256_permutevar8x32_ps(thi, v_),                     \
+                     _mm256_castsi256_ps(_mm256_slli_epi32(v_, 28))); })
+
 static inline void nf4_row(const uint32_t *q, const float *absmax, const float *code, int K, float *out) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256 clo = _mm256_loadu_ps(code), chi = _mm256_loadu_ps(code + 8);
     for (int b = 0; b < K / 64; b++) {
         const __m256 s = _mm256_set1_ps(absmax[b]);
         const __m256 tlo = _mm256_mul_ps(clo, s), thi = _mm256_mul_ps(chi, s);
-        const uint32_t *qb = q + b * 8;
-        float *ob = out + b * 64;
-        for (int j = 0; j < 8; j++) {
-            __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)qb[j]), shifts);
-            __m256 lo = _mm256_permutevar8x32_ps(tlo, v);
-            __m256 hi = _mm256_permutevar8x32_ps(thi, v);
-            __m256 w = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
-            _mm256_storeu_ps(ob + j * 8, w);
-        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + b * 64 + j * 8, NF4_W(q[b * 8 + j], tlo, thi));
     }
 }
 
@@ -130,31 +115,25 @@ void nf4_dequant(const uint32_t *q, const float *absmax, const float *code, int 
         nf4_row(q + (size_t)n * (K / 8), absmax + (size_t)n * (K / 64), code, K, out + (size_t)n * K);
 }
 
-#define NF4_W(word) ({ __m256i v_ = _mm256_srlv_epi32(_mm256_set1_epi32((int)(word)), shifts); \
-    _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, v_), _mm256_permutevar8x32_ps(thi, v_), \
-                     _mm256_castsi256_ps(_mm256_slli_epi32(v_, 28))); })
-
-/* One row's dot product straight from the 4-bit weights (M == 1): the same products and the
- * same accumulation order as dot_f32 over nf4_row's output, without the round trip through memory. */
-static inline float nf4_dot(const float *x, const uint32_t *q, const float *absmax, const float *code, int K) {
+/* M == 1: two rows' dot products straight from the 4-bit weights (two independent chains), the same
+ * products and order as dot_f32 over nf4_row's output, without the round trip through memory */
+static inline void nf4_dot2(const float *x, const uint32_t *q0, const uint32_t *q1, const float *m0,
+                            const float *m1, const float *code, int K, float *y0, float *y1) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256 clo = _mm256_loadu_ps(code), chi = _mm256_loadu_ps(code + 8);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int b = 0; b < K / 64; b++) {
-        const __m256 s = _mm256_set1_ps(absmax[b]);
-        const __m256 tlo = _mm256_mul_ps(clo, s), thi = _mm256_mul_ps(chi, s);
-        const uint32_t *qb = q + b * 8;
-        const float *xb = x + b * 64;
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb), NF4_W(qb[0]), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), NF4_W(qb[1]), a1);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), NF4_W(qb[2]), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), NF4_W(qb[3]), a1);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 32), NF4_W(qb[4]), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 40), NF4_W(qb[5]), a1);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 48), NF4_W(qb[6]), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 56), NF4_W(qb[7]), a1);
+        const __m256 s0 = _mm256_set1_ps(m0[b]), s1 = _mm256_set1_ps(m1[b]);
+        const __m256 l0 = _mm256_mul_ps(clo, s0), h0 = _mm256_mul_ps(chi, s0);
+        const __m256 l1 = _mm256_mul_ps(clo, s1), h1 = _mm256_mul_ps(chi, s1);
+        for (int j = 0; j < 8; j++) {
+            const __m256 xv = _mm256_loadu_ps(x + b * 64 + j * 8);
+            a0 = _mm256_fmadd_ps(xv, NF4_W(q0[b * 8 + j], l0, h0), a0);
+            a1 = _mm256_fmadd_ps(xv, NF4_W(q1[b * 8 + j], l1, h1), a1);
+        }
     }
-    return hsum8(_mm256_add_ps(a0, a1));
+    *y0 = hsum8(a0);
+    *y1 = hsum8(a1);
 }
 
 /* Pack fp32 weights W [N, K] that are NF4 values (code[i] * scale, one scale per 64 weights, the scale
@@ -187,32 +166,45 @@ int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float
 
 void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax, const float *code,
               const float *bias, float *y, float *scratch) {
+    const size_t qs = K / 8, ms = K / 64;
     if (M == 1) {
-        for (int n = 0; n < N; n++)
-            y[n] = nf4_dot(x, q + (size_t)n * (K / 8), absmax + (size_t)n * (K / 64), code, K) + (bias ? bias[n] : 0.0f);
+        for (int n = 0; n < N; n += 2) {
+            int n1 = n + 1 < N ? n + 1 : n;  /* an odd last row is computed twice, written once */
+            float y0, y1;
+            nf4_dot2(x, q + n * qs, q + n1 * qs, absmax + n * ms, absmax + n1 * ms, code, K, &y0, &y1);
+            y[n] = y0 + (bias ? bias[n] : 0.0f);
+            if (n1 != n) y[n1] = y1 + (bias ? bias[n1] : 0.0f);
+        }
         return;
     }
-    /* two weight rows at a time, dequantized into scratch [2 * K] */
-    const float *w[2] = {scratch, scratch + K};
-    for (int n = 0; n < N; n += 2) {
-        int O = N - n >= 2 ? 2 : 1;
-        for (int o = 0; o < O; o++)
-            nf4_row(q + (size_t)(n + o) * (K / 8), absmax + (size_t)(n + o) * (K / 64), code, K, scratch + o * K);
-        float b[2] = {bias ? bias[n] : 0.0f, bias && O == 2 ? bias[n + 1] : 0.0f};
-        rows_dot(x, M, K, N, n, O, w, b, y);
+    /* three weight rows at a time, rebuilt into scratch [3 * K], then register tiles over the rows of x */
+    const float *w[3] = {scratch, scratch + K, scratch + 2 * K};
+    float b[3];
+    int n = 0;
+    for (; n + 3 <= N; n += 3) {
+        for (int o = 0; o < 3; o++) {
+            nf4_row(q + (n + o) * qs, absmax + (n + o) * ms, code, K, scratch + o * K);
+            b[o] = bias ? bias[n + o] : 0.0f;
+        }
+        rows_dot(x, M, K, N, n, 3, w, b, y);
+    }
+    for (; n < N; n++) {
+        nf4_row(q + n * qs, absmax + n * ms, code, K, scratch);
+        b[0] = bias ? bias[n] : 0.0f;
+        rows_dot(x, M, K, N, n, 1, w, b, y);
     }
 }
 
 void f32_gemm(const float *x, int M, int K, int N, const float *w, const float *bias, float *y) {
-    /* one weight row at a time (weights stream from memory; two streams at once measured slower) */
-    float b[2] = {0.0f, 0.0f};
+    /* one weight row at a time (weights stream from memory; several streams at once measured slower) */
     for (int n = 0; n < N; n++) {
-        const float *wr[2] = {w + (size_t)n * K, NULL};
-        b[0] = bias ? bias[n] : 0.0f;
+        const float *wr[3] = {w + (size_t)n * K, NULL, NULL};
+        float b[3] = {bias ? bias[n] : 0.0f, 0.0f, 0.0f};
         if (M == 1) y[n] = dot_f32(x, wr[0], K) + b[0];
         else rows_dot(x, M, K, N, n, 1, wr, b, y);
     }
 }
+
 
 /* ---- one decoder layer's decode step around attention (Llama-style families) ----------------------
  *
@@ -269,7 +261,7 @@ static void proj(const proj_t *p, const float *code, const float *x, int M, cons
 
 void layer_in(const layer_t *L, int M, const float *h, const int *slots, float *q, float *k, float *v) {
     float *xn = malloc(sizeof(float) * (size_t)M * L->d);
-    float scratch[2 * L->d];
+    float scratch[3 * L->d];
     for (int m = 0; m < M; m++) rmsnorm(h + (size_t)m * L->d, L->in_norm, L->d, L->eps, xn + (size_t)m * L->d);
     proj(&L->p[0], L->code, xn, M, slots, q, scratch);
     proj(&L->p[1], L->code, xn, M, slots, k, scratch);
@@ -316,7 +308,7 @@ void layer_out(const layer_t *L, int M, const float *o, float *h, const int *slo
     size_t d = L->d, I = L->inter;
     float *a = malloc(sizeof(float) * (size_t)M * (d + d + 3 * I));
     float *xn = a + M * d, *g = xn + M * d, *u = g + M * I, *act = u + M * I;
-    float scratch[2 * (I > d ? I : d)];
+    float scratch[3 * (I > d ? I : d)];
     proj(&L->p[3], L->code, o, M, slots, a, scratch);
     for (size_t i = 0; i < M * d; i++) h[i] = h[i] + a[i];
     for (int m = 0; m < M; m++) rmsnorm(h + m * d, L->post_norm, d, L->eps, xn + m * d);

@@ -196,7 +196,7 @@ class NF4Linear(nn.Module):
         else:
             y = torch.empty(m, n, dtype=torch.float32)
             library().nf4_gemm(x2.data_ptr(), m, k, n, self.q.data_ptr(), self.absmax.data_ptr(),
-                               self.code.data_ptr(), _ptr(self.bias), y.data_ptr(), _scratch(2 * k).data_ptr())
+                               self.code.data_ptr(), _ptr(self.bias), y.data_ptr(), _scratch(3 * k).data_ptr())
         return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
