@@ -30,7 +30,8 @@ step "built $(basename "$WHEEL")"
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = ["loradex/cli.py", "loradex/hub/cli.py", "loradex/promote/export/__init__.py", "loradex/promote/export/gguf.py",
-        "loradex/training/configs/smollm2-135m.json", "loradex/evals/run.py", "loradex/serving/web/static/index.html"]
+        "loradex/training/configs/smollm2-135m.json", "loradex/evals/run.py", "loradex/serving/web/static/index.html",
+        "loradex/serving/native.c"]
 top = {n.split("/")[0] for n in names if not n.startswith("loradex-")}
 if top != {"loradex"}:
     sys.exit(f"the wheel must install one top-level package, loradex; it has {sorted(top)}")
@@ -61,6 +62,12 @@ assert "site-packages" in loradex.hub.__file__, loradex.hub.__file__
 assert "site-packages" in loradex.promote.export.__file__, loradex.promote.export.__file__
 for name in ("hub", "training", "evals", "serving", "promote"):  # nothing that could collide
     assert importlib.util.find_spec(name) is None, f"a top-level {name!r} is installed"
+EOF
+LORADEX_NATIVE_CACHE="$WORK/native" "$VBIN/python" - <<'EOF' || fail "native kernels from the wheel"
+from loradex.serving import native
+st = native.status()
+assert st["available"], st["reason"]  # built from the installed native.c
+print("wheel_check: native kernels:", st["reason"])
 EOF
 run() { step "\$ loradex $*"; "$VBIN/loradex" "$@" || fail "loradex $* (exit $?)"; }
 run --help >/dev/null
