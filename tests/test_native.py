@@ -42,7 +42,7 @@ def test_nf4_product_equals_torch_and_rows_do_not_depend_on_their_neighbours(nf4
     torch.manual_seed(0)
     mod, dense = nf4_layers[0]
     lin = native.NF4Linear.from_weight(dense.weight, mod.weight.quant_state.code, dense.bias)
-    for m in (1, 2, 3, 7, native.MAX_ROWS, native.MAX_ROWS + 5):  # the last one takes the dequantize + torch path
+    for m in (1, 2, 3, 5, 7, native.MAX_ROWS, native.MAX_ROWS + 5):  # the last one: dequantize + torch
         x = torch.randn(m, 1, lin.in_features)
         got = lin(x)
         assert got.shape == (m, 1, lin.out_features)
@@ -66,7 +66,7 @@ def test_f32_head_shares_the_weights_and_equals_torch(lib):
     emb = torch.nn.Parameter(torch.randn(1000, 64) * 0.05)
     head = native.F32Linear(emb)
     assert head.weight is emb  # a tied head stays tied: no copy
-    for m in (1, 3, 8):
+    for m in (1, 3, 8, native.HEAD_MAX_ROWS + 1):
         x = torch.randn(m, 64)
         torch.testing.assert_close(head(x), x @ emb.T, rtol=1e-5, atol=1e-5)
     x = torch.randn(5, 64)
