@@ -163,28 +163,12 @@ def resolve_refs(catalog, refs=(), all_of=()) -> list[dict]:
     return unique
 
 
-def evaluate(
-    catalog,
-    store,
-    ref,
-    data: str | Path,
-    metrics=("similarity",),
-    max_new_tokens: int = 64,
-    limit: int | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    settings=None,
-    *,
-    quantize: str | None = None,
-    device: str = "auto",
-    use_cache: bool = True,
-    progress: bool = False,
-    as_served: bool = False,
-    dtype: str | None = None,
-    batch_invariant: bool = False,
-) -> dict:
+def evaluate(catalog, store, ref, data: str | Path, **options) -> dict:
     """Evaluate adapter ``ref`` (``"NAME[@V|@ALIAS]"``, a Ref or a version row) on ``data``; return the stored run.
 
+    :func:`evaluate_many` with one adapter, with the same keyword options (``metrics``,
+    ``max_new_tokens``, ``limit``, ``batch_size``, ``seed``, ``settings``, ``quantize``, ``device``,
+    ``use_cache``, ``progress``, ``as_served``, ``dtype``, ``batch_invariant``).
     ``catalog``: an open :class:`hub.catalog.Catalog`, or ``None`` to open short-lived
     ones from ``settings`` (default: the environment) around the model work.
     ``store``: the artifact store (default: ``Store(settings.store)``).
@@ -194,12 +178,10 @@ def evaluate(
 
     Quantization: ``quantize`` if given; ``as_served=True`` takes the default
     server's (nf4); else what the adapter was trained against (none for LoRA).
-    The same code as :func:`evaluate_many` with one adapter.
     """
-    return evaluate_many(catalog, store, [ref], data, metrics=metrics, max_new_tokens=max_new_tokens, limit=limit,
-                         batch_size=batch_size, seed=seed, settings=settings, quantize=quantize, device=device,
-                         use_cache=use_cache, progress=progress, as_served=as_served, dtype=dtype,
-                         batch_invariant=batch_invariant)[0]
+    if "all_of" in options:
+        raise TypeError("evaluate() takes one adapter; use evaluate_many(..., all_of=...) for a whole family")
+    return evaluate_many(catalog, store, [ref], data, **options)[0]
 
 
 def evaluate_many(
