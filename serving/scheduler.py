@@ -115,6 +115,9 @@ class Scheduler:
         self.runner = Runner(model)
         self.bank = LoRABank(model, loaded.dtype, loaded.device, capacity=min(config.max_loaded, 8))
         self.runner.bank = self.bank
+        kernels = loaded.info.get("kernels")
+        if isinstance(kernels, dict):  # which decode loop runs (serving/fastpath.py), reported with the kernels
+            kernels["decode"] = "native" if self.runner.native_decode() else f"torch ({self.runner.native_reason})"
         self.cache = AdapterCache(self.bank, read_adapter, config.max_loaded, metrics)
         max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context = min(config.max_context or max_pos, max_pos)

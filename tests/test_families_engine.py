@@ -165,6 +165,8 @@ def test_mixed_batch_equals_peft(hub, family, quantize, monkeypatch):
             fast = family in NATIVE_FAMILIES
             assert (runner.native_reason is None) == fast, runner.native_reason
             assert bool(runner._native) == fast
+            decode = eng.stats()["kernels"]["decode"]
+            assert decode == "native" if fast else decode == f"torch ({runner.native_reason})"
     finally:
         eng.shutdown()
     want = _peft_reference(got["folder"], adapters, quantize.split("-")[0], prompt_ids)
