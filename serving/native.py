@@ -72,13 +72,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORADEX_NATIVE_CACHE") or Path.home() / ".cache" / "loradex" / "native")
 
 
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
 def _build(cc: str) -> Path:
     src = SOURCE.read_bytes()
     tag = hashlib.sha256(src + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"loradex-native-{tag}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name = f"loradex-native-{tag}.so"
+    folder = cache_dir()
+    if (folder / name).exists():
+        return folder / name
+    if not _writable(folder):  # a read-only home: build in this user's temp folder instead
+        folder = Path(tempfile.gettempdir()) / f"loradex-native-{os.getuid()}"
+        if (folder / name).exists():
+            return folder / name
+        folder.mkdir(parents=True, exist_ok=True)
+    out = folder / name
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:

@@ -91,6 +91,23 @@ def test_build_failure_is_reported_and_serving_keeps_torch(monkeypatch, tmp_path
         native._state.update(saved)
 
 
+def test_an_unwritable_cache_folder_builds_in_the_temp_folder(monkeypatch, tmp_path, lib):
+    import tempfile
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    saved = dict(native._state)
+    try:
+        native._state.clear()
+        monkeypatch.setenv("LORADEX_NATIVE_CACHE", str(blocker / "native"))
+        st = native.status()
+        assert st["available"], st["reason"]
+        assert st["path"].startswith(tempfile.gettempdir())
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
 def test_forced_native_without_the_library_is_a_clear_error(monkeypatch, tiny_base_dir):
     from loradex.hub.errors import InvalidConfig
     from loradex.hub.loading import load_model_folder
