@@ -1,4 +1,4 @@
-"""The decode step of Llama-style layers in three native calls per layer (``serving/native.c``).
+"""The decode step of Llama-style layers in four native calls per layer (``serving/native.c``).
 
 A decode step runs about forty small torch ops per layer (norms, projections,
 LoRA updates, rotary embedding, cache writes, residuals, the MLP), each costing
@@ -8,7 +8,7 @@ layer. When every projection of the model is a native NF4 layer
 
     layer_in    rmsnorm -> q, k, v projections (+ bias, + each row's own LoRA update)
     rope_cache  q/k norms (Qwen3), rotary embedding, k and v written into the cache
-    (torch)     attention over the cache: masks, sliding windows, soft-capping as before
+    attend      attention of each row over its own cache length (or its sliding window)
     layer_out   o projection + residual -> rmsnorm -> SiLU-gated MLP + residual (LoRA on each)
 
 The LoRA updates read the bank's stacked weights (serving/lora.py) in place;
@@ -17,7 +17,7 @@ rows without an adapter do no LoRA work, as in the torch path.
 It applies to families whose layer is ``h + attn(norm(h))``, ``h + mlp(norm(h))``
 with separate q/k/v projections, a SiLU-gated MLP, RMSNorm (``w * x / rms``) and a
 rotary embedding over the whole head (Llama, Mistral, Qwen2, Qwen3). Anything else
-(Gemma's norms and GELU, Phi-3's fused projections, unquantized or bitsandbytes
+(Gemma's norms, GELU and soft-capping, Phi-3's fused projections, unquantized or bitsandbytes
 layers, bf16) keeps the torch path, which :meth:`Runner.decode` runs otherwise.
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ from loradex.serving import native
 
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_RANK = 256   # the C side keeps a row's A.x in a fixed buffer
-F = ctypes.POINTER(ctypes.c_float)
 
 
 class Proj(ctypes.Structure):
@@ -68,7 +67,7 @@ def why_not(runner) -> str | None:
     fam = runner.family
     if native.library() is None:
         return "native kernels unavailable"
-    if fam.qkv == "fused" or fam.sandwich_norms or fam.rope_per_layer_type:
+    if fam.qkv == "fused" or fam.sandwich_norms or fam.rope_per_layer_type or fam.attn_softcap:
         return f"the {fam.label} layer differs from the Llama layout"
     if runner.device.type != "cpu":
         return "not on CPU"
@@ -161,7 +160,7 @@ class NativeDecode:
         out[plan.rows] = plan.slots.to(torch.int32)
         return out
 
-    def run_layers(self, h: torch.Tensor, cache, pos: torch.Tensor, rope: dict, masks: dict, slots) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor, cache, pos: torch.Tensor, rope: dict, slots) -> torch.Tensor:
         """All layers of one decode step; ``h`` [B, 1, d] (updated in place and returned)."""
         r, lib = self.runner, self.lib
         B = h.shape[0]
@@ -173,24 +172,16 @@ class NativeDecode:
         q = torch.empty(B, r.n_heads * r.head_dim)
         k = torch.empty(B, r.n_kv * r.head_dim)
         v = torch.empty(B, r.n_kv * r.head_dim)
+        o = torch.empty(B, r.n_heads * r.head_dim)
         sp = _ptr(slots)
         pos = pos.contiguous()
-        L = int(pos.max()) + 1
-        o = torch.empty(B, r.n_heads * r.head_dim)
-        native_attention = r.attn_softcap is None
-        qv = q.view(B, 1, r.n_heads, r.head_dim).transpose(1, 2)
         for i, s in enumerate(self.structs):
             ref = ctypes.byref(s)
-            lib.layer_in(ref, B, h.data_ptr(), sp, q.data_ptr(), k.data_ptr(), v.data_ptr())
             kc, vc = cache.keys[i], cache.values[i]
+            lib.layer_in(ref, B, h.data_ptr(), sp, q.data_ptr(), k.data_ptr(), v.data_ptr())
             lib.rope_cache(ref, B, q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                            kc.data_ptr(), vc.data_ptr(), kc.shape[2], pos.data_ptr())
-            if native_attention:
-                lib.attend(ref, B, q.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[2], pos.data_ptr(),
-                           r.windows[i] or 0, r.scaling, o.data_ptr())
-                out = o
-            else:
-                out = r._attend(qv, kc[:, :, :L], vc[:, :, :L], masks[r.windows[i]])
-                out = out.transpose(1, 2).reshape(B, -1).contiguous()
-            lib.layer_out(ref, B, out.data_ptr(), h.data_ptr(), sp)
+            lib.attend(ref, B, q.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[2], pos.data_ptr(),
+                       r.windows[i] or 0, r.scaling, o.data_ptr())
+            lib.layer_out(ref, B, o.data_ptr(), h.data_ptr(), sp)
         return h.view(B, 1, d)

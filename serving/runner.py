@@ -244,15 +244,15 @@ class Runner:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         h = self.embed(ids)
         rope = self._rope(h, pos.unsqueeze(1))
+        fast = self.native_decode() if B <= native_max_rows() else None
+        if fast is not None and self._native_fits(h, rope, cache) and fast.usable(self.bank):
+            h = fast.run_layers(h, cache, pos, rope, fast.slots(self.bank and self.bank.ctx, B))
+            cache.lengths = pos + 1
+            return self._logits(h[:, 0])
         kj = torch.arange(L, device=self.device).unsqueeze(0)
         seen = kj <= pos.unsqueeze(1)  # [B, L]: the row's own tokens so far
         masks = {w: (seen if w is None else seen & (kj > pos.unsqueeze(1) - w))[:, None, None, :]
                  for w in set(self.windows)}
-        fast = self.native_decode() if B <= native_max_rows() else None
-        if fast is not None and self._native_fits(h, rope, cache) and fast.usable(self.bank):
-            h = fast.run_layers(h, cache, pos, rope, masks, fast.slots(self.bank and self.bank.ctx, B))
-            cache.lengths = pos + 1
-            return self._logits(h[:, 0])
         rows = torch.arange(B, device=self.device)
         for i, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
