@@ -162,8 +162,8 @@ class HalfLinear(nn.Module):
 
 
 def choose_lm_head(model: nn.Module, dtype: torch.dtype, device: str) -> dict:
-    """On CPU in fp32: the (tied) fp32 LM head through torch, or natively on the same weights, or (without native
-    kernels) an fp16 copy; whichever is faster here."""
+    """On CPU in fp32: the (tied) fp32 LM head through torch, or natively on the same weights (read from an exact
+    Q8 or bf16 copy when the weights have one), or (without native kernels) an fp16 copy; whichever is faster here."""
     from loradex.serving import native
 
     head = getattr(model, "lm_head", None)
@@ -183,6 +183,8 @@ def choose_lm_head(model: nn.Module, dtype: torch.dtype, device: str) -> dict:
            for b in (1, 8)):
         model.lm_head = alt
         info["lm_head"] = alt_name
+        if alt_name == "native":  # what the native head reads: fp32, or an exact compact copy (q8 / bf16)
+            info["lm_head_weights"] = alt.form
     else:
         info["lm_head"] = "fp32"
     return info

@@ -2,7 +2,7 @@
  *
  * y[M, N] = x[M, K] . W[N, K]^T (+ bias) for weights that stay compact in memory:
  *
- *   nf4_gemm  W = code[idx] * absmax[block]: 4-bit indices, one fp32 scale per 64 weights
+ *   nf4_gemm  W = code[idx] * absmax[block]: 4-bit indices, one fp32 scale per 64 weights (layout below)
  *             (the values bitsandbytes' NF4 dequantizes to, bit for bit: the kernel
  *             rebuilds each weight with the same fp32 product, it only reads 8x fewer bytes);
  *   f32_gemm  W in fp32.
@@ -63,6 +63,7 @@ static inline float dot_f32(const float *x, const float *w, int K) {
                 y[r * ys + o] = s + b[o];                                                                \
             }                                                                                            \
     }
+TILE(8, 1)
 TILE(4, 3)
 TILE(3, 3)
 TILE(2, 3)
@@ -76,6 +77,8 @@ TILE(1, 1)
 static inline void rows_dot(const float *x, int M, int K, int N, int n0, int O, const float *const *w,
                             const float *b, float *y) {
     int m = 0;
+    if (O == 1 && M < 16)  /* eight rows: eight FMA chains keep both FMA units busy (measured slower for more) */
+        for (; m + 8 <= M; m += 8) tile_8x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
     for (; m + 4 <= M; m += 4) {
         if (O == 3) tile_4x3(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
         else tile_4x1(x + (size_t)m * K, K, w, K, b, y + (size_t)m * N + n0, N);
@@ -93,43 +96,84 @@ static inline void rows_dot(const float *x, int M, int K, int N, int n0, int O, 
     }
 }
 
-/* One NF4 row (K weights, K % 64 == 0) into fp32: weight 8j+i is nibble i of word j;
- * block b (64 weights) has scale absmax[b]; value = code[idx] * absmax[b] in fp32. */
-#define NF4_W(word, tlo, thi) ({ __m256i v_ = _mm256_srlv_epi32(_mm256_set1_epi32((int)(word)), shifts);         \
-    _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, v_), _mm256_permutevar8x32_ps(thi, v_),                     \
-                     _mm256_castsi256_ps(_mm256_slli_epi32(v_, 28))); })
+/* NF4 layout. A row of K weights (K % 64 == 0) is K/2 bytes: one fp32 scale per block of 64 weights
+ * (absmax[b]) and, per group of 32 weights (k = 32g + t), 16 bytes where byte 4v + i (v, i in 0..3) holds
+ * weight 32g + 8v + i in its low nibble and weight 32g + 8v + 4 + i in its high nibble. Weight value =
+ * code[index] * absmax[block] in fp32, the product bitsandbytes dequantizes to.
+ *
+ * The 16-entry lookup runs on byte shuffles: the code table is kept as four 16-byte planes (byte j of
+ * every code value), one vpshufb per plane looks up 32 indices at once, and two rounds of unpacks put the
+ * four bytes of each value back together. A group of 32 weights comes out as four vectors of 8 in k order,
+ * for 14 single-cycle shuffles (cross-lane vpermps, the obvious 8-entry lookup, takes 2 cycles each on
+ * Zen 3 and two are needed per 8 weights). */
+typedef struct {
+    __m256i p[4], lowmask, shift;
+} nf4_tab;
 
-static inline void nf4_row(const uint32_t *q, const float *absmax, const float *code, int K, float *out) {
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    const __m256 clo = _mm256_loadu_ps(code), chi = _mm256_loadu_ps(code + 8);
+static inline void nf4_tab_init(nf4_tab *t, const float *code) {
+    uint8_t planes[4][16];
+    for (int c = 0; c < 16; c++) {
+        uint32_t bits;
+        memcpy(&bits, code + c, 4);
+        for (int j = 0; j < 4; j++) planes[j][c] = (uint8_t)(bits >> (8 * j));
+    }
+    for (int j = 0; j < 4; j++) t->p[j] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)planes[j]));
+    t->lowmask = _mm256_set1_epi8(0x0F);
+    t->shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+}
+
+/* the code values of one group's 32 weights (16 bytes at qb), in k order: w[v] = weights 8v .. 8v+7 */
+static inline void nf4_codes32(const uint8_t *qb, const nf4_tab *t, __m256 w[4]) {
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qb));
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(raw, t->shift), t->lowmask);  /* lane 1: high nibbles */
+    const __m256i b0 = _mm256_shuffle_epi8(t->p[0], idx), b1 = _mm256_shuffle_epi8(t->p[1], idx);
+    const __m256i b2 = _mm256_shuffle_epi8(t->p[2], idx), b3 = _mm256_shuffle_epi8(t->p[3], idx);
+    const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+/* One NF4 row into fp32 */
+static inline void nf4_row(const uint32_t *q, const float *absmax, const nf4_tab *t, int K, float *out) {
+    const uint8_t *qb = (const uint8_t *)q;
     for (int b = 0; b < K / 64; b++) {
         const __m256 s = _mm256_set1_ps(absmax[b]);
-        const __m256 tlo = _mm256_mul_ps(clo, s), thi = _mm256_mul_ps(chi, s);
-        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + b * 64 + j * 8, NF4_W(q[b * 8 + j], tlo, thi));
+        for (int g = 0; g < 2; g++) {
+            __m256 w[4];
+            nf4_codes32(qb + b * 32 + g * 16, t, w);
+            for (int v = 0; v < 4; v++) _mm256_storeu_ps(out + b * 64 + g * 32 + v * 8, _mm256_mul_ps(w[v], s));
+        }
     }
 }
 
 /* W [N, K] in NF4 -> fp32 (the whole matrix, for large-M products done by a BLAS) */
 void nf4_dequant(const uint32_t *q, const float *absmax, const float *code, int N, int K, float *out) {
+    nf4_tab t;
+    nf4_tab_init(&t, code);
     for (int n = 0; n < N; n++)
-        nf4_row(q + (size_t)n * (K / 8), absmax + (size_t)n * (K / 64), code, K, out + (size_t)n * K);
+        nf4_row(q + (size_t)n * (K / 8), absmax + (size_t)n * (K / 64), &t, K, out + (size_t)n * K);
 }
 
 /* M == 1: two rows' dot products straight from the 4-bit weights (two independent chains), the same
  * products and order as dot_f32 over nf4_row's output, without the round trip through memory */
 static inline void nf4_dot2(const float *x, const uint32_t *q0, const uint32_t *q1, const float *m0,
-                            const float *m1, const float *code, int K, float *y0, float *y1) {
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    const __m256 clo = _mm256_loadu_ps(code), chi = _mm256_loadu_ps(code + 8);
+                            const float *m1, const nf4_tab *t, int K, float *y0, float *y1) {
+    const uint8_t *qb0 = (const uint8_t *)q0, *qb1 = (const uint8_t *)q1;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int b = 0; b < K / 64; b++) {
         const __m256 s0 = _mm256_set1_ps(m0[b]), s1 = _mm256_set1_ps(m1[b]);
-        const __m256 l0 = _mm256_mul_ps(clo, s0), h0 = _mm256_mul_ps(chi, s0);
-        const __m256 l1 = _mm256_mul_ps(clo, s1), h1 = _mm256_mul_ps(chi, s1);
-        for (int j = 0; j < 8; j++) {
-            const __m256 xv = _mm256_loadu_ps(x + b * 64 + j * 8);
-            a0 = _mm256_fmadd_ps(xv, NF4_W(q0[b * 8 + j], l0, h0), a0);
-            a1 = _mm256_fmadd_ps(xv, NF4_W(q1[b * 8 + j], l1, h1), a1);
+        for (int g = 0; g < 2; g++) {
+            __m256 w0[4], w1[4];
+            nf4_codes32(qb0 + b * 32 + g * 16, t, w0);
+            nf4_codes32(qb1 + b * 32 + g * 16, t, w1);
+            for (int v = 0; v < 4; v++) {
+                const __m256 xv = _mm256_loadu_ps(x + b * 64 + g * 32 + v * 8);
+                a0 = _mm256_fmadd_ps(xv, _mm256_mul_ps(w0[v], s0), a0);
+                a1 = _mm256_fmadd_ps(xv, _mm256_mul_ps(w1[v], s1), a1);
+            }
         }
     }
     *y0 = hsum8(a0);
@@ -140,6 +184,7 @@ static inline void nf4_dot2(const float *x, const uint32_t *q0, const uint32_t *
  * being the block's largest magnitude) into nf4_row's layout. Returns 0, or -1 if some weight is not
  * exactly such a value (then nothing about q/absmax is meaningful). code: 16 ascending values. */
 int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float *absmax) {
+    uint8_t *qb = (uint8_t *)q;
     for (size_t b = 0; b < (size_t)N * (K / 64); b++) {
         const float *wb = w + b * 64;
         float s = 0.0f;
@@ -147,19 +192,21 @@ int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float
         absmax[b] = s;
         float values[16];
         for (int i = 0; i < 16; i++) values[i] = code[i] * s;
-        for (int j = 0; j < 8; j++) {
-            uint32_t word = 0;
-            for (int i = 0; i < 8; i++) {
-                float x = wb[j * 8 + i];
-                /* the value's index in the ascending table (branch-free: how many are below it), then exact? */
-                const __m256 xv = _mm256_set1_ps(x);
-                int lo = __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(values), xv, _CMP_LT_OQ))) +
-                         __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(values + 8), xv, _CMP_LT_OQ)));
-                if (lo > 15 || values[lo] != x) return -1;
-                word |= (uint32_t)lo << (4 * i);
-            }
-            q[b * 8 + j] = word;
+        uint8_t idx[64];
+        for (int i = 0; i < 64; i++) {
+            /* the value's index in the ascending table (branch-free: how many are below it), then exact? */
+            const __m256 xv = _mm256_set1_ps(wb[i]);
+            int lo = __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(values), xv, _CMP_LT_OQ))) +
+                     __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(values + 8), xv, _CMP_LT_OQ)));
+            if (lo > 15 || values[lo] != wb[i]) return -1;
+            idx[i] = (uint8_t)lo;
         }
+        for (int g = 0; g < 2; g++)
+            for (int v = 0; v < 4; v++)
+                for (int i = 0; i < 4; i++) {
+                    const int k = 32 * g + 8 * v + i;
+                    qb[b * 32 + g * 16 + 4 * v + i] = (uint8_t)(idx[k] | (idx[k + 4] << 4));
+                }
     }
     return 0;
 }
@@ -167,11 +214,13 @@ int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float
 void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax, const float *code,
               const float *bias, float *y, float *scratch) {
     const size_t qs = K / 8, ms = K / 64;
+    nf4_tab t;
+    nf4_tab_init(&t, code);
     if (M == 1) {
         for (int n = 0; n < N; n += 2) {
             int n1 = n + 1 < N ? n + 1 : n;  /* an odd last row is computed twice, written once */
             float y0, y1;
-            nf4_dot2(x, q + n * qs, q + n1 * qs, absmax + n * ms, absmax + n1 * ms, code, K, &y0, &y1);
+            nf4_dot2(x, q + n * qs, q + n1 * qs, absmax + n * ms, absmax + n1 * ms, &t, K, &y0, &y1);
             y[n] = y0 + (bias ? bias[n] : 0.0f);
             if (n1 != n) y[n1] = y1 + (bias ? bias[n1] : 0.0f);
         }
@@ -183,15 +232,168 @@ void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const floa
     int n = 0;
     for (; n + 3 <= N; n += 3) {
         for (int o = 0; o < 3; o++) {
-            nf4_row(q + (n + o) * qs, absmax + (n + o) * ms, code, K, scratch + o * K);
+            nf4_row(q + (n + o) * qs, absmax + (n + o) * ms, &t, K, scratch + o * K);
             b[o] = bias ? bias[n + o] : 0.0f;
         }
         rows_dot(x, M, K, N, n, 3, w, b, y);
     }
     for (; n < N; n++) {
-        nf4_row(q + n * qs, absmax + n * ms, code, K, scratch);
+        nf4_row(q + n * qs, absmax + n * ms, &t, K, scratch);
         b[0] = bias ? bias[n] : 0.0f;
         rows_dot(x, M, K, N, n, 1, w, b, y);
+    }
+}
+
+/* ---- fp32 weights kept in a compact form that rebuilds them exactly -----------------------------------
+ *
+ * A weight matrix whose fp32 values are all d * q (q an int8, d one fp32 scale per 32 weights: what a GGUF
+ * Q8_0 tensor dequantizes to) or all bf16 values (a model shipped in bf16) is read as 9 or 16 bits per
+ * weight instead of 32 and rebuilt in registers to the same fp32 values, so a product over it equals
+ * f32_gemm over the fp32 matrix bit for bit (same products, same order), from a quarter or half the bytes.
+ *
+ * kind 1, Q8: rows in groups of four (N padded to a multiple of 4 with zero rows), interleaved per block of
+ * 32: q [N4/4][K/32][4][32] int8, d [N4/4][K/32][4] fp32. kind 2, bf16: the same grouping per chunk of 8:
+ * [N4/4][K/8][4][8] uint16. One sequential stream instead of four rows read side by side: on the Zen 3
+ * machine of this project the LM head's batch-1 product went from 5.6 to 2.6 ms (49152 x 576, Q8). */
+
+/* Pack W [N, K] (K % 32 == 0) as Q8: returns 0, or -1 if some block is not exactly d * int8 */
+int q8_pack(const float *w, int N, int K, int8_t *q, float *d) {
+    const __m256 lim = _mm256_set1_ps(127.0f), sign = _mm256_set1_ps(-0.0f);
+    const int nb = K / 32, N4 = (N + 3) / 4 * 4;
+    memset(q, 0, (size_t)N4 * K);
+    memset(d, 0, sizeof(float) * (size_t)N4 * nb);
+    for (int n = 0; n < N; n++)
+        for (int kb = 0; kb < nb; kb++) {
+            const float *wb = w + (size_t)n * K + kb * 32;
+            const size_t at = ((size_t)(n / 4) * nb + kb) * 4 + n % 4;
+            int8_t *qb = q + at * 32;
+            __m256 mx = _mm256_setzero_ps();
+            for (int i = 0; i < 32; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(wb + i)));
+            float amax = 0.0f;
+            for (int i = 0; i < 8; i++) amax = mx[i] > amax ? mx[i] : amax;
+            const float s = amax / 127.0f;  /* exact when the block's largest weight is 127 * d */
+            d[at] = s;
+            if (s == 0.0f) {  /* all zeros; +0.0 only (a -0.0 would not come back) */
+                for (int i = 0; i < 32; i++)
+                    if (signbit(wb[i]) || wb[i] != 0.0f) return -1;
+                continue;
+            }
+            const __m256 sv = _mm256_set1_ps(s);
+            for (int i = 0; i < 32; i += 8) {
+                const __m256 x = _mm256_loadu_ps(wb + i);
+                const __m256 t = _mm256_round_ps(_mm256_div_ps(x, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m256 back = _mm256_mul_ps(t, sv);
+                const __m256i same = _mm256_cmpeq_epi32(_mm256_castps_si256(back), _mm256_castps_si256(x));  /* bits */
+                const __m256 big = _mm256_cmp_ps(_mm256_andnot_ps(sign, t), lim, _CMP_GT_OQ);
+                if (_mm256_movemask_epi8(same) != -1 || _mm256_movemask_ps(big)) return -1;
+                int32_t ti[8];
+                _mm256_storeu_si256((__m256i *)ti, _mm256_cvtps_epi32(t));
+                for (int j = 0; j < 8; j++) qb[i + j] = (int8_t)ti[j];
+            }
+        }
+    return 0;
+}
+
+/* Pack W [N, K] (K % 8 == 0) as bf16: returns 0, or -1 if some weight has bits below bf16's */
+int bf16_pack(const float *w, int N, int K, uint16_t *out) {
+    const int nc = K / 8, N4 = (N + 3) / 4 * 4;
+    memset(out, 0, sizeof(uint16_t) * (size_t)N4 * K);
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < nc; c++) {
+            uint16_t *o = out + (((size_t)(n / 4) * nc + c) * 4 + n % 4) * 8;
+            for (int i = 0; i < 8; i++) {
+                uint32_t bits;
+                memcpy(&bits, w + (size_t)n * K + c * 8 + i, 4);
+                if (bits & 0xFFFF) return -1;
+                o[i] = (uint16_t)(bits >> 16);
+            }
+        }
+    return 0;
+}
+
+static inline __m256 q8_w(const int8_t *q, __m256 s) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))), s);
+}
+
+static inline __m256 bf16_w(const uint16_t *h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h)), 16));
+}
+
+/* row n of the compact matrix back to fp32 */
+static inline void compact_row(int kind, const void *w, const float *d, int K, int n, float *out) {
+    const size_t G = n / 4, o = n % 4;
+    if (kind == 1) {
+        const int nb = K / 32;
+        for (int kb = 0; kb < nb; kb++) {
+            const size_t at = (G * nb + kb) * 4 + o;
+            const int8_t *q = (const int8_t *)w + at * 32;
+            const __m256 s = _mm256_set1_ps(d[at]);
+            for (int i = 0; i < 32; i += 8) _mm256_storeu_ps(out + kb * 32 + i, q8_w(q + i, s));
+        }
+    } else {
+        const int nc = K / 8;
+        for (int c = 0; c < nc; c++) _mm256_storeu_ps(out + c * 8, bf16_w((const uint16_t *)w + ((G * nc + c) * 4 + o) * 8));
+    }
+}
+
+void compact_dequant(int kind, const void *w, const float *d, int N, int K, float *out) {
+    for (int n = 0; n < N; n++) compact_row(kind, w, d, K, n, out + (size_t)n * K);
+}
+
+/* y [M, N] = x . W^T (+ bias) over a compact W; the same result as f32_gemm over the rebuilt fp32 W.
+ * scratch: 4 K floats. */
+void compact_gemm(int kind, const float *x, int M, int K, int N, const void *w, const float *d, const float *bias,
+                  float *y, float *scratch) {
+    if (M > 1) {  /* a group of four rows rebuilt into scratch, then register tiles (3 + 1 outputs) */
+        for (int n = 0; n < N; n += 4) {
+            const int o = N - n < 4 ? N - n : 4;
+            for (int i = 0; i < o; i++) compact_row(kind, w, d, K, n + i, scratch + (size_t)i * K);
+            const float *wr[3] = {scratch, scratch + K, scratch + 2 * (size_t)K};
+            float b[4];
+            for (int i = 0; i < 4; i++) b[i] = bias && i < o ? bias[n + i] : 0.0f;
+            int i = 0;
+            if (o >= 3) {
+                rows_dot(x, M, K, N, n, 3, wr, b, y);
+                i = 3;
+            }
+            for (; i < o; i++) {
+                const float *w1[3] = {scratch + (size_t)i * K, NULL, NULL};
+                const float b1[3] = {b[i], 0.0f, 0.0f};
+                rows_dot(x, M, K, N, n + i, 1, w1, b1, y);
+            }
+        }
+        return;
+    }
+    /* one row of x: a group of four weight rows at a time, four independent chains, each dot_f32's order */
+    for (int n = 0; n < N; n += 4) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        if (kind == 1) {
+            const int nb = K / 32;
+            const int8_t *q = (const int8_t *)w + (size_t)n * K;
+            const float *dg = d + (size_t)n * nb;
+            for (int kb = 0; kb < nb; kb++, q += 128) {
+                const __m256 s0 = _mm256_set1_ps(dg[kb * 4]), s1 = _mm256_set1_ps(dg[kb * 4 + 1]);
+                const __m256 s2 = _mm256_set1_ps(dg[kb * 4 + 2]), s3 = _mm256_set1_ps(dg[kb * 4 + 3]);
+                for (int i = 0; i < 32; i += 8) {
+                    const __m256 xv = _mm256_loadu_ps(x + kb * 32 + i);
+                    a0 = _mm256_fmadd_ps(xv, q8_w(q + i, s0), a0);
+                    a1 = _mm256_fmadd_ps(xv, q8_w(q + 32 + i, s1), a1);
+                    a2 = _mm256_fmadd_ps(xv, q8_w(q + 64 + i, s2), a2);
+                    a3 = _mm256_fmadd_ps(xv, q8_w(q + 96 + i, s3), a3);
+                }
+            }
+        } else {
+            const uint16_t *h = (const uint16_t *)w + (size_t)n * K;
+            for (int k = 0; k < K; k += 8, h += 32) {
+                const __m256 xv = _mm256_loadu_ps(x + k);
+                a0 = _mm256_fmadd_ps(xv, bf16_w(h), a0);
+                a1 = _mm256_fmadd_ps(xv, bf16_w(h + 8), a1);
+                a2 = _mm256_fmadd_ps(xv, bf16_w(h + 16), a2);
+                a3 = _mm256_fmadd_ps(xv, bf16_w(h + 24), a3);
+            }
+        }
+        const float r[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+        for (int o = 0; o < 4 && n + o < N; o++) y[n + o] = r[o] + (bias ? bias[n + o] : 0.0f);
     }
 }
 
@@ -323,8 +525,28 @@ void layer_out(const layer_t *L, int M, const float *o, float *h, const int *slo
     free(a);
 }
 
+/* q . k_j for four consecutive cache rows (stride ks), each in dot_f32's order (four independent chains) */
+static inline void dot4_f32(const float *x, const float *k0, size_t ks, int K, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(k0 + k), a0);
+        a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(k0 + ks + k), a1);
+        a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(k0 + 2 * ks + k), a2);
+        a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(k0 + 3 * ks + k), a3);
+    }
+    out[0] = hsum8(a0);
+    out[1] = hsum8(a1);
+    out[2] = hsum8(a2);
+    out[3] = hsum8(a3);
+    for (int i = 0; i < 4; i++)
+        for (int t = k; t < K; t++) out[i] += x[t] * k0[i * ks + t];
+}
+
 /* Attention of each row's new query over its own cache rows 0..pos (or the last `window` of them):
- * o[m, h*hd:(h+1)*hd] = softmax(q.k_j * scale) . v_j, heads grouped over the kv heads (GQA). */
+ * o[m, h*hd:(h+1)*hd] = softmax(q.k_j * scale) . v_j, heads grouped over the kv heads (GQA).
+ * Per output element the sum over j runs in key order (o = o + p_j * v_j), in registers 64 dims at a time. */
 void attend(const layer_t *L, int M, const float *q, const float *kc, const float *vc, int cap, const int64_t *pos,
             int window, float scale, float *o) {
     int hd = L->hd, group = L->nh / L->nkv;
@@ -334,22 +556,41 @@ void attend(const layer_t *L, int M, const float *q, const float *kc, const floa
         for (int h = 0; h < L->nh; h++) {
             const float *qh = q + ((size_t)m * L->nh + h) * hd;
             size_t base = (((size_t)m * L->nkv + h / group) * cap) * hd;
+            int j = start;
+            for (; j + 4 <= len; j += 4) dot4_f32(qh, kc + base + (size_t)j * hd, hd, hd, sc + j);
+            for (; j < len; j++) sc[j] = dot_f32(qh, kc + base + (size_t)j * hd, hd);
             float mx = -INFINITY;
-            for (int j = start; j < len; j++) {
-                float t = dot_f32(qh, kc + base + (size_t)j * hd, hd) * scale;
+            for (j = start; j < len; j++) {
+                float t = sc[j] * scale;
                 sc[j] = t;
                 mx = t > mx ? t : mx;
             }
             float sum = 0.0f;
-            for (int j = start; j < len; j++) {
+            for (j = start; j < len; j++) {
                 sc[j] = expf(sc[j] - mx);
                 sum += sc[j];
             }
+            for (j = start; j < len; j++) sc[j] = sc[j] / sum;
             float *oh = o + ((size_t)m * L->nh + h) * hd;
+            const float *vh = vc + base;
+            if (hd % 64 == 0) {
+                for (int d0 = 0; d0 < hd; d0 += 64) {
+                    __m256 acc[8];
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+                    for (j = start; j < len; j++) {
+                        const __m256 p = _mm256_set1_ps(sc[j]);
+                        const float *vj = vh + (size_t)j * hd + d0;
+                        for (int i = 0; i < 8; i++)
+                            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(p, _mm256_loadu_ps(vj + 8 * i)));
+                    }
+                    for (int i = 0; i < 8; i++) _mm256_storeu_ps(oh + d0 + 8 * i, acc[i]);
+                }
+                continue;
+            }
             for (int d = 0; d < hd; d++) oh[d] = 0.0f;
-            for (int j = start; j < len; j++) {
-                const float *vj = vc + base + (size_t)j * hd;
-                float p = sc[j] / sum;
+            for (j = start; j < len; j++) {
+                const float *vj = vh + (size_t)j * hd;
+                float p = sc[j];
                 int d = 0;
                 for (; d + 8 <= hd; d += 8)
                     _mm256_storeu_ps(oh + d, _mm256_add_ps(_mm256_loadu_ps(oh + d),

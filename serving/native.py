@@ -49,7 +49,8 @@ HEAD_MAX_ROWS = 32
 """The same for the fp32 kernel (the LM head, 49152 x 576): native 24 / 47 ms at 16 / 32 rows against
 torch's 36 / 52, torch faster at 64 (84 against 87)."""
 BLOCK = 64
-EXPORTS = ("nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "layer_in", "rope_cache", "attend", "layer_out")
+EXPORTS = ("nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "q8_pack", "bf16_pack", "compact_gemm", "compact_dequant",
+           "layer_in", "rope_cache", "attend", "layer_out")
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -135,7 +136,12 @@ def _load() -> None:
     lib.nf4_pack.argtypes = [P, I, I, P, P, P]
     lib.nf4_pack.restype = ctypes.c_int
     lib.f32_gemm.argtypes = [P, I, I, I, P, P, P]
-    for fn in (lib.nf4_gemm, lib.nf4_dequant, lib.f32_gemm):
+    lib.q8_pack.argtypes = [P, I, I, P, P]
+    lib.bf16_pack.argtypes = [P, I, I, P]
+    lib.q8_pack.restype = lib.bf16_pack.restype = ctypes.c_int
+    lib.compact_gemm.argtypes = [I, P, I, I, I, P, P, P, P, P]
+    lib.compact_dequant.argtypes = [I, P, P, I, I, P]
+    for fn in (lib.nf4_gemm, lib.nf4_dequant, lib.f32_gemm, lib.compact_gemm, lib.compact_dequant):
         fn.restype = None
     _state.update(lib=lib, reason="built " + path.name, path=str(path))
 
@@ -219,14 +225,53 @@ class NF4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
+COMPACT_KINDS = {"q8": 1, "bf16": 2}
+
+
+def compact(weight: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+    """``weight`` (fp32 [N, K]) in the smallest form that rebuilds it bit for bit: ``("q8", int8 q, fp32 scale
+    per 32)`` when every block of 32 is exactly ``scale * int8`` (a GGUF Q8_0 tensor, dequantized), else
+    ``("bf16", bf16 bits, None)`` when every value is a bf16 (a model shipped in bf16), else None."""
+    lib = library()
+    if lib is None or weight.dtype != torch.float32 or weight.dim() != 2:
+        return None
+    n, k = weight.shape
+    n4 = -(-n // 4) * 4  # rows grouped by four, the last group padded with zero rows
+    w = weight.detach().contiguous()
+    found = None
+    if k % 32 == 0:
+        q = torch.empty(n4, k, dtype=torch.int8)
+        d = torch.empty(n4, k // 32, dtype=torch.float32)
+        if lib.q8_pack(w.data_ptr(), n, k, q.data_ptr(), d.data_ptr()) == 0:
+            found = ("q8", q, d)
+    if found is None and k % 8 == 0:
+        h = torch.empty(n4, k, dtype=torch.int16)
+        if lib.bf16_pack(w.data_ptr(), n, k, h.data_ptr()) == 0:
+            found = ("bf16", h, None)
+    if found is None:
+        return None
+    back = torch.empty(n, k, dtype=torch.float32)
+    lib.compact_dequant(COMPACT_KINDS[found[0]], found[1].data_ptr(), _ptr(found[2]), n, k, back.data_ptr())
+    if not torch.equal(back.view(torch.int32), w.view(torch.int32)):  # bit for bit, or not at all
+        return None
+    return found
+
+
 class F32Linear(nn.Module):
-    """A Linear over fp32 weights (shared with the original layer, no copy), computed natively for few rows."""
+    """A Linear over fp32 weights (shared with the original layer, no copy), computed natively for few rows.
+
+    When the weights have an exact compact form (:func:`compact`: Q8 or bf16), few-row products read that
+    instead, 9 or 16 bits per weight instead of 32, with the same result bit for bit. ``form`` says which."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight          # the same Parameter (a tied LM head stays tied to the embedding)
         self.bias = bias
+        packed = compact(weight) if weight.is_contiguous() else None
+        self.form = packed[0] if packed else "fp32"
+        self.register_buffer("packed", packed[1] if packed else None)
+        self.register_buffer("scales", packed[2] if packed else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
@@ -234,6 +279,10 @@ class F32Linear(nn.Module):
         m = x2.shape[0]
         if m > HEAD_MAX_ROWS or not self.weight.is_contiguous():
             y = nn.functional.linear(x2, self.weight, self.bias)
+        elif self.packed is not None:
+            y = torch.empty(m, n, dtype=torch.float32)
+            library().compact_gemm(COMPACT_KINDS[self.form], x2.data_ptr(), m, k, n, self.packed.data_ptr(),
+                                   _ptr(self.scales), _ptr(self.bias), y.data_ptr(), _scratch(4 * k).data_ptr())
         else:
             y = torch.empty(m, n, dtype=torch.float32)
             library().f32_gemm(x2.data_ptr(), m, k, n, self.weight.data_ptr(), _ptr(self.bias), y.data_ptr())

@@ -73,6 +73,59 @@ def test_f32_head_shares_the_weights_and_equals_torch(lib):
     assert torch.equal(head(x[2:3])[0], head(x)[2])
 
 
+def _q8_matrix(n: int, k: int) -> torch.Tensor:
+    """What a GGUF Q8_0 tensor dequantizes to: per block of 32, an fp16 scale times int8 values (max 127)."""
+    q = torch.randint(-127, 128, (n, k // 32, 32), dtype=torch.int32)
+    q[:, :, 5] = 127
+    d = (torch.rand(n, k // 32, 1) * 0.01 + 1e-4).half().float()
+    return (d * q.float()).reshape(n, k).contiguous()
+
+
+def test_head_weights_with_an_exact_compact_form_are_read_compact_with_the_same_bits(lib):
+    torch.manual_seed(0)
+    fp32 = torch.randn(1030, 96) * 0.05  # 1030 rows: the last group of four is padded
+    cases = {"q8": _q8_matrix(1030, 96), "bf16": fp32.to(torch.bfloat16).float(), "fp32": fp32}
+    for form, w in cases.items():
+        emb = torch.nn.Parameter(w)
+        head = native.F32Linear(emb)
+        assert head.form == form and head.weight is emb
+        ref = native.F32Linear(emb)
+        ref.packed = None  # the same product over the fp32 weights
+        for m in (1, 2, 5, 8, 9, native.HEAD_MAX_ROWS):
+            x = torch.randn(m, 96)
+            got = head(x)
+            assert torch.equal(got, ref(x)), (form, m)  # bit for bit, not close
+            torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-5)
+        if form != "fp32":  # 4x / 2x fewer bytes than the fp32 matrix
+            size = head.packed.numel() * head.packed.element_size()
+            assert size <= w.numel() * 4 // (4 if form == "q8" else 2) + 4 * 96 * 2
+
+
+def test_a_matrix_off_the_compact_grid_stays_fp32(lib):
+    w = _q8_matrix(64, 64)
+    w[3, 7] = w[3, 7] + 1e-7 * w[3, 7].sign()  # one weight neither scale * int8 nor a bf16
+    assert native.compact(w) is None
+    z = _q8_matrix(8, 64)
+    z[2, :32] = 0.0
+    z[2, 4] = -0.0  # a zero block holding -0.0 would come back as +0.0: refused
+    assert native.compact(z) is None or native.compact(z)[0] == "bf16"
+    assert native.compact(torch.randn(4, 60)) is None  # K % 8 != 0
+
+
+def test_the_default_base_head_is_read_as_q8(smollm_folder, lib):
+    """The shipped GGUF stores token_embd as Q8_0: the converted fp32 head is exactly Q8, a quarter of the bytes."""
+    from safetensors import safe_open
+
+    for f in sorted(smollm_folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            names = [n for n in sf.keys() if n.endswith("embed_tokens.weight")]
+            if names:
+                emb = sf.get_tensor(names[0]).float().contiguous()
+                break
+    got = native.compact(emb)
+    assert got is not None and got[0] == "q8"
+
+
 def test_build_failure_is_reported_and_serving_keeps_torch(monkeypatch, tmp_path):
     saved = dict(native._state)
     try:
