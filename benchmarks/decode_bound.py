@@ -10,7 +10,8 @@ product per layer), so no implementation can beat::
   read-only sum is reported beside it);
 * bytes per token: the storage of every weight a token touches at the loaded
   quantization: packed 4-bit weights plus their quantization constants for NF4,
-  full-precision norms and the (tied, unquantized) lm_head, one embedding row;
+  full-precision norms and the (tied, unquantized) lm_head, one embedding row
+  (a native head that reads an exact Q8 or bf16 copy counts that copy, not the fp32 matrix);
 * tokens/s: greedy decode of ``decode_tokens`` tokens minus a 1-token run (the
   prefill), interleaved, so only decode steps are counted.
 
@@ -85,7 +86,10 @@ def weight_bytes_per_token(model) -> dict:
             continue
         kind = "lm_head" if name.endswith("lm_head") else "norm" if "norm" in type(mod).__name__.lower() else (
             "linear" if isinstance(mod, torch.nn.Linear) or hasattr(mod, "in_features") else "other")
-        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+        tensors = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+        if getattr(mod, "packed", None) is not None:  # a native head over an exact compact copy reads only that
+            tensors = [t for t in (mod.packed, mod.scales, getattr(mod, "bias", None)) if t is not None]
+        for t in tensors:
             if t.data_ptr() in seen or t.device.type == "meta":
                 continue
             seen.add(t.data_ptr())

@@ -180,6 +180,25 @@ def test_bytes_per_token_counts_tied_lm_head_once(tiny_base_dir):
     assert got["total"] - got["embedding"] - got.get("other", 0) == params * 4
 
 
+def test_a_native_head_over_a_compact_copy_counts_the_copy(tiny_base_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.decode_bound import weight_bytes_per_token
+    from loradex.serving import native
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():  # bf16 values: the native head reads a bf16 copy, half the bytes
+        emb.copy_(emb.to(torch.bfloat16).float())
+    assert native.library() is not None, native.status()["reason"]
+    model.lm_head = native.F32Linear(emb)
+    assert model.lm_head.form == "bf16"
+    got = weight_bytes_per_token(model)
+    assert got["lm_head"] == model.lm_head.packed.numel() * 2 < emb.numel() * 4
+    assert got["embedding"] == emb.shape[1] * 4
+
+
 # -- the smoke run: every benchmark, tiny sizes, one process ---------------------------------------
 @pytest.fixture(scope="module")
 def smoke_run(tiny_base_dir, tmp_path_factory):
