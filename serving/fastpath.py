@@ -163,6 +163,7 @@ class NativeDecode:
     def run_layers(self, h: torch.Tensor, cache, pos: torch.Tensor, rope: dict, slots) -> torch.Tensor:
         """All layers of one decode step; ``h`` [B, 1, d] (updated in place and returned)."""
         r, lib = self.runner, self.lib
+        native.kernels()  # thread count in step with torch's
         B = h.shape[0]
         d = h.shape[-1]
         h = h.reshape(B, d).contiguous()

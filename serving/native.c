@@ -11,13 +11,134 @@
  * over the chunks of 8 in order, then a fixed horizontal sum, then the scalar tail), so a
  * row's result does not depend on the rows beside it in the batch. Several rows go through
  * register tiles (up to 4 rows x 3 outputs: each chunk of x and w loaded once per tile).
- * Single-threaded: one call per projection; the caller owns threading.
+ * Each product splits its outputs over native_threads() threads (see below); a row's results do not
+ * depend on the thread count either.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* ---- threads ----------------------------------------------------------------------------------------
+ *
+ * The products split their outputs over `native_threads(n)` threads (the caller plus n - 1 workers); every
+ * output is still computed by the same code in the same order, so results do not depend on the thread
+ * count. Workers spin briefly between jobs (a decode step is a few hundred products back to back), then
+ * sleep on a condition variable, so an idle server does not burn its cores. */
+typedef void (*range_fn)(void *arg, int lo, int hi);
+
+#define MAX_THREADS 64
+#define SPIN 20000
+static struct {
+    int n;                      /* threads in use, caller included */
+    int started;                /* workers created */
+    pthread_t tid[MAX_THREADS];
+    atomic_int gen;             /* bumped per job */
+    atomic_int pending;         /* workers still on the current job */
+    atomic_int sleepers;
+    atomic_int ready;           /* workers that have read the current generation */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    range_fn fn;
+    void *arg;
+    int total, grain, parts;
+} pool = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static pthread_mutex_t dispatch = PTHREAD_MUTEX_INITIALIZER;  /* one job at a time */
+
+static void part_range(int id, int parts, int total, int grain, int *lo, int *hi) {
+    const int units = (total + grain - 1) / grain;
+    const int a = (int)((long)units * id / parts), b = (int)((long)units * (id + 1) / parts);
+    *lo = a * grain < total ? a * grain : total;
+    *hi = b * grain < total ? b * grain : total;
+}
+
+static void *worker(void *p) {
+    const int id = (int)(intptr_t)p;
+    int seen = atomic_load(&pool.gen);  /* stable: native_threads holds the dispatch lock until we are ready */
+    atomic_fetch_add(&pool.ready, 1);
+    for (;;) {
+        int g, spins = 0;
+        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+            if (++spins < SPIN) {
+                _mm_pause();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.mu);
+            break;
+        }
+        seen = g;
+        if (id < pool.parts) {
+            int lo, hi;
+            part_range(id, pool.parts, pool.total, pool.grain, &lo, &hi);
+            if (lo < hi) pool.fn(pool.arg, lo, hi);
+        }
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* Use n threads (caller included) from now on; returns the number in use. Workers are created once. */
+int native_threads(int n) {
+    pthread_mutex_lock(&dispatch);  /* not while a job runs */
+    if (n < 1) n = 1;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    while (pool.started < n - 1) {
+        if (pthread_create(&pool.tid[pool.started], NULL, worker, (void *)(intptr_t)(pool.started + 1)) != 0) break;
+        pthread_detach(pool.tid[pool.started]);
+        pool.started++;
+    }
+    while (atomic_load(&pool.ready) < pool.started) _mm_pause();  /* every worker knows the generation */
+    pool.n = n <= pool.started + 1 ? n : pool.started + 1;
+    pthread_mutex_unlock(&dispatch);
+    return pool.n;
+}
+
+/* A forked child has none of the workers: start it serial, with fresh locks (it may grow a pool again) */
+static void pool_after_fork(void) {
+    pool.started = 0;
+    pool.n = 1;
+    atomic_store(&pool.ready, 0);
+    atomic_store(&pool.sleepers, 0);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pthread_mutex_init(&dispatch, NULL);
+}
+
+__attribute__((constructor)) static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* fn over [0, total) in chunks of `grain` outputs, split over the pool (serial when small or single) */
+static void parallel_for(range_fn fn, void *arg, int total, int grain) {
+    const int parts = pool.n < (total + grain - 1) / grain ? pool.n : (total + grain - 1) / grain;
+    if (parts <= 1 || pthread_mutex_trylock(&dispatch) != 0) {  /* small, single, or the pool is busy */
+        fn(arg, 0, total);
+        return;
+    }
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.total = total;
+    pool.grain = grain;
+    pool.parts = parts;
+    atomic_store(&pool.pending, pool.started);
+    atomic_fetch_add(&pool.gen, 1);  /* seq_cst: ordered before the sleepers check below (and theirs) */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    int lo, hi;
+    part_range(0, parts, total, grain, &lo, &hi);
+    if (lo < hi) fn(arg, lo, hi);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) _mm_pause();
+    pthread_mutex_unlock(&dispatch);
+}
 
 static inline float hsum8(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
@@ -211,14 +332,26 @@ int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float
     return 0;
 }
 
-void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax, const float *code,
-              const float *bias, float *y, float *scratch) {
+typedef struct {
+    const float *x;
+    int M, K, N;
+    const uint32_t *q;
+    const float *absmax, *code, *bias;
+    float *y;
+} nf4_job;
+
+static void nf4_range(void *arg, int lo, int hi) {
+    const nf4_job *j = arg;
+    const float *x = j->x, *absmax = j->absmax, *bias = j->bias;
+    const uint32_t *q = j->q;
+    const int M = j->M, K = j->K, N = j->N;
+    float *y = j->y;
     const size_t qs = K / 8, ms = K / 64;
     nf4_tab t;
-    nf4_tab_init(&t, code);
+    nf4_tab_init(&t, j->code);
     if (M == 1) {
-        for (int n = 0; n < N; n += 2) {
-            int n1 = n + 1 < N ? n + 1 : n;  /* an odd last row is computed twice, written once */
+        for (int n = lo; n < hi; n += 2) {
+            int n1 = n + 1 < hi ? n + 1 : n;  /* an odd last row is computed twice, written once */
             float y0, y1;
             nf4_dot2(x, q + n * qs, q + n1 * qs, absmax + n * ms, absmax + n1 * ms, &t, K, &y0, &y1);
             y[n] = y0 + (bias ? bias[n] : 0.0f);
@@ -227,21 +360,30 @@ void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const floa
         return;
     }
     /* three weight rows at a time, rebuilt into scratch [3 * K], then register tiles over the rows of x */
+    float *scratch = malloc(sizeof(float) * 3 * (size_t)K);
     const float *w[3] = {scratch, scratch + K, scratch + 2 * K};
     float b[3];
-    int n = 0;
-    for (; n + 3 <= N; n += 3) {
+    int n = lo;
+    for (; n + 3 <= hi; n += 3) {
         for (int o = 0; o < 3; o++) {
             nf4_row(q + (n + o) * qs, absmax + (n + o) * ms, &t, K, scratch + o * K);
             b[o] = bias ? bias[n + o] : 0.0f;
         }
         rows_dot(x, M, K, N, n, 3, w, b, y);
     }
-    for (; n < N; n++) {
+    for (; n < hi; n++) {
         nf4_row(q + n * qs, absmax + n * ms, &t, K, scratch);
         b[0] = bias ? bias[n] : 0.0f;
         rows_dot(x, M, K, N, n, 1, w, b, y);
     }
+    free(scratch);
+}
+
+/* y [M, N] = x . W^T (+ bias), W in NF4; outputs split over the threads in groups of 6 */
+void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax, const float *code,
+              const float *bias, float *y) {
+    nf4_job j = {x, M, K, N, q, absmax, code, bias, y};
+    parallel_for(nf4_range, &j, N, 6);
 }
 
 /* ---- fp32 weights kept in a compact form that rebuilds them exactly -----------------------------------
@@ -340,12 +482,25 @@ void compact_dequant(int kind, const void *w, const float *d, int N, int K, floa
     for (int n = 0; n < N; n++) compact_row(kind, w, d, K, n, out + (size_t)n * K);
 }
 
-/* y [M, N] = x . W^T (+ bias) over a compact W; the same result as f32_gemm over the rebuilt fp32 W.
- * scratch: 4 K floats. */
-void compact_gemm(int kind, const float *x, int M, int K, int N, const void *w, const float *d, const float *bias,
-                  float *y, float *scratch) {
+typedef struct {
+    int kind;
+    const float *x;
+    int M, K, N;
+    const void *w;
+    const float *d, *bias;
+    float *y;
+} compact_job;
+
+static void compact_range(void *arg, int lo, int hi) {
+    const compact_job *j = arg;
+    const int kind = j->kind, M = j->M, K = j->K, N = hi;  /* rows >= hi are another thread's */
+    const float *x = j->x, *d = j->d, *bias = j->bias;
+    const void *w = j->w;
+    float *y = j->y;
+    const int ys = j->N;
     if (M > 1) {  /* a group of four rows rebuilt into scratch, then register tiles (3 + 1 outputs) */
-        for (int n = 0; n < N; n += 4) {
+        float *scratch = malloc(sizeof(float) * 4 * (size_t)K);
+        for (int n = lo; n < N; n += 4) {
             const int o = N - n < 4 ? N - n : 4;
             for (int i = 0; i < o; i++) compact_row(kind, w, d, K, n + i, scratch + (size_t)i * K);
             const float *wr[3] = {scratch, scratch + K, scratch + 2 * (size_t)K};
@@ -353,19 +508,20 @@ void compact_gemm(int kind, const float *x, int M, int K, int N, const void *w, 
             for (int i = 0; i < 4; i++) b[i] = bias && i < o ? bias[n + i] : 0.0f;
             int i = 0;
             if (o >= 3) {
-                rows_dot(x, M, K, N, n, 3, wr, b, y);
+                rows_dot(x, M, K, ys, n, 3, wr, b, y);
                 i = 3;
             }
             for (; i < o; i++) {
                 const float *w1[3] = {scratch + (size_t)i * K, NULL, NULL};
                 const float b1[3] = {b[i], 0.0f, 0.0f};
-                rows_dot(x, M, K, N, n + i, 1, w1, b1, y);
+                rows_dot(x, M, K, ys, n + i, 1, w1, b1, y);
             }
         }
+        free(scratch);
         return;
     }
     /* one row of x: a group of four weight rows at a time, four independent chains, each dot_f32's order */
-    for (int n = 0; n < N; n += 4) {
+    for (int n = lo; n < N; n += 4) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         if (kind == 1) {
             const int nb = K / 32;
@@ -397,14 +553,35 @@ void compact_gemm(int kind, const float *x, int M, int K, int N, const void *w, 
     }
 }
 
-void f32_gemm(const float *x, int M, int K, int N, const float *w, const float *bias, float *y) {
+/* y [M, N] = x . W^T (+ bias) over a compact W; the same result as f32_gemm over the rebuilt fp32 W.
+ * Outputs split over the threads in groups of four (one weight group). */
+void compact_gemm(int kind, const float *x, int M, int K, int N, const void *w, const float *d, const float *bias,
+                  float *y) {
+    compact_job j = {kind, x, M, K, N, w, d, bias, y};
+    parallel_for(compact_range, &j, N, 4);
+}
+
+typedef struct {
+    const float *x;
+    int M, K, N;
+    const float *w, *bias;
+    float *y;
+} f32_job;
+
+static void f32_range(void *arg, int lo, int hi) {
     /* one weight row at a time (weights stream from memory; several streams at once measured slower) */
-    for (int n = 0; n < N; n++) {
-        const float *wr[3] = {w + (size_t)n * K, NULL, NULL};
-        float b[3] = {bias ? bias[n] : 0.0f, 0.0f, 0.0f};
-        if (M == 1) y[n] = dot_f32(x, wr[0], K) + b[0];
-        else rows_dot(x, M, K, N, n, 1, wr, b, y);
+    const f32_job *j = arg;
+    for (int n = lo; n < hi; n++) {
+        const float *wr[3] = {j->w + (size_t)n * j->K, NULL, NULL};
+        float b[3] = {j->bias ? j->bias[n] : 0.0f, 0.0f, 0.0f};
+        if (j->M == 1) j->y[n] = dot_f32(j->x, wr[0], j->K) + b[0];
+        else rows_dot(j->x, j->M, j->K, j->N, n, 1, wr, b, j->y);
     }
+}
+
+void f32_gemm(const float *x, int M, int K, int N, const float *w, const float *bias, float *y) {
+    f32_job j = {x, M, K, N, w, bias, y};
+    parallel_for(f32_range, &j, N, 16);
 }
 
 
@@ -442,9 +619,8 @@ static void rmsnorm(const float *x, const float *w, int D, float eps, float *out
     }
 }
 
-static void proj(const proj_t *p, const float *code, const float *x, int M, const int *slots, float *y,
-                 float *scratch) {
-    nf4_gemm(x, M, p->k, p->n, p->q, p->absmax, code, p->bias, y, scratch);
+static void proj(const proj_t *p, const float *code, const float *x, int M, const int *slots, float *y) {
+    nf4_gemm(x, M, p->k, p->n, p->q, p->absmax, code, p->bias, y);
     if (!p->A || !slots) return;
     float t[256];
     for (int m = 0; m < M; m++) {
@@ -463,11 +639,10 @@ static void proj(const proj_t *p, const float *code, const float *x, int M, cons
 
 void layer_in(const layer_t *L, int M, const float *h, const int *slots, float *q, float *k, float *v) {
     float *xn = malloc(sizeof(float) * (size_t)M * L->d);
-    float scratch[3 * L->d];
     for (int m = 0; m < M; m++) rmsnorm(h + (size_t)m * L->d, L->in_norm, L->d, L->eps, xn + (size_t)m * L->d);
-    proj(&L->p[0], L->code, xn, M, slots, q, scratch);
-    proj(&L->p[1], L->code, xn, M, slots, k, scratch);
-    proj(&L->p[2], L->code, xn, M, slots, v, scratch);
+    proj(&L->p[0], L->code, xn, M, slots, q);
+    proj(&L->p[1], L->code, xn, M, slots, k);
+    proj(&L->p[2], L->code, xn, M, slots, v);
     free(xn);
 }
 
@@ -510,17 +685,16 @@ void layer_out(const layer_t *L, int M, const float *o, float *h, const int *slo
     size_t d = L->d, I = L->inter;
     float *a = malloc(sizeof(float) * (size_t)M * (d + d + 3 * I));
     float *xn = a + M * d, *g = xn + M * d, *u = g + M * I, *act = u + M * I;
-    float scratch[3 * (I > d ? I : d)];
-    proj(&L->p[3], L->code, o, M, slots, a, scratch);
+    proj(&L->p[3], L->code, o, M, slots, a);
     for (size_t i = 0; i < M * d; i++) h[i] = h[i] + a[i];
     for (int m = 0; m < M; m++) rmsnorm(h + m * d, L->post_norm, d, L->eps, xn + m * d);
-    proj(&L->p[4], L->code, xn, M, slots, g, scratch);
-    proj(&L->p[5], L->code, xn, M, slots, u, scratch);
+    proj(&L->p[4], L->code, xn, M, slots, g);
+    proj(&L->p[5], L->code, xn, M, slots, u);
     for (size_t i = 0; i < M * I; i++) {
         float s = g[i] / (1.0f + expf(-g[i]));
         act[i] = s * u[i];
     }
-    proj(&L->p[6], L->code, act, M, slots, a, scratch);
+    proj(&L->p[6], L->code, act, M, slots, a);
     for (size_t i = 0; i < M * d; i++) h[i] = h[i] + a[i];
     free(a);
 }
@@ -547,11 +721,27 @@ static inline void dot4_f32(const float *x, const float *k0, size_t ks, int K, f
 /* Attention of each row's new query over its own cache rows 0..pos (or the last `window` of them):
  * o[m, h*hd:(h+1)*hd] = softmax(q.k_j * scale) . v_j, heads grouped over the kv heads (GQA).
  * Per output element the sum over j runs in key order (o = o + p_j * v_j), in registers 64 dims at a time. */
-void attend(const layer_t *L, int M, const float *q, const float *kc, const float *vc, int cap, const int64_t *pos,
-            int window, float scale, float *o) {
+typedef struct {
+    const layer_t *L;
+    const float *q, *kc, *vc;
+    int cap;
+    const int64_t *pos;
+    int window;
+    float scale;
+    float *o;
+} attend_job;
+
+static void attend_range(void *arg, int lo, int hi) {
+    const attend_job *a = arg;
+    const layer_t *L = a->L;
+    const float *q = a->q, *kc = a->kc, *vc = a->vc;
+    const int cap = a->cap, window = a->window;
+    const int64_t *pos = a->pos;
+    const float scale = a->scale;
+    float *o = a->o;
     int hd = L->hd, group = L->nh / L->nkv;
     float *sc = malloc(sizeof(float) * (size_t)cap);
-    for (int m = 0; m < M; m++) {
+    for (int m = lo; m < hi; m++) {
         int len = (int)pos[m] + 1, start = window > 0 && len > window ? len - window : 0;
         for (int h = 0; h < L->nh; h++) {
             const float *qh = q + ((size_t)m * L->nh + h) * hd;
@@ -600,4 +790,11 @@ void attend(const layer_t *L, int M, const float *q, const float *kc, const floa
         }
     }
     free(sc);
+}
+
+/* rows split over the threads */
+void attend(const layer_t *L, int M, const float *q, const float *kc, const float *vc, int cap, const int64_t *pos,
+            int window, float scale, float *o) {
+    attend_job a = {L, q, kc, vc, cap, pos, window, scale, o};
+    parallel_for(attend_range, &a, M, 1);
 }

@@ -15,6 +15,10 @@ so a row's result does not depend on its neighbours in a batch. Up to
 native kernel; more rows dequantize the layer into fp32 once per call and use
 torch's matrix product, which wins there.
 
+Each product splits its outputs over torch's thread count (``LORADEX_THREADS``):
+the same code computes every output whatever the count, so results do not change
+with it.
+
 The library is compiled at first use with the system C compiler
 (``$CC``, ``cc`` or ``gcc``; ``-mavx2 -mfma -mf16c``) into
 ``$LORADEX_NATIVE_CACHE`` (default ``~/.cache/loradex/native``), once per
@@ -39,7 +43,7 @@ from torch import nn
 
 SOURCE = Path(__file__).with_name("native.c")
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 MAX_ROWS = 96
 """Rows up to which the native NF4 product runs; above it (a long or batched prefill), the layer is
 dequantized once per call and torch multiplies. On the 2-core Zen 3 machine of this project, over the
@@ -49,12 +53,11 @@ HEAD_MAX_ROWS = 32
 """The same for the fp32 kernel (the LM head, 49152 x 576): native 24 / 47 ms at 16 / 32 rows against
 torch's 36 / 52, torch faster at 64 (84 against 87)."""
 BLOCK = 64
-EXPORTS = ("nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "q8_pack", "bf16_pack", "compact_gemm", "compact_dequant",
+EXPORTS = ("native_threads", "nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "q8_pack", "bf16_pack", "compact_gemm", "compact_dequant",
            "layer_in", "rope_cache", "attend", "layer_out")
 
 _lock = threading.Lock()
 _state: dict = {}
-_local = threading.local()
 P, I = ctypes.c_void_p, ctypes.c_int
 
 
@@ -131,7 +134,9 @@ def _load() -> None:
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         _state.update(lib=None, reason=f"could not build the native kernels: {exc}")
         return
-    lib.nf4_gemm.argtypes = [P, I, I, I, P, P, P, P, P, P]
+    lib.nf4_gemm.argtypes = [P, I, I, I, P, P, P, P, P]
+    lib.native_threads.argtypes = [I]
+    lib.native_threads.restype = I
     lib.nf4_dequant.argtypes = [P, P, P, I, I, P]
     lib.nf4_pack.argtypes = [P, I, I, P, P, P]
     lib.nf4_pack.restype = ctypes.c_int
@@ -139,7 +144,7 @@ def _load() -> None:
     lib.q8_pack.argtypes = [P, I, I, P, P]
     lib.bf16_pack.argtypes = [P, I, I, P]
     lib.q8_pack.restype = lib.bf16_pack.restype = ctypes.c_int
-    lib.compact_gemm.argtypes = [I, P, I, I, I, P, P, P, P, P]
+    lib.compact_gemm.argtypes = [I, P, I, I, I, P, P, P, P]
     lib.compact_dequant.argtypes = [I, P, P, I, I, P]
     for fn in (lib.nf4_gemm, lib.nf4_dequant, lib.f32_gemm, lib.compact_gemm, lib.compact_dequant):
         fn.restype = None
@@ -159,11 +164,20 @@ def status() -> dict:
     return {"available": lib is not None, "reason": _state.get("reason"), "path": _state.get("path")}
 
 
-def _scratch(n: int) -> torch.Tensor:
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _local.buf = torch.empty(max(n, 4096), dtype=torch.float32)
-    return buf
+def _forget_threads() -> None:
+    _state.pop("threads", None)  # a forked child starts without the pool's workers (the C side resets too)
+
+
+os.register_at_fork(after_in_child=_forget_threads)
+
+
+def kernels():
+    """The library with its thread count matched to torch's (``LORADEX_THREADS``); call before each product."""
+    lib = library()
+    n = torch.get_num_threads()
+    if _state.get("threads") != n:
+        _state["threads"] = lib.native_threads(n)
+    return lib
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -220,8 +234,8 @@ class NF4Linear(nn.Module):
             y = nn.functional.linear(x2, self.dequantize(), self.bias)
         else:
             y = torch.empty(m, n, dtype=torch.float32)
-            library().nf4_gemm(x2.data_ptr(), m, k, n, self.q.data_ptr(), self.absmax.data_ptr(),
-                               self.code.data_ptr(), _ptr(self.bias), y.data_ptr(), _scratch(3 * k).data_ptr())
+            kernels().nf4_gemm(x2.data_ptr(), m, k, n, self.q.data_ptr(), self.absmax.data_ptr(),
+                               self.code.data_ptr(), _ptr(self.bias), y.data_ptr())
         return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -281,9 +295,9 @@ class F32Linear(nn.Module):
             y = nn.functional.linear(x2, self.weight, self.bias)
         elif self.packed is not None:
             y = torch.empty(m, n, dtype=torch.float32)
-            library().compact_gemm(COMPACT_KINDS[self.form], x2.data_ptr(), m, k, n, self.packed.data_ptr(),
-                                   _ptr(self.scales), _ptr(self.bias), y.data_ptr(), _scratch(4 * k).data_ptr())
+            kernels().compact_gemm(COMPACT_KINDS[self.form], x2.data_ptr(), m, k, n, self.packed.data_ptr(),
+                                   _ptr(self.scales), _ptr(self.bias), y.data_ptr())
         else:
             y = torch.empty(m, n, dtype=torch.float32)
-            library().f32_gemm(x2.data_ptr(), m, k, n, self.weight.data_ptr(), _ptr(self.bias), y.data_ptr())
+            kernels().f32_gemm(x2.data_ptr(), m, k, n, self.weight.data_ptr(), _ptr(self.bias), y.data_ptr())
         return y.reshape(*x.shape[:-1], n).to(x.dtype)

@@ -126,6 +126,50 @@ def test_the_default_base_head_is_read_as_q8(smollm_folder, lib):
     assert got is not None and got[0] == "q8"
 
 
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_results_do_not_depend_on_the_thread_count(nf4_layers, torch_threads):
+    torch.manual_seed(0)
+    mod, dense = nf4_layers[-1]
+    lin = native.NF4Linear.from_weight(dense.weight, mod.weight.quant_state.code, dense.bias)
+    head = native.F32Linear(torch.nn.Parameter(_q8_matrix(1030, lin.in_features)))
+    xs = [torch.randn(m, lin.in_features) for m in (1, 2, 8, 50)]
+    runs = []
+    for threads in (1, 3, 2):
+        torch_threads(threads)
+        runs.append([(lin(x), head(x)) for x in xs])
+    for other in runs[1:]:
+        for (a, b), (c, d) in zip(runs[0], other):
+            assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_a_forked_child_computes_without_the_parents_workers(nf4_layers, torch_threads):
+    import multiprocessing as mp
+
+    mod, dense = nf4_layers[0]
+    lin = native.NF4Linear.from_weight(dense.weight, mod.weight.quant_state.code, dense.bias)
+    torch_threads(2)
+    x = torch.randn(8, lin.in_features)
+    want = lin(x)  # the pool now has a worker thread, which a fork does not copy
+
+    def child(q):
+        q.put(bool(torch.equal(lin(x), want)))
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=child, args=(q,))
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 0 and q.get(timeout=5) is True
+
+
 def test_build_failure_is_reported_and_serving_keeps_torch(monkeypatch, tmp_path):
     saved = dict(native._state)
     try:
