@@ -359,6 +359,33 @@ static void nf4_range(void *arg, int lo, int hi) {
         }
         return;
     }
+    if (M > 8) {  /* many rows: a chunk of weight rows rebuilt once, then blocks of 8 rows of x against it */
+        const int CH = 96;
+        float *wc = malloc(sizeof(float) * (size_t)CH * K);
+        for (int c0 = lo; c0 < hi; c0 += CH) {
+            const int cn = hi - c0 < CH ? hi - c0 : CH;
+            for (int i = 0; i < cn; i++) nf4_row(q + (c0 + i) * qs, absmax + (c0 + i) * ms, &t, K, wc + (size_t)i * K);
+            for (int m0 = 0; m0 < M; m0 += 8) {
+                const int mb = M - m0 < 8 ? M - m0 : 8;
+                const float *xm = x + (size_t)m0 * K;
+                float *ym = y + (size_t)m0 * N;
+                int i = 0;
+                for (; i + 3 <= cn; i += 3) {
+                    const float *w[3] = {wc + (size_t)i * K, wc + (size_t)(i + 1) * K, wc + (size_t)(i + 2) * K};
+                    const float b[3] = {bias ? bias[c0 + i] : 0.0f, bias ? bias[c0 + i + 1] : 0.0f,
+                                        bias ? bias[c0 + i + 2] : 0.0f};
+                    rows_dot(xm, mb, K, N, c0 + i, 3, w, b, ym);
+                }
+                for (; i < cn; i++) {
+                    const float *w[3] = {wc + (size_t)i * K, NULL, NULL};
+                    const float b[3] = {bias ? bias[c0 + i] : 0.0f, 0.0f, 0.0f};
+                    rows_dot(xm, mb, K, N, c0 + i, 1, w, b, ym);
+                }
+            }
+        }
+        free(wc);
+        return;
+    }
     /* three weight rows at a time, rebuilt into scratch [3 * K], then register tiles over the rows of x */
     float *scratch = malloc(sizeof(float) * 3 * (size_t)K);
     const float *w[3] = {scratch, scratch + K, scratch + 2 * K};

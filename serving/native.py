@@ -47,8 +47,9 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-
 MAX_ROWS = 96
 """Rows up to which the native NF4 product runs; above it (a long or batched prefill), the layer is
 dequantized once per call and torch multiplies. On the 2-core Zen 3 machine of this project, over the
-default base's 210 projections: native 18.8 / 38 / 108 / 185 / 378 ms at 1 / 8 / 35 / 64 / 128 rows,
-dequantize + torch 31 / 63 / 159 / 208 / 385 ms."""
+default base's 210 projections, 1 thread: native 15-19 / 34-37 / 59 / 132 / 240 / 280 ms at
+1 / 8 / 16 / 43 / 72 / 96 rows, dequantize + torch 31 / 63 / 83 / 161 / 225 / 286 ms; at 352 and 2160
+rows torch wins (936 ms against 1034, 5.6 s against 6.9 s)."""
 HEAD_MAX_ROWS = 32
 """The same for the fp32 kernel (the LM head, 49152 x 576): native 24 / 47 ms at 16 / 32 rows against
 torch's 36 / 52, torch faster at 64 (84 against 87)."""
