@@ -249,5 +249,8 @@ def choose(model: nn.Module, *, quantize: str, dtype: torch.dtype, device: str, 
             torch.cuda.empty_cache()
     if mode in ("auto", "native"):
         info.update(choose_lm_head(model, dtype, device))
-    log.info("kernels: %s, lm_head %s (%s)", info["linear"], info.get("lm_head", "as loaded"), info["reason"])
+    head = info.get("lm_head", "as loaded")
+    if info.get("lm_head_weights"):
+        head = f"{head} over {info['lm_head_weights']} weights"
+    log.info("kernels: %s, lm_head %s (%s)", info["linear"], head, info["reason"])
     return info
