@@ -387,8 +387,9 @@ static void nf4_range(void *arg, int lo, int hi) {
         free(wc);
         return;
     }
-    /* three weight rows at a time, rebuilt into scratch [3 * K], then register tiles over the rows of x */
-    float *scratch = malloc(sizeof(float) * 3 * (size_t)K);
+    /* three weight rows at a time, rebuilt into scratch [3 * K] (on the stack: no allocation per product on the
+     * decode path), then register tiles over the rows of x */
+    float scratch[3 * K];
     const float *w[3] = {scratch, scratch + K, scratch + 2 * K};
     float b[3];
     int n = lo;
@@ -404,7 +405,6 @@ static void nf4_range(void *arg, int lo, int hi) {
         b[0] = bias ? bias[n] : 0.0f;
         rows_dot(x, M, K, N, n, 1, w, b, y);
     }
-    free(scratch);
 }
 
 /* y [M, N] = x . W^T (+ bias), W in NF4; outputs split over the threads in groups of 6 */
@@ -502,7 +502,8 @@ static inline void compact_row(int kind, const void *w, const float *d, int K, i
         }
     } else {
         const int nc = K / 8;
-        for (int c = 0; c < nc; c++) _mm256_storeu_ps(out + c * 8, bf16_w((const uint16_t *)w + ((G * nc + c) * 4 + o) * 8));
+        const uint16_t *h = (const uint16_t *)w;
+        for (int c = 0; c < nc; c++) _mm256_storeu_ps(out + c * 8, bf16_w(h + ((G * nc + c) * 4 + o) * 8));
     }
 }
 
@@ -521,35 +522,34 @@ typedef struct {
 
 static void compact_range(void *arg, int lo, int hi) {
     const compact_job *j = arg;
-    const int kind = j->kind, M = j->M, K = j->K, N = hi;  /* rows >= hi are another thread's */
+    const int kind = j->kind, M = j->M, K = j->K, N = j->N;
     const float *x = j->x, *d = j->d, *bias = j->bias;
     const void *w = j->w;
     float *y = j->y;
-    const int ys = j->N;
     if (M > 1) {  /* a group of four rows rebuilt into scratch, then register tiles (3 + 1 outputs) */
         float *scratch = malloc(sizeof(float) * 4 * (size_t)K);
-        for (int n = lo; n < N; n += 4) {
-            const int o = N - n < 4 ? N - n : 4;
+        for (int n = lo; n < hi; n += 4) {
+            const int o = hi - n < 4 ? hi - n : 4;
             for (int i = 0; i < o; i++) compact_row(kind, w, d, K, n + i, scratch + (size_t)i * K);
             const float *wr[3] = {scratch, scratch + K, scratch + 2 * (size_t)K};
             float b[4];
             for (int i = 0; i < 4; i++) b[i] = bias && i < o ? bias[n + i] : 0.0f;
             int i = 0;
             if (o >= 3) {
-                rows_dot(x, M, K, ys, n, 3, wr, b, y);
+                rows_dot(x, M, K, N, n, 3, wr, b, y);
                 i = 3;
             }
             for (; i < o; i++) {
                 const float *w1[3] = {scratch + (size_t)i * K, NULL, NULL};
                 const float b1[3] = {b[i], 0.0f, 0.0f};
-                rows_dot(x, M, K, ys, n + i, 1, w1, b1, y);
+                rows_dot(x, M, K, N, n + i, 1, w1, b1, y);
             }
         }
         free(scratch);
         return;
     }
     /* one row of x: a group of four weight rows at a time, four independent chains, each dot_f32's order */
-    for (int n = lo; n < N; n += 4) {
+    for (int n = lo; n < hi; n += 4) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         if (kind == 1) {
             const int nb = K / 32;
@@ -577,7 +577,7 @@ static void compact_range(void *arg, int lo, int hi) {
             }
         }
         const float r[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
-        for (int o = 0; o < 4 && n + o < N; o++) y[n + o] = r[o] + (bias ? bias[n + o] : 0.0f);
+        for (int o = 0; o < 4 && n + o < hi; o++) y[n + o] = r[o] + (bias ? bias[n + o] : 0.0f);
     }
 }
 

@@ -54,8 +54,8 @@ HEAD_MAX_ROWS = 32
 """The same for the fp32 kernel (the LM head, 49152 x 576): native 24 / 47 ms at 16 / 32 rows against
 torch's 36 / 52, torch faster at 64 (84 against 87)."""
 BLOCK = 64
-EXPORTS = ("native_threads", "nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "q8_pack", "bf16_pack", "compact_gemm", "compact_dequant",
-           "layer_in", "rope_cache", "attend", "layer_out")
+EXPORTS = ("native_threads", "nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "q8_pack", "bf16_pack",
+           "compact_gemm", "compact_dequant", "layer_in", "rope_cache", "attend", "layer_out")
 
 _lock = threading.Lock()
 _state: dict = {}
