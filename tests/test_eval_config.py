@@ -109,6 +109,7 @@ def test_eval_run_records_its_serving_config(catalog, store, settings, tiny_base
         evaluate(catalog, store, "tiny-ad", data_file, dtype="fp64", settings=settings)
 
 
+@pytest.mark.heavy
 def test_cli_eval_warns_and_leaderboard_filters(catalog, tiny_adapter, data_file):
     catalog.close()
     r = run_cli("eval", "tiny-ad", "--data", str(data_file), "--metrics", "exact", "--max-new-tokens", "3",

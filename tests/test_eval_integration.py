@@ -76,6 +76,7 @@ def style_adapter_dir(smollm_folder, tmp_path_factory) -> Path:
     return fit_style_adapter(smollm_folder, TRAIN, tmp_path_factory.mktemp("pirate") / "adapter", steps=10, batch=4, lr=5e-3)
 
 
+@pytest.mark.heavy
 def test_style_adapter_lifts_and_passes_gate_no_skill_is_refused(catalog, store, settings, smollm, smollm_folder,
                                                                    style_adapter_dir, tmp_path):
     from loradex.hub.catalog import Catalog

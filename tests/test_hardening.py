@@ -472,6 +472,7 @@ def test_6_a_vanishing_temperature_is_greedy_not_a_500(hsrv):
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
+@pytest.mark.heavy
 def test_6_sigkill_during_an_upload_registration_leaves_catalog_and_store_consistent(tiny_base_dir, tmp_path):
     """`kill -9` of `loradex serve` while it receives / registers an uploaded archive, then a restart:
     no ready version without its files, no pending row or dead writer's temp folder left, and the same

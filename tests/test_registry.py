@@ -323,6 +323,7 @@ def test_sixteen_threads_register_at_once(catalog, store, tiny_base, tiny_base_d
     assert all(r["ok"] for r in verify(catalog, store))
 
 
+@pytest.mark.heavy
 def test_eight_cli_processes_at_once(settings, catalog, store, tiny_base, tiny_base_dir, tmp_path):
     srcs = [make_adapter(tiny_base_dir, tmp_path / f"p{i}", r=2, alpha=4, seed=100 + i) for i in range(8)]
     catalog.close()  # the processes must be able to take the file
@@ -348,6 +349,7 @@ cat.close()
 """
 
 
+@pytest.mark.heavy
 def test_sigkill_mid_write_leaves_nothing_half_done(settings, catalog, store, tiny_base, tiny_base_dir, tmp_path):
     src = make_adapter(tiny_base_dir, tmp_path / "big", r=16, alpha=16)
     (src / "README.md").write_text("model card\n" * 3_000_000)  # ~33 MB widens the write window

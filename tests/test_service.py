@@ -298,6 +298,7 @@ def test_a_replica_serves_from_the_registry_over_http(worlds, tmp_path):
         stop_server(proc)
 
 
+@pytest.mark.heavy
 def test_many_clients_at_once(worlds, tiny_base_dir, tmp_path):
     """8 CLI processes register, 2 evals record, an alias moves while 32 requests are in flight."""
     import threading

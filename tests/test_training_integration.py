@@ -26,6 +26,7 @@ def greedy(model, tok, prompts, n=12):
 
 
 @pytest.mark.integration
+@pytest.mark.heavy
 def test_real_base_learns_and_registers_with_lineage(tmp_path, catalog, store, settings, smollm):
     import json
 
