@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from loradex.hub.chat import encode_chat
+from loradex.hub.chat import completion_logprobs, encode_chat
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -64,8 +64,6 @@ def generate_outputs(model, tokenizer, items, *, max_new_tokens: int, batch_size
 def reference_perplexities(model, tokenizer, items, *, batch_size: int,
                            on_batch: Callable[[int], None] | None = None) -> list[float]:
     """exp(mean NLL) of each item's reference (+ end of turn) after its templated prompt."""
-    import torch
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs: list[tuple[list[int], int]] = []  # (ids, number of prompt tokens)
     for it in items:
@@ -74,26 +72,10 @@ def reference_perplexities(model, tokenizer, items, *, batch_size: int,
         if tokenizer.eos_token_id is not None:
             ref = ref + [tokenizer.eos_token_id]
         seqs.append((p + ref, len(p)))
-    device = next(model.parameters()).device
     result: list[float] = [math.nan] * len(items)
     for batch in _batches([len(s[0]) for s in seqs], batch_size):
-        width = max(len(seqs[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq, n_prompt = seqs[i]
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-            labels[row, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        # position t predicts token t+1
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = labels[:, 1:].to(device)
-        valid = target != -100
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        nll = -(picked * valid).sum(dim=1) / valid.sum(dim=1)
+        sums, counts = completion_logprobs(model, [seqs[i] for i in batch], pad_id)
+        nll = -sums / counts
         for row, i in enumerate(batch):
             result[i] = float(math.exp(nll[row].item()))
         if on_batch:

@@ -123,9 +123,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def pair_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 8) -> list[tuple[float, float]]:
     """(sum log p(chosen), sum log p(rejected)) per row, over completion tokens only (as TRL's DPO scores them)."""
-    import torch
-
-    from loradex.hub.chat import encode_chat
+    from loradex.hub.chat import completion_logprobs, encode_chat
 
     seqs: list[tuple[list[int], int]] = []
     for r in rows:
@@ -134,27 +132,13 @@ def pair_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 8) -> li
             full = encode_chat(tokenizer, r["prompt"] + r[side], add_generation_prompt=False)
             seqs.append((full, _common_prefix(prompt, full)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
     sums = [0.0] * len(seqs)
     was_training = model.training
     model.eval()
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
-        width = max(len(s) for s, _ in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for i, (seq, n_prompt) in enumerate(batch):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            mask[i, :len(seq)] = 1
-            labels[i, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = labels[:, 1:].to(device)
-        valid = target != -100
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        for i, total in enumerate((picked * valid).sum(dim=1).tolist()):
+        totals, _ = completion_logprobs(model, batch, pad)
+        for i, total in enumerate(totals.tolist()):
             sums[start + i] = float(total)
     if was_training:
         model.train()
