@@ -91,3 +91,52 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def export_world(root: Path, base_dir: Path, probes: list[str] | None = None) -> dict:
+    """A catalog and store under ``root`` holding the default base (from ``base_dir``), an adapter ``smolad``
+    (r=8 on the attention projections, seed 7) and its merge. ``probes``, when given, are recorded as the
+    adapter's eval prompts first (merge and export probe with those). The caller closes ``world["catalog"]``."""
+    from loradex.hub.bases import DEFAULT_BASE, add_base
+    from loradex.hub.catalog import Catalog, to_json, utcnow
+    from loradex.hub.registry import register_adapter
+    from loradex.hub.settings import Settings
+    from loradex.hub.store import Store
+    from loradex.promote.merge import MergeConfig, merge_adapter
+
+    settings = Settings(home=root / "home", store=root / "store")
+    catalog = Catalog.open(settings.catalog_path, wait_s=5)
+    store = Store(settings.store)
+    add_base(catalog, store, DEFAULT_BASE, str(base_dir))
+    ad = make_adapter(base_dir, root / "ad", r=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                      scale=0.02, seed=7)
+    version = register_adapter(catalog, store, ad, "smolad", base=DEFAULT_BASE)
+    if probes:
+        with catalog.transaction() as cur:
+            cur.execute("INSERT INTO eval_runs (adapter_version_id, base, data_sha256, n, metrics, decoding, created_at) "
+                        "VALUES (?, ?, 'x', ?, '{}', '{}', ?)", [version["id"], DEFAULT_BASE, len(probes), utcnow()])
+            run_id = cur.execute("SELECT max(id) FROM eval_runs").fetchone()[0]
+            for i, p in enumerate(probes):
+                cur.execute("INSERT INTO eval_samples (run_id, idx, prompt, scores) VALUES (?, ?, ?, ?)",
+                            [run_id, i, p, to_json({})])
+    merge = merge_adapter(catalog, store, "smolad@1", MergeConfig(max_new_tokens=8), settings)
+    return {"catalog": catalog, "store": store, "settings": settings, "adapter_dir": ad, "merge": merge,
+            "base_dir": base_dir, "root": root}
+
+
+def hf_greedy_chat(model, tok, prompt: str, n: int, *, cut_at_eos: bool = True):
+    """transformers' greedy answer to one user message, the reference the runtime suites compare against.
+
+    Returns (messages, prompt text, prompt ids, new ids); with ``cut_at_eos`` the new ids end at the first
+    end-of-sequence token. pad_token_id is eos and eos_token_id is left as configured: with pad != eos,
+    generate would mask every pad token inside the chat prompt (e.g. <|im_end|>) and answer another prompt."""
+    import torch
+
+    msgs = [{"role": "user", "content": prompt}]
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    if cut_at_eos and tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id) + 1]
+    return msgs, tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), ids, new

@@ -28,12 +28,9 @@ def _needs_llama_cpp():
     if llama_cpp is None:
         pytest.fail("llama-cpp-python is not installed: run bash .ci/setup_llamacpp.sh")
 
-from loradex.hub.catalog import Catalog  # noqa: E402
-from loradex.hub.settings import Settings  # noqa: E402
-from loradex.hub.store import Store  # noqa: E402
 from loradex.promote.export.run import export_adapter  # noqa: E402
 from loradex.promote.export.source import ExportOptions  # noqa: E402
-from tests.helpers import make_adapter  # noqa: E402
+from tests.helpers import export_world, hf_greedy_chat  # noqa: E402
 
 N = 32
 PROMPTS = [
@@ -45,47 +42,15 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, smollm_folder):
-    from loradex.hub.bases import DEFAULT_BASE, add_base
-    from loradex.hub.catalog import to_json, utcnow
-    from loradex.hub.registry import register_adapter
-    from loradex.promote.merge import MergeConfig, merge_adapter
-
-    root = tmp_path_factory.mktemp("llamacpp")
-    settings = Settings(home=root / "home", store=root / "store")
-    catalog = Catalog.open(settings.catalog_path, wait_s=5)
-    store = Store(settings.store)
-    add_base(catalog, store, DEFAULT_BASE, str(smollm_folder))
-    ad = make_adapter(smollm_folder, root / "ad", r=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                      scale=0.02, seed=7)
-    version = register_adapter(catalog, store, ad, "smolad", base=DEFAULT_BASE)
-    # the adapter's own eval prompts become the probes of every check below
-    with catalog.transaction() as cur:
-        cur.execute("INSERT INTO eval_runs (adapter_version_id, base, data_sha256, n, metrics, decoding, created_at) "
-                    "VALUES (?, ?, 'x', ?, '{}', '{}', ?)", [version["id"], DEFAULT_BASE, len(PROMPTS), utcnow()])
-        run_id = cur.execute("SELECT max(id) FROM eval_runs").fetchone()[0]
-        for i, p in enumerate(PROMPTS):
-            cur.execute("INSERT INTO eval_samples (run_id, idx, prompt, scores) VALUES (?, ?, ?, ?)",
-                        [run_id, i, p, to_json({})])
-    merge = merge_adapter(catalog, store, "smolad@1", MergeConfig(max_new_tokens=8), settings)
-    yield {"catalog": catalog, "store": store, "settings": settings, "adapter_dir": ad, "merge": merge,
-           "base_dir": smollm_folder, "root": root}
-    catalog.close()
+    world = export_world(tmp_path_factory.mktemp("llamacpp"), smollm_folder, PROMPTS)
+    yield world
+    world["catalog"].close()
 
 
 def _export(real, fmt, out, **kw):
     return export_adapter(real["catalog"], real["store"], "smolad@1", out,
                           ExportOptions(format=fmt, check_tokens=N, **kw), real["settings"])
 
-
-def _hf_greedy(model, tok, prompt):
-    msgs = [{"role": "user", "content": prompt}]
-    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False, pad_token_id=tok.eos_token_id)
-    new = out[0, len(ids):].tolist()
-    if tok.eos_token_id in new:
-        new = new[: new.index(tok.eos_token_id) + 1]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), ids, new
 
 
 def _llama_greedy(path, text, lora=None):
@@ -116,7 +81,7 @@ def test_merged_gguf_f16_equals_transformers(real, tmp_path):
     merged = real["store"].resolve(real["merge"]["path"])
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(merged)
-    text, hf_ids, hf_new = _hf_greedy(model, tok, PROMPTS[2])   # digits: the pre-tokenizer matters here
+    text, hf_ids, hf_new = hf_greedy_chat(model, tok, PROMPTS[2], N)[1:]   # digits: the pre-tokenizer matters here
     ll_ids, ll_new = _llama_greedy(tmp_path / "f16" / "smolad-v1-merged.f16.gguf", text)
     assert ll_ids == hf_ids
     assert ll_new == hf_new and len(hf_new) >= 8
@@ -144,9 +109,9 @@ def test_gguf_lora_over_f16_base_equals_base_plus_adapter(real, tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(real["base_dir"], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(real["base_dir"])
-    text, hf_ids, base_new = _hf_greedy(base, tok, PROMPTS[0])
+    text, hf_ids, base_new = hf_greedy_chat(base, tok, PROMPTS[0], N)[1:]
     ad_model = PeftModel.from_pretrained(base, str(real["adapter_dir"])).eval()
-    _, _, ad_new = _hf_greedy(ad_model, tok, PROMPTS[0])
+    _, _, ad_new = hf_greedy_chat(ad_model, tok, PROMPTS[0], N)[1:]
     assert ad_new != base_new, "the adapter must change the greedy tokens for this test to prove anything"
     out = tmp_path / "lora"
     ll_ids, ll_new = _llama_greedy(out / "smollm2-135m-instruct.f16.gguf", text, lora=out / "smolad-v1.lora.f32.gguf")

@@ -51,27 +51,14 @@ from loradex.hub.settings import Settings  # noqa: E402
 from loradex.hub.store import Store  # noqa: E402
 from loradex.promote.export.run import export_adapter  # noqa: E402
 from loradex.promote.export.source import ExportOptions  # noqa: E402
-from tests.helpers import make_adapter  # noqa: E402
+from tests.helpers import export_world, hf_greedy_chat, make_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, smollm_folder):
-    from loradex.hub.bases import DEFAULT_BASE, add_base
-    from loradex.hub.registry import register_adapter
-    from loradex.promote.merge import MergeConfig, merge_adapter
-
-    root = tmp_path_factory.mktemp("vllm")
-    settings = Settings(home=root / "home", store=root / "store")
-    catalog = Catalog.open(settings.catalog_path, wait_s=5)
-    store = Store(settings.store)
-    add_base(catalog, store, DEFAULT_BASE, str(smollm_folder))
-    ad = make_adapter(smollm_folder, root / "ad", r=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                      scale=0.02, seed=7)
-    register_adapter(catalog, store, ad, "smolad", base=DEFAULT_BASE)
-    merge = merge_adapter(catalog, store, "smolad@1", MergeConfig(max_new_tokens=8), settings)
-    yield {"catalog": catalog, "store": store, "settings": settings, "adapter_dir": ad, "merge": merge,
-           "base_dir": smollm_folder, "root": root}
-    catalog.close()
+    world = export_world(tmp_path_factory.mktemp("vllm"), smollm_folder)
+    yield world
+    world["catalog"].close()
 
 
 def _free_port() -> int:
@@ -123,16 +110,6 @@ class Server:
                 self.proc.wait()
 
 
-def _hf(model, tok, prompt):
-    msgs = [{"role": "user", "content": prompt}]
-    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False, pad_token_id=tok.eos_token_id)
-    new = out[0, len(ids):].tolist()
-    if tok.eos_token_id in new:
-        new = new[: new.index(tok.eos_token_id) + 1]
-    return msgs, tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), ids, new
-
 
 def _completion(client, model, text):
     res = client.completions.create(model=model, prompt=text, max_tokens=N, temperature=0.0,
@@ -168,7 +145,7 @@ def test_vllm_serves_merged_export_like_transformers(real, tmp_path):
                                                tokenize=False)
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    expected = [_hf(model, tok, p) for p in PROMPTS]
+    expected = [hf_greedy_chat(model, tok, p, N) for p in PROMPTS]
     del model
     server = Server(["--model", str(folder), "--served-model-name", "merged", "--max-model-len", "1024",
                      "--dtype", "float32"], tmp_path / "server.log")
@@ -204,9 +181,9 @@ def test_vllm_serves_exported_lora_with_printed_command(real, tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(real["base_dir"], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(real["base_dir"])
-    base_expected = [_hf(base, tok, p) for p in PROMPTS]
+    base_expected = [hf_greedy_chat(base, tok, p, N) for p in PROMPTS]
     ad_model = PeftModel.from_pretrained(base, str(real["adapter_dir"])).eval()
-    ad_expected = [_hf(ad_model, tok, p) for p in PROMPTS]
+    ad_expected = [hf_greedy_chat(ad_model, tok, p, N) for p in PROMPTS]
     del ad_model, base
     assert any(a[3] != b[3] for a, b in zip(ad_expected, base_expected)), "adapter must change the output"
 
@@ -282,15 +259,6 @@ def fam_hub(tmp_path_factory, smol_tokenizer_dir):
         catalog.close()
 
 
-def _fam_hf(model, tok, prompt):
-    msgs = [{"role": "user", "content": prompt}]
-    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-    with torch.no_grad():
-        # no eos_token_id=None here: with pad != eos, generate masks every pad token (<|im_end|>) inside
-        # the chat prompt as padding and answers a different prompt
-        out = model.generate(torch.tensor([ids]), max_new_tokens=FAMILY_N, do_sample=False, pad_token_id=tok.eos_token_id)
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), ids, out[0, len(ids):].tolist()
-
 
 def _fam_completion(client, model, text):
     res = client.completions.create(model=model, prompt=text, max_tokens=FAMILY_N, temperature=0.0,
@@ -313,9 +281,9 @@ def test_vllm_serves_family_merged_and_lora_like_transformers(fam_hub, tmp_path,
                          h["settings"])
     tok = AutoTokenizer.from_pretrained(h["base_dir"])
     base = AutoModelForCausalLM.from_pretrained(h["base_dir"], dtype=torch.float32).eval()
-    base_expected = [_fam_hf(base, tok, p) for p in PROMPTS]
+    base_expected = [_famhf_greedy_chat(base, tok, p, N) for p in PROMPTS]
     ad_model = PeftModel.from_pretrained(base, str(h["adapter_dir"])).eval()
-    ad_expected = [_fam_hf(ad_model, tok, p) for p in PROMPTS]
+    ad_expected = [_famhf_greedy_chat(ad_model, tok, p, N) for p in PROMPTS]
     del ad_model, base
     assert any(a[2] != b[2] for a, b in zip(ad_expected, base_expected)), "adapter must change the output"
 
