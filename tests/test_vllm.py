@@ -281,9 +281,9 @@ def test_vllm_serves_family_merged_and_lora_like_transformers(fam_hub, tmp_path,
                          h["settings"])
     tok = AutoTokenizer.from_pretrained(h["base_dir"])
     base = AutoModelForCausalLM.from_pretrained(h["base_dir"], dtype=torch.float32).eval()
-    base_expected = [_famhf_greedy_chat(base, tok, p, N) for p in PROMPTS]
+    base_expected = [hf_greedy_chat(base, tok, p, FAMILY_N, cut_at_eos=False)[1:] for p in PROMPTS]
     ad_model = PeftModel.from_pretrained(base, str(h["adapter_dir"])).eval()
-    ad_expected = [_famhf_greedy_chat(ad_model, tok, p, N) for p in PROMPTS]
+    ad_expected = [hf_greedy_chat(ad_model, tok, p, FAMILY_N, cut_at_eos=False)[1:] for p in PROMPTS]
     del ad_model, base
     assert any(a[2] != b[2] for a, b in zip(ad_expected, base_expected)), "adapter must change the output"
 
