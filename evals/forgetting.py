@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from loradex.hub.catalog import borrowed
+from loradex.hub.chat import pad_id
 from loradex.hub.errors import InvalidConfig, InvalidData
 
 from loradex.evals import stats
@@ -106,7 +107,7 @@ def passage_nlls(model, tokenizer, texts: list[str], *, batch_size: int = 16) ->
     """(mean token NLL of each passage, scored tokens in all) under whatever ``model`` currently is."""
     import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     for t, ids in zip(texts, encoded):
         if len(ids) < 2:
@@ -118,7 +119,7 @@ def passage_nlls(model, tokenizer, texts: list[str], *, batch_size: int = 16) ->
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):  # right padding: position t predicts token t+1
             ids[row, :len(encoded[i])] = torch.tensor(encoded[i])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from loradex.hub.chat import completion_logprobs, encode_chat
+from loradex.hub.chat import completion_logprobs, encode_chat, pad_id
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -39,14 +39,14 @@ def generate_outputs(model, tokenizer, items, *, max_new_tokens: int, batch_size
     from transformers import GenerationConfig
 
     encoded = [encode_chat(tokenizer, it.messages) for it in items]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     gen_config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                  pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(items)
     for batch in _batches([len(e) for e in encoded], batch_size):
         width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):
             seq = encoded[i]
@@ -64,7 +64,7 @@ def generate_outputs(model, tokenizer, items, *, max_new_tokens: int, batch_size
 def reference_perplexities(model, tokenizer, items, *, batch_size: int,
                            on_batch: Callable[[int], None] | None = None) -> list[float]:
     """exp(mean NLL) of each item's reference (+ end of turn) after its templated prompt."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     seqs: list[tuple[list[int], int]] = []  # (ids, number of prompt tokens)
     for it in items:
         p = encode_chat(tokenizer, it.messages)
@@ -74,7 +74,7 @@ def reference_perplexities(model, tokenizer, items, *, batch_size: int,
         seqs.append((p + ref, len(p)))
     result: list[float] = [math.nan] * len(items)
     for batch in _batches([len(s[0]) for s in seqs], batch_size):
-        sums, counts = completion_logprobs(model, [seqs[i] for i in batch], pad_id)
+        sums, counts = completion_logprobs(model, [seqs[i] for i in batch], pad)
         nll = -sums / counts
         for row, i in enumerate(batch):
             result[i] = float(math.exp(nll[row].item()))

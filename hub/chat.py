@@ -27,6 +27,11 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     return list(tokenizer(render_chat(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"])
 
 
+def pad_id(tokenizer) -> int | None:
+    """The id batches are padded with: the tokenizer's pad token, else its end of sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def completion_logprobs(model, batch: Sequence[tuple[list[int], int]], pad_id: int):
     """One forward over ``batch`` of (token ids, number of prompt tokens), right-padded with ``pad_id``.
 

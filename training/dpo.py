@@ -123,7 +123,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def pair_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 8) -> list[tuple[float, float]]:
     """(sum log p(chosen), sum log p(rejected)) per row, over completion tokens only (as TRL's DPO scores them)."""
-    from loradex.hub.chat import completion_logprobs, encode_chat
+    from loradex.hub.chat import completion_logprobs, encode_chat, pad_id
 
     seqs: list[tuple[list[int], int]] = []
     for r in rows:
@@ -131,15 +131,12 @@ def pair_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 8) -> li
         for side in ("chosen", "rejected"):
             full = encode_chat(tokenizer, r["prompt"] + r[side], add_generation_prompt=False)
             seqs.append((full, _common_prefix(prompt, full)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sums = [0.0] * len(seqs)
+    pad = pad_id(tokenizer)
+    sums: list[float] = []
     was_training = model.training
     model.eval()
     for start in range(0, len(seqs), batch_size):
-        batch = seqs[start:start + batch_size]
-        totals, _ = completion_logprobs(model, batch, pad)
-        for i, total in enumerate(totals.tolist()):
-            sums[start + i] = float(total)
+        sums.extend(completion_logprobs(model, seqs[start:start + batch_size], pad)[0].tolist())
     if was_training:
         model.train()
     return [(sums[2 * i], sums[2 * i + 1]) for i in range(len(rows))]
