@@ -13,6 +13,12 @@ weights:
   dequantizes to (checked bit for bit per layer), half a byte per weight read
   per token; x86-64 with AVX2/FMA/F16C and a C compiler only.
 
+The three compute the same math except where bitsandbytes does not: on CPUs
+with avx512_bf16 its CPU 4-bit product casts the input and the scales to bf16
+(``gemv_4bit``, bitsandbytes 0.50), about three significant digits, so greedy
+tokens drift from the fp32 result. There ``auto`` leaves ``bnb`` out (when a
+dense copy fits) and says so; ``LORADEX_KERNELS=bnb`` still forces it.
+
 Which is faster depends on the machine (core, caches, memory bandwidth, what
 bitsandbytes has native code for), so it is never decided from a CPU model
 name: :func:`choose` times one batch-1 and one batch-8 pass over every
@@ -66,8 +72,16 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def dense_copy(mod: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    """The 4-bit layer's weights dequantized once into a plain Linear (same device)."""
+    """The 4-bit layer's weights dequantized once into a plain Linear (same device).
+
+    Only before the layer's first CPU forward on an avx512_bf16 CPU: that forward repacks the weights into
+    bitsandbytes' own layout with bf16 scales (``packing_format_for_cpu``), which no longer dequantize to the
+    NF4 values loaded; such a layer is refused with a clear error rather than copied wrong."""
     import bitsandbytes.functional as bnbf
+
+    if getattr(mod.weight.quant_state, "packing_format_for_cpu", False):
+        raise InvalidConfig("this 4-bit layer was already run by bitsandbytes on CPU, which repacked it with bf16 "
+                            "scales; take its dense copy before the first forward")
 
     w = bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(dtype)
     lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device, dtype=dtype)
@@ -77,6 +91,25 @@ def dense_copy(mod: nn.Module, dtype: torch.dtype) -> nn.Linear:
             lin.bias.copy_(mod.bias.to(dtype))
     lin.requires_grad_(False)
     return lin
+
+
+def bnb_cpu_in_bf16(device: str) -> bool:
+    """Whether bitsandbytes computes its 4-bit layers in bf16 here (CPU with avx512_bf16), not in the compute dtype."""
+    if not device.startswith("cpu"):
+        return False
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def dense_layers(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every 4-bit layer of ``model`` with its dense copy (the NF4 values, exactly, in ``dtype``); returns
+    how many. Call it before any forward pass: bitsandbytes repacks its CPU weights on the first one."""
+    layers = quantized_linears(model)
+    _apply(model, {n: dense_copy(m, dtype) for n, m in layers.items()})
+    return len(layers)
 
 
 def _available_bytes(device: str) -> int | None:
@@ -226,6 +259,9 @@ def choose(model: nn.Module, *, quantize: str, dtype: torch.dtype, device: str, 
     elif mode == "auto":
         dense = {n: dense_copy(m, dtype) for n, m in layers.items()}
         candidates: dict[str, dict[str, nn.Module]] = {"bnb": layers, "dense": dense}
+        if bnb_cpu_in_bf16(device) and dtype == torch.float32:
+            del candidates["bnb"]  # faster or not, it would change the numbers the engine computes
+            info["bnb_excluded"] = "bitsandbytes computes 4-bit layers in bf16 on this CPU (avx512_bf16)"
         if native_ok:
             candidates["native"] = native_copies(layers, dense)
         timings = measure({k: list(v.values()) for k, v in candidates.items()}, dtype, device)
@@ -235,6 +271,8 @@ def choose(model: nn.Module, *, quantize: str, dtype: torch.dtype, device: str, 
             len(layers), ", ".join(f"{k} {timings[f'{k}_b1_us'] / 1000:.1f} / "
                                    + (f"{timings[f'{k}_b8_us'] / 1000:.1f}" if f"{k}_b8_us" in timings else "-")
                                    + " ms" for k in candidates)))
+        if "bnb_excluded" in info:
+            info["reason"] += "; bnb left out: " + info["bnb_excluded"]
         chosen = None if best == "bnb" else candidates[best]
     else:
         info.update(linear=mode, reason="LORADEX_KERNELS=" + mode)

@@ -1,4 +1,4 @@
-/* loradex CPU kernels (x86-64 AVX2 + FMA + F16C), built at first use by serving/native.py.
+/* loradex CPU kernels (x86-64 AVX2 + FMA + F16C, or AVX-512F), built at first use by serving/native.py.
  *
  * y[M, N] = x[M, K] . W[N, K]^T (+ bias) for weights that stay compact in memory:
  *
@@ -7,12 +7,17 @@
  *             rebuilds each weight with the same fp32 product, it only reads 8x fewer bytes);
  *   f32_gemm  W in fp32.
  *
- * Every output is one dot product in a fixed order whatever M is (one 8-lane accumulator
- * over the chunks of 8 in order, then a fixed horizontal sum, then the scalar tail), so a
+ * Every output is one dot product in a fixed order whatever M is (one VW-lane accumulator
+ * over the chunks of VW in order, then a fixed horizontal sum, then the scalar tail), so a
  * row's result does not depend on the rows beside it in the batch. Several rows go through
  * register tiles (up to 4 rows x 3 outputs: each chunk of x and w loaded once per tile).
  * Each product splits its outputs over native_threads() threads (see below); a row's results do not
  * depend on the thread count either.
+ *
+ * The same source builds twice: for AVX2 (VW = 8 lanes) and, with -mavx512f, for AVX-512 (VW = 16 lanes,
+ * and the 16-entry NF4 lookup is one vpermps). native.py loads the one the CPU runs best. The two builds sum
+ * in different orders (8 or 16 lanes), so their results may differ in the last bits; within one build every
+ * property above holds. Layouts written by the packers below are per build (a build reads only its own).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -141,6 +146,36 @@ static void parallel_for(range_fn fn, void *arg, int total, int grain) {
     pthread_mutex_unlock(&dispatch);
 }
 
+/* ---- vectors of VW floats ------------------------------------------------------------------------- */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vset1(s) _mm512_set1_ps(s)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vsub(a, b) _mm512_sub_ps(a, b)
+#define vdiv(a, b) _mm512_div_ps(a, b)
+#else
+#define VW 8
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vset1(s) _mm256_set1_ps(s)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vdiv(a, b) _mm256_div_ps(a, b)
+#endif
+
+/* lanes per vector in this build (the Python side reports it) */
+int native_vw(void) { return VW; }
+
 static inline float hsum8(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
     __m128 hi = _mm256_extractf128_ps(v, 1);
@@ -152,12 +187,21 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* the fixed horizontal sum of one accumulator */
+static inline float vsum(vf v) {
+#if VW == 16
+    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+#else
+    return hsum8(v);
+#endif
+}
+
 /* dot(x, w) over K floats in the order every kernel here uses */
 static inline float dot_f32(const float *x, const float *w, int K) {
-    __m256 a = _mm256_setzero_ps();
+    vf a = vzero();
     int k = 0;
-    for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a);
-    float s = hsum8(a);
+    for (; k + VW <= K; k += VW) a = vfma(vload(x + k), vload(w + k), a);
+    float s = vsum(a);
     for (; k < K; k++) s += x[k] * w[k];
     return s;
 }
@@ -166,21 +210,21 @@ static inline float dot_f32(const float *x, const float *w, int K) {
 #define TILE(R, O)                                                                                         \
     static inline void tile_##R##x##O(const float *x, size_t xs, const float *const *w, int K,           \
                                       const float *b, float *y, size_t ys) {                            \
-        __m256 a[R][O];                                                                                  \
+        vf a[R][O];                                                                                       \
         for (int r = 0; r < R; r++)                                                                      \
-            for (int o = 0; o < O; o++) a[r][o] = _mm256_setzero_ps();                                    \
+            for (int o = 0; o < O; o++) a[r][o] = vzero();                                                \
         int k = 0;                                                                                       \
-        for (; k + 8 <= K; k += 8) {                                                                     \
-            __m256 wc[O];                                                                                \
-            for (int o = 0; o < O; o++) wc[o] = _mm256_loadu_ps(w[o] + k);                               \
+        for (; k + VW <= K; k += VW) {                                                                   \
+            vf wc[O];                                                                                    \
+            for (int o = 0; o < O; o++) wc[o] = vload(w[o] + k);                                         \
             for (int r = 0; r < R; r++) {                                                                \
-                const __m256 xv = _mm256_loadu_ps(x + r * xs + k);                                       \
-                for (int o = 0; o < O; o++) a[r][o] = _mm256_fmadd_ps(xv, wc[o], a[r][o]);               \
+                const vf xv = vload(x + r * xs + k);                                                       \
+                for (int o = 0; o < O; o++) a[r][o] = vfma(xv, wc[o], a[r][o]);                          \
             }                                                                                            \
         }                                                                                                \
         for (int r = 0; r < R; r++)                                                                      \
             for (int o = 0; o < O; o++) {                                                                \
-                float s = hsum8(a[r][o]);                                                                \
+                float s = vsum(a[r][o]);                                                                 \
                 for (int t = k; t < K; t++) s += x[r * xs + t] * w[o][t];                                \
                 y[r * ys + o] = s + b[o];                                                                \
             }                                                                                            \
@@ -219,15 +263,37 @@ static inline void rows_dot(const float *x, int M, int K, int N, int n0, int O, 
 }
 
 /* NF4 layout. A row of K weights (K % 64 == 0) is K/2 bytes: one fp32 scale per block of 64 weights
- * (absmax[b]) and, per group of 32 weights (k = 32g + t), 16 bytes where byte 4v + i (v, i in 0..3) holds
- * weight 32g + 8v + i in its low nibble and weight 32g + 8v + 4 + i in its high nibble. Weight value =
- * code[index] * absmax[block] in fp32, the product bitsandbytes dequantizes to.
+ * (absmax[b]) and 16 bytes per group of 32 weights (k = 32g + t). Weight value = code[index] * absmax[block]
+ * in fp32, the product bitsandbytes dequantizes to. Which nibble holds which weight depends on the build:
  *
- * The 16-entry lookup runs on byte shuffles: the code table is kept as four 16-byte planes (byte j of
- * every code value), one vpshufb per plane looks up 32 indices at once, and two rounds of unpacks put the
- * four bytes of each value back together. A group of 32 weights comes out as four vectors of 8 in k order,
- * for 14 single-cycle shuffles (cross-lane vpermps, the obvious 8-entry lookup, takes 2 cycles each on
- * Zen 3 and two are needed per 8 weights). */
+ * AVX2: byte 4v + i (v, i in 0..3) holds weight 32g + 8v + i in its low nibble and 32g + 8v + 4 + i in its
+ * high nibble. The 16-entry lookup runs on byte shuffles: the code table is kept as four 16-byte planes
+ * (byte j of every code value), one vpshufb per plane looks up 32 indices at once, and two rounds of
+ * unpacks put the four bytes of each value back together. A group of 32 weights comes out as four vectors
+ * of 8 in k order, for 14 single-cycle shuffles (cross-lane vpermps, the obvious 8-entry lookup, takes 2
+ * cycles each on Zen 3 and two are needed per 8 weights).
+ *
+ * AVX-512: byte i (0..15) holds weight 32g + i in its low nibble and 32g + 16 + i in its high nibble. The
+ * 16 code values fit one register, and vpermps looks up 16 indices at once (it reads only the low 4 bits
+ * of each): a group is one byte-to-dword widening, one shift and two lookups. */
+#define NF4_V (32 / VW) /* vectors per group of 32 weights */
+
+#if VW == 16
+typedef struct {
+    __m512 code;
+} nf4_tab;
+
+static inline void nf4_tab_init(nf4_tab *t, const float *code) { t->code = _mm512_loadu_ps(code); }
+
+static inline void nf4_codes32(const uint8_t *qb, const nf4_tab *t, vf w[NF4_V]) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qb));
+    w[0] = _mm512_permutexvar_ps(idx, t->code);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t->code);
+}
+
+/* the byte at position j (0..15) of a group, from the group's 32 indices */
+static inline uint8_t nf4_byte(const uint8_t *idx, int j) { return (uint8_t)(idx[j] | (idx[j + 16] << 4)); }
+#else
 typedef struct {
     __m256i p[4], lowmask, shift;
 } nf4_tab;
@@ -245,7 +311,7 @@ static inline void nf4_tab_init(nf4_tab *t, const float *code) {
 }
 
 /* the code values of one group's 32 weights (16 bytes at qb), in k order: w[v] = weights 8v .. 8v+7 */
-static inline void nf4_codes32(const uint8_t *qb, const nf4_tab *t, __m256 w[4]) {
+static inline void nf4_codes32(const uint8_t *qb, const nf4_tab *t, vf w[NF4_V]) {
     const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qb));
     const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(raw, t->shift), t->lowmask);  /* lane 1: high nibbles */
     const __m256i b0 = _mm256_shuffle_epi8(t->p[0], idx), b1 = _mm256_shuffle_epi8(t->p[1], idx);
@@ -258,15 +324,21 @@ static inline void nf4_codes32(const uint8_t *qb, const nf4_tab *t, __m256 w[4])
     w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
 }
 
+static inline uint8_t nf4_byte(const uint8_t *idx, int j) {
+    const int k = 8 * (j / 4) + j % 4;
+    return (uint8_t)(idx[k] | (idx[k + 4] << 4));
+}
+#endif
+
 /* One NF4 row into fp32 */
 static inline void nf4_row(const uint32_t *q, const float *absmax, const nf4_tab *t, int K, float *out) {
     const uint8_t *qb = (const uint8_t *)q;
     for (int b = 0; b < K / 64; b++) {
-        const __m256 s = _mm256_set1_ps(absmax[b]);
+        const vf s = vset1(absmax[b]);
         for (int g = 0; g < 2; g++) {
-            __m256 w[4];
+            vf w[NF4_V];
             nf4_codes32(qb + b * 32 + g * 16, t, w);
-            for (int v = 0; v < 4; v++) _mm256_storeu_ps(out + b * 64 + g * 32 + v * 8, _mm256_mul_ps(w[v], s));
+            for (int v = 0; v < NF4_V; v++) vstore(out + b * 64 + g * 32 + v * VW, vmul(w[v], s));
         }
     }
 }
@@ -284,22 +356,22 @@ void nf4_dequant(const uint32_t *q, const float *absmax, const float *code, int 
 static inline void nf4_dot2(const float *x, const uint32_t *q0, const uint32_t *q1, const float *m0,
                             const float *m1, const nf4_tab *t, int K, float *y0, float *y1) {
     const uint8_t *qb0 = (const uint8_t *)q0, *qb1 = (const uint8_t *)q1;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    vf a0 = vzero(), a1 = vzero();
     for (int b = 0; b < K / 64; b++) {
-        const __m256 s0 = _mm256_set1_ps(m0[b]), s1 = _mm256_set1_ps(m1[b]);
+        const vf s0 = vset1(m0[b]), s1 = vset1(m1[b]);
         for (int g = 0; g < 2; g++) {
-            __m256 w0[4], w1[4];
+            vf w0[NF4_V], w1[NF4_V];
             nf4_codes32(qb0 + b * 32 + g * 16, t, w0);
             nf4_codes32(qb1 + b * 32 + g * 16, t, w1);
-            for (int v = 0; v < 4; v++) {
-                const __m256 xv = _mm256_loadu_ps(x + b * 64 + g * 32 + v * 8);
-                a0 = _mm256_fmadd_ps(xv, _mm256_mul_ps(w0[v], s0), a0);
-                a1 = _mm256_fmadd_ps(xv, _mm256_mul_ps(w1[v], s1), a1);
+            for (int v = 0; v < NF4_V; v++) {
+                const vf xv = vload(x + b * 64 + g * 32 + v * VW);
+                a0 = vfma(xv, vmul(w0[v], s0), a0);
+                a1 = vfma(xv, vmul(w1[v], s1), a1);
             }
         }
     }
-    *y0 = hsum8(a0);
-    *y1 = hsum8(a1);
+    *y0 = vsum(a0);
+    *y1 = vsum(a1);
 }
 
 /* Pack fp32 weights W [N, K] that are NF4 values (code[i] * scale, one scale per 64 weights, the scale
@@ -324,14 +396,97 @@ int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float
             idx[i] = (uint8_t)lo;
         }
         for (int g = 0; g < 2; g++)
-            for (int v = 0; v < 4; v++)
-                for (int i = 0; i < 4; i++) {
-                    const int k = 32 * g + 8 * v + i;
-                    qb[b * 32 + g * 16 + 4 * v + i] = (uint8_t)(idx[k] | (idx[k + 4] << 4));
-                }
+            for (int j = 0; j < 16; j++) qb[b * 32 + g * 16 + j] = nf4_byte(idx + 32 * g, j);
     }
     return 0;
 }
+
+#if VW == 16
+/* AVX-512, 2..8 rows: R rows of x against two weight rows rebuilt in registers (no scratch round trip), each
+ * output one accumulator over the chunks of 16 in k order: the same products and order as nf4_dot2 and
+ * dot_f32 over nf4_row's output. 2R accumulators + 4 weight vectors fit the 32 registers. */
+#define NF4_TILE(R)                                                                                          \
+    static inline void nf4_tile_##R(const float *x, int K, const uint8_t *qb0, const uint8_t *qb1,            \
+                                    const float *m0, const float *m1, const nf4_tab *t, float out[R][2]) {   \
+        vf a[R][2];                                                                                          \
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = vzero();                                            \
+        for (int b = 0; b < K / 64; b++) {                                                                   \
+            const vf s0 = vset1(m0[b]), s1 = vset1(m1[b]);                                                   \
+            for (int g = 0; g < 2; g++) {                                                                    \
+                vf w0[NF4_V], w1[NF4_V];                                                                     \
+                nf4_codes32(qb0 + b * 32 + g * 16, t, w0);                                                   \
+                nf4_codes32(qb1 + b * 32 + g * 16, t, w1);                                                   \
+                for (int v = 0; v < NF4_V; v++) {                                                            \
+                    const vf u0 = vmul(w0[v], s0), u1 = vmul(w1[v], s1);                                     \
+                    for (int r = 0; r < R; r++) {                                                            \
+                        const vf xv = vload(x + (size_t)r * K + b * 64 + g * 32 + v * VW);                   \
+                        a[r][0] = vfma(xv, u0, a[r][0]);                                                     \
+                        a[r][1] = vfma(xv, u1, a[r][1]);                                                     \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < R; r++) {                                                                        \
+            out[r][0] = vsum(a[r][0]);                                                                       \
+            out[r][1] = vsum(a[r][1]);                                                                       \
+        }                                                                                                    \
+    }
+NF4_TILE(8)
+NF4_TILE(4)
+NF4_TILE(2)
+NF4_TILE(1)
+
+/* rows [m0, m0 + R) of x against weight rows n and n1 (n1 == n for an odd last row: computed twice, written once) */
+/* 4 rows of x against 4 weight rows rebuilt in registers (8 rows of x: two passes), each output as in NF4_TILE */
+static inline void nf4_tile4x4(const float *x, int K, const uint8_t *const qb[4], const float *const m[4],
+                               const nf4_tab *t, float out[4][4]) {
+    vf a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) a[r][o] = vzero();
+    for (int b = 0; b < K / 64; b++) {
+        vf s[4];
+        for (int o = 0; o < 4; o++) s[o] = vset1(m[o][b]);
+        for (int g = 0; g < 2; g++) {
+            vf w[4][NF4_V];
+            for (int o = 0; o < 4; o++) nf4_codes32(qb[o] + b * 32 + g * 16, t, w[o]);
+            for (int v = 0; v < NF4_V; v++) {
+                vf u[4];
+                for (int o = 0; o < 4; o++) u[o] = vmul(w[o][v], s[o]);
+                for (int r = 0; r < 4; r++) {
+                    const vf xv = vload(x + (size_t)r * K + b * 64 + g * 32 + v * VW);
+                    for (int o = 0; o < 4; o++) a[r][o] = vfma(xv, u[o], a[r][o]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) out[r][o] = vsum(a[r][o]);
+}
+
+static inline void nf4_rows2(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax,
+                             const nf4_tab *t, const float *bias, int n, int n1, float *y) {
+    const size_t qs = K / 8, ms = K / 64;
+    const uint8_t *qb0 = (const uint8_t *)(q + n * qs), *qb1 = (const uint8_t *)(q + n1 * qs);
+    const float *a0 = absmax + n * ms, *a1 = absmax + n1 * ms;
+    const float b0 = bias ? bias[n] : 0.0f, b1 = bias ? bias[n1] : 0.0f;
+    float out[8][2];
+    for (int m = 0; m < M;) {
+        const int R = M - m >= 8 ? 8 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+        const float *xm = x + (size_t)m * K;
+        switch (R) {
+            case 8: nf4_tile_8(xm, K, qb0, qb1, a0, a1, t, out); break;
+            case 4: nf4_tile_4(xm, K, qb0, qb1, a0, a1, t, out); break;
+            case 2: nf4_tile_2(xm, K, qb0, qb1, a0, a1, t, out); break;
+            default: nf4_tile_1(xm, K, qb0, qb1, a0, a1, t, out); break;
+        }
+        for (int r = 0; r < R; r++) {
+            y[(size_t)(m + r) * N + n] = out[r][0] + b0;
+            if (n1 != n) y[(size_t)(m + r) * N + n1] = out[r][1] + b1;
+        }
+        m += R;
+    }
+}
+#endif
 
 typedef struct {
     const float *x;
@@ -360,6 +515,36 @@ static void nf4_range(void *arg, int lo, int hi) {
         }
         return;
     }
+#if VW == 16
+    if (M <= 8) {
+        int n = lo;
+        if (M >= 4)  /* four weight rows against four rows of x at a time: measured faster than 8 x 2 */
+            for (; n + 4 <= hi; n += 4) {
+                const uint8_t *qb[4];
+                const float *mm[4];
+                for (int o = 0; o < 4; o++) {
+                    qb[o] = (const uint8_t *)(q + (n + o) * qs);
+                    mm[o] = absmax + (n + o) * ms;
+                }
+                float out[4][4];
+                int m0 = 0;
+                for (; m0 + 4 <= M; m0 += 4) {
+                    nf4_tile4x4(x + (size_t)m0 * K, K, qb, mm, &t, out);
+                    for (int r = 0; r < 4; r++)
+                        for (int o = 0; o < 4; o++)
+                            y[(size_t)(m0 + r) * N + n + o] = out[r][o] + (bias ? bias[n + o] : 0.0f);
+                }
+                if (m0 < M) {  /* the 1-3 rows left */
+                    const float *xm = x + (size_t)m0 * K;
+                    float *ym = y + (size_t)m0 * N;
+                    nf4_rows2(xm, M - m0, K, N, q, absmax, &t, bias, n, n + 1, ym);
+                    nf4_rows2(xm, M - m0, K, N, q, absmax, &t, bias, n + 2, n + 3, ym);
+                }
+            }
+        for (; n < hi; n += 2) nf4_rows2(x, M, K, N, q, absmax, &t, bias, n, n + 1 < hi ? n + 1 : n, y);
+        return;
+    }
+#endif
     if (M > 8) {  /* many rows: a chunk of weight rows rebuilt once, then blocks of 8 rows of x against it */
         const int CH = 96;
         float *wc = malloc(sizeof(float) * (size_t)CH * K);
@@ -422,8 +607,8 @@ void nf4_gemm(const float *x, int M, int K, int N, const uint32_t *q, const floa
  * f32_gemm over the fp32 matrix bit for bit (same products, same order), from a quarter or half the bytes.
  *
  * kind 1, Q8: rows in groups of four (N padded to a multiple of 4 with zero rows), interleaved per block of
- * 32: q [N4/4][K/32][4][32] int8, d [N4/4][K/32][4] fp32. kind 2, bf16: the same grouping per chunk of 8:
- * [N4/4][K/8][4][8] uint16. One sequential stream instead of four rows read side by side: on the Zen 3
+ * 32: q [N4/4][K/32][4][32] int8, d [N4/4][K/32][4] fp32. kind 2, bf16: the same grouping per chunk of VW:
+ * [N4/4][K/VW][4][VW] uint16 (K % VW == 0). One sequential stream instead of four rows read side by side: on the Zen 3
  * machine of this project the LM head's batch-1 product went from 5.6 to 2.6 ms (49152 x 576, Q8). */
 
 /* Pack W [N, K] (K % 32 == 0) as Q8: returns 0, or -1 if some block is not exactly d * int8 */
@@ -466,14 +651,15 @@ int q8_pack(const float *w, int N, int K, int8_t *q, float *d) {
 
 /* Pack W [N, K] (K % 8 == 0) as bf16: returns 0, or -1 if some weight has bits below bf16's */
 int bf16_pack(const float *w, int N, int K, uint16_t *out) {
-    const int nc = K / 8, N4 = (N + 3) / 4 * 4;
+    if (K % VW) return -1;
+    const int nc = K / VW, N4 = (N + 3) / 4 * 4;
     memset(out, 0, sizeof(uint16_t) * (size_t)N4 * K);
     for (int n = 0; n < N; n++)
         for (int c = 0; c < nc; c++) {
-            uint16_t *o = out + (((size_t)(n / 4) * nc + c) * 4 + n % 4) * 8;
-            for (int i = 0; i < 8; i++) {
+            uint16_t *o = out + (((size_t)(n / 4) * nc + c) * 4 + n % 4) * VW;
+            for (int i = 0; i < VW; i++) {
                 uint32_t bits;
-                memcpy(&bits, w + (size_t)n * K + c * 8 + i, 4);
+                memcpy(&bits, w + (size_t)n * K + c * VW + i, 4);
                 if (bits & 0xFFFF) return -1;
                 o[i] = (uint16_t)(bits >> 16);
             }
@@ -481,13 +667,24 @@ int bf16_pack(const float *w, int N, int K, uint16_t *out) {
     return 0;
 }
 
-static inline __m256 q8_w(const int8_t *q, __m256 s) {
+/* VW weights rebuilt: Q8 (int8 times the block's scale) or bf16 (the high half of an fp32) */
+#if VW == 16
+static inline vf q8_w(const int8_t *q, vf s) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), s);
+}
+
+static inline vf bf16_w(const uint16_t *h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)h)), 16));
+}
+#else
+static inline vf q8_w(const int8_t *q, vf s) {
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))), s);
 }
 
-static inline __m256 bf16_w(const uint16_t *h) {
+static inline vf bf16_w(const uint16_t *h) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h)), 16));
 }
+#endif
 
 /* row n of the compact matrix back to fp32 */
 static inline void compact_row(int kind, const void *w, const float *d, int K, int n, float *out) {
@@ -497,13 +694,13 @@ static inline void compact_row(int kind, const void *w, const float *d, int K, i
         for (int kb = 0; kb < nb; kb++) {
             const size_t at = (G * nb + kb) * 4 + o;
             const int8_t *q = (const int8_t *)w + at * 32;
-            const __m256 s = _mm256_set1_ps(d[at]);
-            for (int i = 0; i < 32; i += 8) _mm256_storeu_ps(out + kb * 32 + i, q8_w(q + i, s));
+            const vf s = vset1(d[at]);
+            for (int i = 0; i < 32; i += VW) vstore(out + kb * 32 + i, q8_w(q + i, s));
         }
     } else {
-        const int nc = K / 8;
+        const int nc = K / VW;
         const uint16_t *h = (const uint16_t *)w;
-        for (int c = 0; c < nc; c++) _mm256_storeu_ps(out + c * 8, bf16_w(h + ((G * nc + c) * 4 + o) * 8));
+        for (int c = 0; c < nc; c++) vstore(out + c * VW, bf16_w(h + ((G * nc + c) * 4 + o) * VW));
     }
 }
 
@@ -520,12 +717,77 @@ typedef struct {
     float *y;
 } compact_job;
 
+#if VW == 16
+/* AVX-512, Q8, 2..8 rows: R rows of x against rows o and o + 1 of a group of four, rebuilt in registers; each
+ * output one accumulator over the chunks of 16 in k order (the one-row path's products and order) */
+#define Q8_TILE(R)                                                                                           \
+    static inline void q8_tile_##R(const float *x, int K, const int8_t *qg, const float *dg, int o,           \
+                                   float out[R][2]) {                                                        \
+        vf a[R][2];                                                                                          \
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = vzero();                                            \
+        for (int kb = 0; kb < K / 32; kb++) {                                                                \
+            const int8_t *q0 = qg + ((size_t)kb * 4 + o) * 32;                                               \
+            const vf s0 = vset1(dg[kb * 4 + o]), s1 = vset1(dg[kb * 4 + o + 1]);                             \
+            for (int i = 0; i < 32; i += VW) {                                                               \
+                const vf u0 = q8_w(q0 + i, s0), u1 = q8_w(q0 + 32 + i, s1);                                  \
+                for (int r = 0; r < R; r++) {                                                                \
+                    const vf xv = vload(x + (size_t)r * K + kb * 32 + i);                                    \
+                    a[r][0] = vfma(xv, u0, a[r][0]);                                                         \
+                    a[r][1] = vfma(xv, u1, a[r][1]);                                                         \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < R; r++) {                                                                        \
+            out[r][0] = vsum(a[r][0]);                                                                       \
+            out[r][1] = vsum(a[r][1]);                                                                       \
+        }                                                                                                    \
+    }
+Q8_TILE(8)
+Q8_TILE(4)
+Q8_TILE(2)
+Q8_TILE(1)
+
+static void q8_rows(const float *x, int M, int K, int N, const int8_t *q, const float *d, const float *bias,
+                    int lo, int hi, float *y) {
+    const int nb = K / 32;
+    float out[8][2];
+    for (int n = lo; n < hi; n += 4) {
+        const int8_t *qg = q + (size_t)n * K;
+        const float *dg = d + (size_t)n * nb;
+        for (int o = 0; o < 4 && n + o < hi; o += 2) {
+            const float b0 = bias ? bias[n + o] : 0.0f, b1 = bias && n + o + 1 < hi ? bias[n + o + 1] : 0.0f;
+            for (int m = 0; m < M;) {
+                const int R = M - m >= 8 ? 8 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+                const float *xm = x + (size_t)m * K;
+                switch (R) {
+                    case 8: q8_tile_8(xm, K, qg, dg, o, out); break;
+                    case 4: q8_tile_4(xm, K, qg, dg, o, out); break;
+                    case 2: q8_tile_2(xm, K, qg, dg, o, out); break;
+                    default: q8_tile_1(xm, K, qg, dg, o, out); break;
+                }
+                for (int r = 0; r < R; r++) {  /* a padded row (beyond N) is computed, not written */
+                    y[(size_t)(m + r) * N + n + o] = out[r][0] + b0;
+                    if (n + o + 1 < hi) y[(size_t)(m + r) * N + n + o + 1] = out[r][1] + b1;
+                }
+                m += R;
+            }
+        }
+    }
+}
+#endif
+
 static void compact_range(void *arg, int lo, int hi) {
     const compact_job *j = arg;
     const int kind = j->kind, M = j->M, K = j->K, N = j->N;
     const float *x = j->x, *d = j->d, *bias = j->bias;
     const void *w = j->w;
     float *y = j->y;
+#if VW == 16
+    if (kind == 1 && M > 1 && M <= 8) {
+        q8_rows(x, M, K, N, (const int8_t *)w, d, bias, lo, hi, y);
+        return;
+    }
+#endif
     if (M > 1) {  /* a group of four rows rebuilt into scratch, then register tiles (3 + 1 outputs) */
         float *scratch = malloc(sizeof(float) * 4 * (size_t)K);
         for (int n = lo; n < hi; n += 4) {
@@ -550,33 +812,33 @@ static void compact_range(void *arg, int lo, int hi) {
     }
     /* one row of x: a group of four weight rows at a time, four independent chains, each dot_f32's order */
     for (int n = lo; n < hi; n += 4) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
         if (kind == 1) {
             const int nb = K / 32;
             const int8_t *q = (const int8_t *)w + (size_t)n * K;
             const float *dg = d + (size_t)n * nb;
             for (int kb = 0; kb < nb; kb++, q += 128) {
-                const __m256 s0 = _mm256_set1_ps(dg[kb * 4]), s1 = _mm256_set1_ps(dg[kb * 4 + 1]);
-                const __m256 s2 = _mm256_set1_ps(dg[kb * 4 + 2]), s3 = _mm256_set1_ps(dg[kb * 4 + 3]);
-                for (int i = 0; i < 32; i += 8) {
-                    const __m256 xv = _mm256_loadu_ps(x + kb * 32 + i);
-                    a0 = _mm256_fmadd_ps(xv, q8_w(q + i, s0), a0);
-                    a1 = _mm256_fmadd_ps(xv, q8_w(q + 32 + i, s1), a1);
-                    a2 = _mm256_fmadd_ps(xv, q8_w(q + 64 + i, s2), a2);
-                    a3 = _mm256_fmadd_ps(xv, q8_w(q + 96 + i, s3), a3);
+                const vf s0 = vset1(dg[kb * 4]), s1 = vset1(dg[kb * 4 + 1]);
+                const vf s2 = vset1(dg[kb * 4 + 2]), s3 = vset1(dg[kb * 4 + 3]);
+                for (int i = 0; i < 32; i += VW) {
+                    const vf xv = vload(x + kb * 32 + i);
+                    a0 = vfma(xv, q8_w(q + i, s0), a0);
+                    a1 = vfma(xv, q8_w(q + 32 + i, s1), a1);
+                    a2 = vfma(xv, q8_w(q + 64 + i, s2), a2);
+                    a3 = vfma(xv, q8_w(q + 96 + i, s3), a3);
                 }
             }
         } else {
             const uint16_t *h = (const uint16_t *)w + (size_t)n * K;
-            for (int k = 0; k < K; k += 8, h += 32) {
-                const __m256 xv = _mm256_loadu_ps(x + k);
-                a0 = _mm256_fmadd_ps(xv, bf16_w(h), a0);
-                a1 = _mm256_fmadd_ps(xv, bf16_w(h + 8), a1);
-                a2 = _mm256_fmadd_ps(xv, bf16_w(h + 16), a2);
-                a3 = _mm256_fmadd_ps(xv, bf16_w(h + 24), a3);
+            for (int k = 0; k < K; k += VW, h += 4 * VW) {
+                const vf xv = vload(x + k);
+                a0 = vfma(xv, bf16_w(h), a0);
+                a1 = vfma(xv, bf16_w(h + VW), a1);
+                a2 = vfma(xv, bf16_w(h + 2 * VW), a2);
+                a3 = vfma(xv, bf16_w(h + 3 * VW), a3);
             }
         }
-        const float r[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+        const float r[4] = {vsum(a0), vsum(a1), vsum(a2), vsum(a3)};
         for (int o = 0; o < 4 && n + o < hi; o++) y[n + o] = r[o] + (bias ? bias[n + o] : 0.0f);
     }
 }
@@ -638,6 +900,66 @@ typedef struct {
     proj_t p[7]; /* q k v o gate up down */
 } layer_t;
 
+/* exp of VW floats (Cephes' single-precision method: x = n ln2 + r, a degree-7 polynomial in r, times 2^n;
+ * within 2 ulp of the correctly rounded value over the range used, like the vectorized exp torch's silu uses).
+ * Inputs are clamped to [-87.3, 88.3], so the result is finite and normal; a NaN input gives NaN. */
+static inline vf vexp(vf x) {
+#if VW == 16
+#define VI __m512i
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vmin(a, b) _mm512_min_ps(a, b)
+#define vround(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vtoi(a) _mm512_cvtps_epi32(a)
+#define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23))
+#else
+#define VI __m256i
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vmin(a, b) _mm256_min_ps(a, b)
+#define vround(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vtoi(a) _mm256_cvtps_epi32(a)
+#define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23))
+#endif
+    /* max/min return their second operand when the first is NaN: clamp with x second, so NaN stays NaN */
+    x = vmin(vset1(88.3f), vmax(vset1(-87.3f), x));
+    const vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vf r = vfma(n, vset1(-0.693359375f), x);
+    r = vfma(n, vset1(2.12194440e-4f), r);
+    vf p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    const VI e = vtoi(n);
+    return vmul(p, vpow2(e));
+#undef VI
+#undef vmax
+#undef vmin
+#undef vround
+#undef vtoi
+#undef vpow2
+}
+
+#if VW == 16
+/* lane i = vsum(a[i]), for 16 accumulators at once: the same additions in the same order as vsum (halves,
+ * then quarters, then pairs (0+1) and (2+3), then their sum), interleaved so that four shuffles and one add
+ * serve several accumulators; 46 instructions instead of 16 x 9 */
+static inline vf vsum16(const vf a[16]) {
+    vf b[8], c[4], d[2];
+    for (int k = 0; k < 8; k++)
+        b[k] = vadd(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44), _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++)  /* quarter j of c[k]: a[4k + j] folded to 4 */
+        c[k] = vadd(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88), _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++)  /* quarter j of d[k]: (0+1), (2+3) of a[8k + j], then of a[8k + 4 + j] */
+        d[k] = vadd(_mm512_shuffle_ps(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                    _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const vf e = vadd(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));  /* lane 4j + l: a[4l + j] */
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), e);
+}
+#endif
+
 static void rmsnorm(const float *x, const float *w, int D, float eps, float *out) {
     float ss = dot_f32(x, x, D);
     float r = 1.0f / sqrtf(ss / (float)D + eps);
@@ -658,7 +980,20 @@ static void proj(const proj_t *p, const float *code, const float *x, int M, cons
         const float *xm = x + (size_t)m * p->k;
         for (int j = 0; j < p->r; j++) t[j] = dot_f32(xm, A + (size_t)j * p->k, p->k);
         float *ym = y + (size_t)m * p->n;
-        for (int n = 0; n < p->n; n++) {
+        int n = 0;
+#if VW == 16
+        if (p->r % VW == 0)
+            for (; n + 16 <= p->n; n += 16) {  /* 16 outputs at once, each dot_f32's bits (see vsum16) */
+                vf acc[16];
+                for (int i = 0; i < 16; i++) acc[i] = vzero();
+                for (int c = 0; c < p->r; c += VW) {
+                    const vf tv = vload(t + c);
+                    for (int i = 0; i < 16; i++) acc[i] = vfma(tv, vload(B + (size_t)(n + i) * p->r + c), acc[i]);
+                }
+                vstore(ym + n, vadd(vload(ym + n), vsum16(acc)));
+            }
+#endif
+        for (; n < p->n; n++) {
             float dlt = dot_f32(t, B + (size_t)n * p->r, p->r);
             ym[n] = ym[n] + dlt;
         }
@@ -718,9 +1053,20 @@ void layer_out(const layer_t *L, int M, const float *o, float *h, const int *slo
     for (int m = 0; m < M; m++) rmsnorm(h + m * d, L->post_norm, d, L->eps, xn + m * d);
     proj(&L->p[4], L->code, xn, M, slots, g);
     proj(&L->p[5], L->code, xn, M, slots, u);
-    for (size_t i = 0; i < M * I; i++) {
-        float s = g[i] / (1.0f + expf(-g[i]));
-        act[i] = s * u[i];
+    /* silu(g) * u, per row (so a row's values do not depend on the others): VW at a time, the tail in scalar */
+    for (int m = 0; m < M; m++) {
+        const float *gm = g + m * I, *um = u + m * I;
+        float *am = act + m * I;
+        size_t i = 0;
+        for (; i + VW <= I; i += VW) {
+            const vf gv = vload(gm + i);
+            const vf sv = vdiv(gv, vadd(vset1(1.0f), vexp(vsub(vzero(), gv))));
+            vstore(am + i, vmul(sv, vload(um + i)));
+        }
+        for (; i < I; i++) {
+            float s = gm[i] / (1.0f + expf(-gm[i]));
+            am[i] = s * um[i];
+        }
     }
     proj(&L->p[6], L->code, act, M, slots, a);
     for (size_t i = 0; i < M * d; i++) h[i] = h[i] + a[i];
@@ -729,19 +1075,19 @@ void layer_out(const layer_t *L, int M, const float *o, float *h, const int *slo
 
 /* q . k_j for four consecutive cache rows (stride ks), each in dot_f32's order (four independent chains) */
 static inline void dot4_f32(const float *x, const float *k0, size_t ks, int K, float *out) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
     int k = 0;
-    for (; k + 8 <= K; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(k0 + k), a0);
-        a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(k0 + ks + k), a1);
-        a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(k0 + 2 * ks + k), a2);
-        a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(k0 + 3 * ks + k), a3);
+    for (; k + VW <= K; k += VW) {
+        const vf xv = vload(x + k);
+        a0 = vfma(xv, vload(k0 + k), a0);
+        a1 = vfma(xv, vload(k0 + ks + k), a1);
+        a2 = vfma(xv, vload(k0 + 2 * ks + k), a2);
+        a3 = vfma(xv, vload(k0 + 3 * ks + k), a3);
     }
-    out[0] = hsum8(a0);
-    out[1] = hsum8(a1);
-    out[2] = hsum8(a2);
-    out[3] = hsum8(a3);
+    out[0] = vsum(a0);
+    out[1] = vsum(a1);
+    out[2] = vsum(a2);
+    out[3] = vsum(a3);
     for (int i = 0; i < 4; i++)
         for (int t = k; t < K; t++) out[i] += x[t] * k0[i * ks + t];
 }
@@ -784,24 +1130,23 @@ static void attend_range(void *arg, int lo, int hi) {
                 mx = t > mx ? t : mx;
             }
             float sum = 0.0f;
-            for (j = start; j < len; j++) {
-                sc[j] = expf(sc[j] - mx);
-                sum += sc[j];
-            }
+            const vf mxv = vset1(mx);
+            for (j = start; j + VW <= len; j += VW) vstore(sc + j, vexp(vsub(vload(sc + j), mxv)));
+            for (; j < len; j++) sc[j] = expf(sc[j] - mx);
+            for (j = start; j < len; j++) sum += sc[j];
             for (j = start; j < len; j++) sc[j] = sc[j] / sum;
             float *oh = o + ((size_t)m * L->nh + h) * hd;
             const float *vh = vc + base;
             if (hd % 64 == 0) {
                 for (int d0 = 0; d0 < hd; d0 += 64) {
-                    __m256 acc[8];
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+                    vf acc[64 / VW];
+                    for (int i = 0; i < 64 / VW; i++) acc[i] = vzero();
                     for (j = start; j < len; j++) {
-                        const __m256 p = _mm256_set1_ps(sc[j]);
+                        const vf p = vset1(sc[j]);
                         const float *vj = vh + (size_t)j * hd + d0;
-                        for (int i = 0; i < 8; i++)
-                            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(p, _mm256_loadu_ps(vj + 8 * i)));
+                        for (int i = 0; i < 64 / VW; i++) acc[i] = vadd(acc[i], vmul(p, vload(vj + VW * i)));
                     }
-                    for (int i = 0; i < 8; i++) _mm256_storeu_ps(oh + d0 + 8 * i, acc[i]);
+                    for (int i = 0; i < 64 / VW; i++) vstore(oh + d0 + VW * i, acc[i]);
                 }
                 continue;
             }

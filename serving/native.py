@@ -20,11 +20,19 @@ the same code computes every output whatever the count, so results do not change
 with it.
 
 The library is compiled at first use with the system C compiler
-(``$CC``, ``cc`` or ``gcc``; ``-mavx2 -mfma -mf16c``) into
-``$LORADEX_NATIVE_CACHE`` (default ``~/.cache/loradex/native``), once per
-source version. It is used only on x86-64 CPUs that report avx2, fma and f16c;
-elsewhere, or without a compiler, :func:`status` says why and serving keeps the
-torch kernels. ``LORADEX_NATIVE=0`` turns it off.
+(``$CC``, ``cc`` or ``gcc``; ``-mavx2 -mfma -mf16c``, plus ``-mavx512f`` for
+the AVX-512 build) into ``$LORADEX_NATIVE_CACHE`` (default
+``~/.cache/loradex/native``), once per source version and instruction set. It
+is used only on x86-64 CPUs that report avx2, fma and f16c; elsewhere, or
+without a compiler, :func:`status` says why and serving keeps the torch
+kernels. ``LORADEX_NATIVE=0`` turns it off.
+
+Which build runs is decided at run time from the CPU's flags (``/proc/cpuinfo``),
+never from a CPU model name: the AVX-512 build (16 lanes; the NF4 lookup is one
+``vpermps``) where the CPU reports avx512f, else the AVX2 build (8 lanes).
+``LORADEX_NATIVE_ISA=avx2`` or ``avx512`` forces one (an unsupported one is a
+clear error in :func:`status`). The two sum in different orders, so their
+results may differ in the last bits; each keeps every property above.
 """
 from __future__ import annotations
 
@@ -44,6 +52,8 @@ from torch import nn
 SOURCE = Path(__file__).with_name("native.c")
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+ISAS = {"avx2": ((), []), "avx512": (("avx512f",), ["-mavx512f"])}
+"""Instruction sets the kernels build for: the CPU flags each needs beyond REQUIRED_FLAGS, its extra compiler flags."""
 MAX_ROWS = 96
 """Rows up to which the native NF4 product runs; above it (a long or batched prefill), the layer is
 dequantized once per call and torch multiplies. On the 2-core Zen 3 machine of this project, over the
@@ -54,7 +64,7 @@ HEAD_MAX_ROWS = 32
 """The same for the fp32 kernel (the LM head, 49152 x 576): native 24 / 47 ms at 16 / 32 rows against
 torch's 36 / 52, torch faster at 64 (84 against 87)."""
 BLOCK = 64
-EXPORTS = ("native_threads", "nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "q8_pack", "bf16_pack",
+EXPORTS = ("native_threads", "native_vw", "nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "q8_pack", "bf16_pack",
            "compact_gemm", "compact_dequant", "layer_in", "rope_cache", "attend", "layer_out")
 
 _lock = threading.Lock()
@@ -85,10 +95,23 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def _build(cc: str) -> Path:
+def supported_isas(flags: set[str] | None = None) -> list[str]:
+    """The builds this CPU can run, best last (empty without avx2/fma/f16c)."""
+    flags = cpu_flags() if flags is None else flags
+    if any(f not in flags for f in REQUIRED_FLAGS):
+        return []
+    return [isa for isa, (need, _) in ISAS.items() if all(f in flags for f in need)]
+
+
+def requested_isa() -> str:
+    return os.environ.get("LORADEX_NATIVE_ISA", "auto").strip().lower() or "auto"
+
+
+def _build(cc: str, isa: str) -> Path:
     src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
-    name = f"loradex-native-{tag}.so"
+    cflags = [*CFLAGS, *ISAS[isa][1]]
+    tag = hashlib.sha256(src + " ".join([cc, *cflags]).encode()).hexdigest()[:16]
+    name = f"loradex-native-{isa}-{tag}.so"
     folder = cache_dir()
     if (folder / name).exists():
         return folder / name
@@ -101,7 +124,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *cflags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             first = (proc.stderr or proc.stdout).strip().splitlines()
             raise OSError(f"{cc} failed: {first[0] if first else 'exit ' + str(proc.returncode)}")
@@ -123,12 +146,20 @@ def _load() -> None:
     if missing:
         _state.update(lib=None, reason=f"this CPU lacks {', '.join(missing)}")
         return
+    isas, want = supported_isas(), requested_isa()
+    if want != "auto" and want not in ISAS:
+        _state.update(lib=None, reason=f"LORADEX_NATIVE_ISA must be auto, {' or '.join(ISAS)}; got {want!r}")
+        return
+    if want != "auto" and want not in isas:
+        _state.update(lib=None, reason=f"LORADEX_NATIVE_ISA={want}, but this CPU lacks {', '.join(ISAS[want][0])}")
+        return
+    isa = isas[-1] if want == "auto" else want
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         _state.update(lib=None, reason="no C compiler (cc/gcc) to build the native kernels")
         return
     try:
-        path = _build(cc)
+        path = _build(cc, isa)
         lib = ctypes.CDLL(str(path))
         for name in EXPORTS:
             getattr(lib, name)
@@ -138,6 +169,8 @@ def _load() -> None:
     lib.nf4_gemm.argtypes = [P, I, I, I, P, P, P, P, P]
     lib.native_threads.argtypes = [I]
     lib.native_threads.restype = I
+    lib.native_vw.argtypes = []
+    lib.native_vw.restype = I
     lib.nf4_dequant.argtypes = [P, P, P, I, I, P]
     lib.nf4_pack.argtypes = [P, I, I, P, P, P]
     lib.nf4_pack.restype = ctypes.c_int
@@ -149,7 +182,7 @@ def _load() -> None:
     lib.compact_dequant.argtypes = [I, P, P, I, I, P]
     for fn in (lib.nf4_gemm, lib.nf4_dequant, lib.f32_gemm, lib.compact_gemm, lib.compact_dequant):
         fn.restype = None
-    _state.update(lib=lib, reason="built " + path.name, path=str(path))
+    _state.update(lib=lib, reason="built " + path.name, path=str(path), isa=isa, lanes=lib.native_vw())
 
 
 def library():
@@ -162,7 +195,8 @@ def library():
 
 def status() -> dict:
     lib = library()
-    return {"available": lib is not None, "reason": _state.get("reason"), "path": _state.get("path")}
+    return {"available": lib is not None, "reason": _state.get("reason"), "path": _state.get("path"),
+            "isa": _state.get("isa"), "lanes": _state.get("lanes")}
 
 
 def _forget_threads() -> None:

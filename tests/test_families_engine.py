@@ -102,8 +102,11 @@ def _peft_reference(folder, adapters: dict, quantize: str, prompt_ids: list[list
     from peft import PeftModel
 
     from loradex.hub.loading import load_model_folder
+    from loradex.serving.kernels import dense_layers
 
-    model, _, _ = load_model_folder(folder, quantize=quantize, device="cpu")
+    model, _, dtype = load_model_folder(folder, quantize=quantize, device="cpu")
+    if quantize == "nf4":  # the NF4 weights in fp32, exactly: bitsandbytes' own CPU product is bf16 on avx512_bf16
+        assert dense_layers(model, dtype) > 0
     names = list(adapters)
     peft = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
     for n in names[1:]:

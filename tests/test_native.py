@@ -10,11 +10,27 @@ import torch
 
 from loradex.serving import native
 
-@pytest.fixture(scope="module")
-def lib():
-    got = native.library()
-    assert got is not None, f"native kernels unavailable here: {native.status()['reason']}"
-    return got
+@pytest.fixture(scope="module", params=native.supported_isas() or ["none"])
+def lib(request):
+    """The kernels, once per build this CPU runs (AVX2, and AVX-512 where the CPU has it): every test that
+    takes this fixture runs against each build, forced with LORADEX_NATIVE_ISA."""
+    import os
+
+    saved, old = dict(native._state), os.environ.get("LORADEX_NATIVE_ISA")
+    os.environ["LORADEX_NATIVE_ISA"] = request.param
+    native._state.clear()
+    try:
+        got = native.library()
+        assert got is not None, f"native kernels unavailable here: {native.status()['reason']}"
+        assert native.status()["isa"] == request.param and got.native_vw() == {"avx2": 8, "avx512": 16}[request.param]
+        yield got
+    finally:
+        if old is None:
+            os.environ.pop("LORADEX_NATIVE_ISA", None)
+        else:
+            os.environ["LORADEX_NATIVE_ISA"] = old
+        native._state.clear()
+        native._state.update(saved)
 
 
 @pytest.fixture
