@@ -59,3 +59,18 @@ def test_other_bitsandbytes_warnings_still_show(caplog):
         logger.warning("something else went wrong")
     shown = [r.getMessage() for r in caplog.records]
     assert len(shown) == 2 and "kernel build mismatch" in shown[0] and shown[1] == "something else went wrong"
+
+
+def test_the_offline_cache_miss_for_the_bnb_kernel_is_dropped_and_other_kernel_notices_show(caplog):
+    quiet.install()
+    bnb, hub = logging.getLogger(quiet.BNB_CPU_LOGGER), logging.getLogger(quiet.KERNELS_HUB_LOGGER)
+    msg = quiet.KERNELS_MESSAGE + ": %s. Please make sure you already `pip install kernels`"
+    with caplog.at_level(logging.WARNING):
+        bnb.warning(msg, RuntimeError(f"Version 1 of '{quiet.BNB_KERNEL_REPO}' is not available in the local cache "
+                                      "and Hugging Face Hub is in offline mode."))
+        bnb.warning(msg, RuntimeError("Version 1 of 'someone/else' is not available and the hub is in offline mode."))
+        hub.warning(f"Skipping publisher trust check for '{quiet.BNB_KERNEL_REPO}' because Hugging Face Hub is in "
+                    "offline mode.")
+        hub.warning("Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.")
+    shown = [r.getMessage() for r in caplog.records]
+    assert len(shown) == 2 and "someone/else" in shown[0] and "someone/else" in shown[1]
