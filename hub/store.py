@@ -57,6 +57,17 @@ class Snapshot:
     size_bytes: int
 
 
+_HASHED: dict[tuple, str] = {}
+"""(device, inode, size, mtime, ctime) of a file this process hashed -> the sha256 it had (see Store.verify)"""
+_HASHED_MAX = 4096
+
+
+def _remember(key: tuple, sha: str) -> None:
+    if len(_HASHED) >= _HASHED_MAX:
+        _HASHED.pop(next(iter(_HASHED)))  # the oldest entry
+    _HASHED[key] = sha
+
+
 class Store:
     """The artifact store rooted at ``root``."""
 
@@ -161,22 +172,36 @@ class Store:
         return sha
 
     # -- reading and checking ------------------------------------------------------
-    def verify(self, relpath: str, files: dict[str, str]) -> list[str]:
-        """Problems found re-hashing a snapshot (empty list: intact)."""
+    def verify(self, relpath: str, files: dict[str, str], *, trust_unchanged: bool = False) -> list[str]:
+        """Problems found re-hashing a snapshot (empty list: intact).
+
+        ``trust_unchanged``: a file this process already hashed right, and whose inode, size, mtime and ctime
+        are still the same (any write or chmod changes ctime, which no tool can set back), is not hashed
+        again. Loads use it (an LRU of adapters reloads the same files over and over); ``loradex verify``
+        does not."""
         problems = []
         folder = self.resolve(relpath)
         for rel, sha in sorted(files.items()):
             p = folder / rel
-            if not p.is_file():
+            try:
+                st = p.stat()
+            except OSError:
+                st = None
+            if st is None or not p.is_file():
                 problems.append(f"{rel}: missing")
+                continue
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if trust_unchanged and _HASHED.get(key) == sha:
                 continue
             actual = file_sha256(p)
             if actual != sha:
                 problems.append(f"{rel}: sha256 {actual[:12]} != recorded {sha[:12]}")
+            else:
+                _remember(key, sha)
         return problems
 
     def verified_path(self, relpath: str, files: dict[str, str], what: str) -> Path:
-        problems = self.verify(relpath, files)
+        problems = self.verify(relpath, files, trust_unchanged=True)
         if problems:
             raise IntegrityError(f"{what} failed its sha256 check: " + "; ".join(problems))
         return self.resolve(relpath)

@@ -61,6 +61,7 @@ def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32) -> Adap
                 f"Linear layers only (merge this adapter with `loradex merge` and serve the merged model)"
             )
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sums: list[torch.Tensor] = []  # per module, A's and scaled B's sums in fp64: finite exactly when every weight is
     max_r = 0
     for name, got in parts.items():
         if "lora_A" not in got or "lora_B" not in got:
@@ -71,13 +72,18 @@ def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32) -> Adap
         if r != cfg_r:
             raise InvalidAdapter(f"{WEIGHTS}: {name} has rank {r}, which its config does not say")
         scaled = (b.float() * scale).to(dtype)
-        if not (torch.isfinite(a.float()).all() and torch.isfinite(scaled.float()).all()):
-            raise InvalidAdapter(f"{WEIGHTS}: {name}: its weights times its scale ({scale:g}) are not finite in "
-                                 f"{dtype}; refusing to serve an adapter that can only produce NaN")
+        # one reduction per tensor (NaN and inf propagate; fp32 values cannot overflow an fp64 sum), checked once below
+        sums += [torch.sum(a, dtype=torch.float64), torch.sum(scaled, dtype=torch.float64)]
         modules[name] = (a.to(dtype).contiguous(), scaled.contiguous())
         max_r = max(max_r, r)
     if not modules:
         raise InvalidAdapter(f"{folder}: the adapter holds no LoRA weights")
+    finite = torch.isfinite(torch.stack(sums)).view(-1, 2).all(dim=1).tolist()
+    if not all(finite):
+        name = list(modules)[finite.index(False)]
+        scale = module_scale({"r": modules[name][0].shape[0], **cfg}, name)[2]
+        raise InvalidAdapter(f"{WEIGHTS}: {name}: its weights times its scale ({scale:g}) are not finite in "
+                             f"{dtype}; refusing to serve an adapter that can only produce NaN")
     return AdapterWeights(modules=modules, rank=max_r)
 
 

@@ -5,6 +5,8 @@ Tiny random base; HTTP cases go through a real uvicorn on loopback (``tests/test
 """
 from __future__ import annotations
 
+import re
+
 import time
 
 import httpx
@@ -166,6 +168,25 @@ def test_3_huge_finite_weights_are_refused(tmp_path, tiny_base, tiny_base_dir):
     save_file(tensors, str(path))
     with pytest.raises(InvalidAdapter, match="values up to"):
         validate_adapter(folder, tiny_base)
+
+
+def test_3_the_serving_reader_refuses_non_finite_weights_naming_the_module(tmp_path, tiny_base_dir):
+    from safetensors.torch import load_file, save_file
+
+    from loradex.hub.errors import InvalidAdapter
+    from loradex.serving.lora import read_adapter
+
+    folder = make_adapter(tiny_base_dir, tmp_path / "a", scale=0.3)
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    assert read_adapter(folder).modules  # intact: read
+    bad = sorted(k for k in tensors if "lora_A" in k)[-1]  # one weight of the last module's A
+    tensors[bad] = tensors[bad].clone()
+    tensors[bad][0, 0] = float("inf")
+    save_file(tensors, str(path))
+    module = bad.split(".lora_A")[0].split("base_model.model.", 1)[1]
+    with pytest.raises(InvalidAdapter, match=re.escape(module) + r": its weights times its scale .* are not finite"):
+        read_adapter(folder)
 
 
 def test_3_a_poisoned_adapter_fails_alone_and_its_batch_goes_on(hsrv, tiny_base_dir, tmp_path):

@@ -40,6 +40,31 @@ def test_verify_detects_tampering(tmp_path):
     assert "b.safetensors: missing" in store.verify(snap.relpath, snap.files)
 
 
+def test_loads_skip_rehashing_an_unchanged_file_but_catch_a_changed_one(tmp_path, monkeypatch):
+    import pytest
+
+    from loradex.hub import store as store_mod
+    from loradex.hub.errors import IntegrityError
+
+    store = Store(tmp_path / "store")
+    snap = store.put_folder(_folder(tmp_path, "x", "{}"))
+    hashed = []
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: hashed.append(p) or real(p))
+    store.verified_path(snap.relpath, snap.files, "snap")
+    first = len(hashed)
+    store.verified_path(snap.relpath, snap.files, "snap")  # the same files, unchanged: not hashed again
+    assert len(hashed) == first
+    assert store.verify(snap.relpath, snap.files) == [] and len(hashed) == 2 * first  # `verify` always hashes
+    target = store.resolve(snap.relpath) / "a.json"
+    st = target.stat()
+    os.chmod(target, 0o644)
+    target.write_text("[]")  # same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back: ctime still moved
+    with pytest.raises(IntegrityError, match="a.json: sha256"):
+        store.verified_path(snap.relpath, snap.files, "snap")
+
+
 def test_cleanup_removes_only_dead_writers_tmp(tmp_path):
     store = Store(tmp_path / "store")
     mine = store.new_tmp()
