@@ -6,7 +6,6 @@ Tiny random base; HTTP cases go through a real uvicorn on loopback (``tests/test
 from __future__ import annotations
 
 import re
-
 import time
 
 import httpx
