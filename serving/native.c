@@ -747,6 +747,28 @@ Q8_TILE(4)
 Q8_TILE(2)
 Q8_TILE(1)
 
+/* 4 rows of x against a whole group of four weight rows */
+static inline void q8_tile4x4(const float *x, int K, const int8_t *qg, const float *dg, float out[4][4]) {
+    vf a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) a[r][o] = vzero();
+    for (int kb = 0; kb < K / 32; kb++) {
+        const int8_t *q0 = qg + (size_t)kb * 128;
+        vf s[4];
+        for (int o = 0; o < 4; o++) s[o] = vset1(dg[kb * 4 + o]);
+        for (int i = 0; i < 32; i += VW) {
+            vf u[4];
+            for (int o = 0; o < 4; o++) u[o] = q8_w(q0 + 32 * o + i, s[o]);
+            for (int r = 0; r < 4; r++) {
+                const vf xv = vload(x + (size_t)r * K + kb * 32 + i);
+                for (int o = 0; o < 4; o++) a[r][o] = vfma(xv, u[o], a[r][o]);
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int o = 0; o < 4; o++) out[r][o] = vsum(a[r][o]);
+}
+
 static void q8_rows(const float *x, int M, int K, int N, const int8_t *q, const float *d, const float *bias,
                     int lo, int hi, float *y) {
     const int nb = K / 32;
@@ -754,9 +776,20 @@ static void q8_rows(const float *x, int M, int K, int N, const int8_t *q, const 
     for (int n = lo; n < hi; n += 4) {
         const int8_t *qg = q + (size_t)n * K;
         const float *dg = d + (size_t)n * nb;
-        for (int o = 0; o < 4 && n + o < hi; o += 2) {
+        int m4 = 0;
+        if (M >= 4 && n + 4 <= hi) {  /* a full group against four rows of x at a time (measured faster than 8 x 2) */
+            float o4[4][4];
+            for (; m4 + 4 <= M; m4 += 4) {
+                q8_tile4x4(x + (size_t)m4 * K, K, qg, dg, o4);
+                for (int r = 0; r < 4; r++)
+                    for (int o = 0; o < 4; o++)
+                        y[(size_t)(m4 + r) * N + n + o] = o4[r][o] + (bias ? bias[n + o] : 0.0f);
+            }
+            if (m4 == M) continue;
+        }
+        for (int o = 0; o < 4 && n + o < hi; o += 2) {  /* the rows of x left, two weight rows at a time */
             const float b0 = bias ? bias[n + o] : 0.0f, b1 = bias && n + o + 1 < hi ? bias[n + o + 1] : 0.0f;
-            for (int m = 0; m < M;) {
+            for (int m = m4; m < M;) {
                 const int R = M - m >= 8 ? 8 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
                 const float *xm = x + (size_t)m * K;
                 switch (R) {

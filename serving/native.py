@@ -11,9 +11,9 @@ a decode step) with the same fp32 weights, faster than torch's GEMV here.
 
 Every output is one dot product in a fixed order whatever the number of rows,
 so a row's result does not depend on its neighbours in a batch. Up to
-:data:`MAX_ROWS` rows (decode steps, mixed batches, short prompts) run in the
-native kernel; more rows dequantize the layer into fp32 once per call and use
-torch's matrix product, which wins there.
+:func:`rows_limits` rows (decode steps, mixed batches, short prompts; per build,
+measured) run in the native kernel; more rows dequantize the layer into fp32
+once per call and use torch's matrix product, which wins there.
 
 Each product splits its outputs over torch's thread count (``LORADEX_THREADS``):
 the same code computes every output whatever the count, so results do not change
@@ -55,14 +55,20 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-
 ISAS = {"avx2": ((), []), "avx512": (("avx512f",), ["-mavx512f"])}
 """Instruction sets the kernels build for: the CPU flags each needs beyond REQUIRED_FLAGS, its extra compiler flags."""
 MAX_ROWS = 96
-"""Rows up to which the native NF4 product runs; above it (a long or batched prefill), the layer is
-dequantized once per call and torch multiplies. On the 2-core Zen 3 machine of this project, over the
-default base's 210 projections, 1 thread: native 15-19 / 34-37 / 59 / 132 / 240 / 280 ms at
-1 / 8 / 16 / 43 / 72 / 96 rows, dequantize + torch 31 / 63 / 83 / 161 / 225 / 286 ms; at 352 and 2160
-rows torch wins (936 ms against 1034, 5.6 s against 6.9 s)."""
+"""Rows up to which the native NF4 product runs in the AVX2 build (and the largest decode batch the native
+decode step takes, whatever the build); above it (a long or batched prefill), the layer is dequantized once
+per call and torch multiplies. On the 2-core Zen 3 machine of this project, over the default base's 210
+projections, 1 thread: native 15-19 / 34-37 / 59 / 132 / 240 / 280 ms at 1 / 8 / 16 / 43 / 72 / 96 rows,
+dequantize + torch 31 / 63 / 83 / 161 / 225 / 286 ms; at 352 and 2160 rows torch wins (936 ms against 1034,
+5.6 s against 6.9 s)."""
 HEAD_MAX_ROWS = 32
-"""The same for the fp32 kernel (the LM head, 49152 x 576): native 24 / 47 ms at 16 / 32 rows against
-torch's 36 / 52, torch faster at 64 (84 against 87)."""
+"""The same for the fp32 kernel (the LM head, 49152 x 576), AVX2 build: native 24 / 47 ms at 16 / 32 rows
+against torch's 36 / 52, torch faster at 64 (84 against 87)."""
+ROWS_BY_ISA = {"avx2": (MAX_ROWS, HEAD_MAX_ROWS), "avx512": (16, 8)}
+"""(NF4 rows, head rows) per build. AVX-512, a 2-core Xeon with AVX-512 (its MKL runs fp32 GEMM at 75-94 G
+multiply-adds per second, twice the Zen 3's): native 51 / 87 / 135 ms at 12 / 24 / 44 rows, dequantize + torch
+73 / 75 / 103 ms; the head 8.2 ms at 8 rows (Q8 tile) against torch's 16.9, torch faster at 16 (17.8 against
+31 at 32)."""
 BLOCK = 64
 EXPORTS = ("native_threads", "native_vw", "nf4_pack", "nf4_gemm", "nf4_dequant", "f32_gemm", "q8_pack", "bf16_pack",
            "compact_gemm", "compact_dequant", "layer_in", "rope_cache", "attend", "layer_out")
@@ -101,6 +107,12 @@ def supported_isas(flags: set[str] | None = None) -> list[str]:
     if any(f not in flags for f in REQUIRED_FLAGS):
         return []
     return [isa for isa, (need, _) in ISAS.items() if all(f in flags for f in need)]
+
+
+def rows_limits() -> tuple[int, int]:
+    """(rows up to which NF4 products run natively, the same for the fp32/compact head) for the loaded build."""
+    library()
+    return ROWS_BY_ISA.get(_state.get("isa") or "avx2", ROWS_BY_ISA["avx2"])
 
 
 def requested_isa() -> str:
@@ -265,7 +277,7 @@ class NF4Linear(nn.Module):
         k, n = self.in_features, self.out_features
         x2 = _rows(x, k)
         m = x2.shape[0]
-        if m > MAX_ROWS:
+        if m > rows_limits()[0]:
             y = nn.functional.linear(x2, self.dequantize(), self.bias)
         else:
             y = torch.empty(m, n, dtype=torch.float32)
@@ -326,7 +338,7 @@ class F32Linear(nn.Module):
         k, n = self.in_features, self.out_features
         x2 = _rows(x, k)
         m = x2.shape[0]
-        if m > HEAD_MAX_ROWS or not self.weight.is_contiguous():
+        if m > rows_limits()[1] or not self.weight.is_contiguous():
             y = nn.functional.linear(x2, self.weight, self.bias)
         elif self.packed is not None:
             y = torch.empty(m, n, dtype=torch.float32)

@@ -58,7 +58,8 @@ def test_nf4_product_equals_torch_and_rows_do_not_depend_on_their_neighbours(nf4
     torch.manual_seed(0)
     mod, dense = nf4_layers[0]
     lin = native.NF4Linear.from_weight(dense.weight, mod.weight.quant_state.code, dense.bias)
-    for m in (1, 2, 3, 5, 7, native.MAX_ROWS, native.MAX_ROWS + 5):  # the last one: dequantize + torch
+    rows = native.rows_limits()[0]
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, rows, rows + 5):  # the last one: dequantize + torch
         x = torch.randn(m, 1, lin.in_features)
         got = lin(x)
         assert got.shape == (m, 1, lin.out_features)
@@ -82,7 +83,7 @@ def test_f32_head_shares_the_weights_and_equals_torch(lib):
     emb = torch.nn.Parameter(torch.randn(1000, 64) * 0.05)
     head = native.F32Linear(emb)
     assert head.weight is emb  # a tied head stays tied: no copy
-    for m in (1, 3, 8, native.HEAD_MAX_ROWS + 1):
+    for m in (1, 3, 8, native.rows_limits()[1], native.rows_limits()[1] + 1):
         x = torch.randn(m, 64)
         torch.testing.assert_close(head(x), x @ emb.T, rtol=1e-5, atol=1e-5)
     x = torch.randn(5, 64)
@@ -107,7 +108,7 @@ def test_head_weights_with_an_exact_compact_form_are_read_compact_with_the_same_
         assert head.form == form and head.weight is emb
         ref = native.F32Linear(emb)
         ref.packed = None  # the same product over the fp32 weights
-        for m in (1, 2, 5, 8, 9, native.HEAD_MAX_ROWS):
+        for m in (1, 2, 5, 8, 9, native.rows_limits()[1]):
             x = torch.randn(m, 96)
             got = head(x)
             assert torch.equal(got, ref(x)), (form, m)  # bit for bit, not close
