@@ -405,11 +405,26 @@ int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float
 /* AVX-512, 2..8 rows: R rows of x against two weight rows rebuilt in registers (no scratch round trip), each
  * output one accumulator over the chunks of 16 in k order: the same products and order as nf4_dot2 and
  * dot_f32 over nf4_row's output. 2R accumulators + 4 weight vectors fit the 32 registers. */
+#define ROWS2_ZERO(R) \
+    vf a[R][2];       \
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = vzero();
+/* rows 0..R-1 of x (stride K, at column OFF) times two rebuilt weight vectors, into a[r][0] and a[r][1] */
+#define ROWS2_FMA(R, OFF, u0, u1)                                  \
+    for (int r = 0; r < R; r++) {                                  \
+        const vf xv = vload(x + (size_t)r * K + (OFF));            \
+        a[r][0] = vfma(xv, u0, a[r][0]);                           \
+        a[r][1] = vfma(xv, u1, a[r][1]);                           \
+    }
+#define ROWS2_SUM(R)                     \
+    for (int r = 0; r < R; r++) {        \
+        out[r][0] = vsum(a[r][0]);       \
+        out[r][1] = vsum(a[r][1]);       \
+    }
+
 #define NF4_TILE(R)                                                                                          \
     static inline void nf4_tile_##R(const float *x, int K, const uint8_t *qb0, const uint8_t *qb1,            \
                                     const float *m0, const float *m1, const nf4_tab *t, float out[R][2]) {   \
-        vf a[R][2];                                                                                          \
-        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = vzero();                                            \
+        ROWS2_ZERO(R)                                                                                        \
         for (int b = 0; b < K / 64; b++) {                                                                   \
             const vf s0 = vset1(m0[b]), s1 = vset1(m1[b]);                                                   \
             for (int g = 0; g < 2; g++) {                                                                    \
@@ -418,25 +433,17 @@ int nf4_pack(const float *w, int N, int K, const float *code, uint32_t *q, float
                 nf4_codes32(qb1 + b * 32 + g * 16, t, w1);                                                   \
                 for (int v = 0; v < NF4_V; v++) {                                                            \
                     const vf u0 = vmul(w0[v], s0), u1 = vmul(w1[v], s1);                                     \
-                    for (int r = 0; r < R; r++) {                                                            \
-                        const vf xv = vload(x + (size_t)r * K + b * 64 + g * 32 + v * VW);                   \
-                        a[r][0] = vfma(xv, u0, a[r][0]);                                                     \
-                        a[r][1] = vfma(xv, u1, a[r][1]);                                                     \
-                    }                                                                                        \
+                    ROWS2_FMA(R, b * 64 + g * 32 + v * VW, u0, u1)                                           \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
-        for (int r = 0; r < R; r++) {                                                                        \
-            out[r][0] = vsum(a[r][0]);                                                                       \
-            out[r][1] = vsum(a[r][1]);                                                                       \
-        }                                                                                                    \
+        ROWS2_SUM(R)                                                                                         \
     }
 NF4_TILE(8)
 NF4_TILE(4)
 NF4_TILE(2)
 NF4_TILE(1)
 
-/* rows [m0, m0 + R) of x against weight rows n and n1 (n1 == n for an odd last row: computed twice, written once) */
 /* 4 rows of x against 4 weight rows rebuilt in registers (8 rows of x: two passes), each output as in NF4_TILE */
 static inline void nf4_tile4x4(const float *x, int K, const uint8_t *const qb[4], const float *const m[4],
                                const nf4_tab *t, float out[4][4]) {
@@ -463,6 +470,7 @@ static inline void nf4_tile4x4(const float *x, int K, const uint8_t *const qb[4]
         for (int o = 0; o < 4; o++) out[r][o] = vsum(a[r][o]);
 }
 
+/* every row of x against weight rows n and n1 (n1 == n for an odd last row: computed twice, written once) */
 static inline void nf4_rows2(const float *x, int M, int K, int N, const uint32_t *q, const float *absmax,
                              const nf4_tab *t, const float *bias, int n, int n1, float *y) {
     const size_t qs = K / 8, ms = K / 64;
@@ -723,24 +731,16 @@ typedef struct {
 #define Q8_TILE(R)                                                                                           \
     static inline void q8_tile_##R(const float *x, int K, const int8_t *qg, const float *dg, int o,           \
                                    float out[R][2]) {                                                        \
-        vf a[R][2];                                                                                          \
-        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = vzero();                                            \
+        ROWS2_ZERO(R)                                                                                        \
         for (int kb = 0; kb < K / 32; kb++) {                                                                \
             const int8_t *q0 = qg + ((size_t)kb * 4 + o) * 32;                                               \
             const vf s0 = vset1(dg[kb * 4 + o]), s1 = vset1(dg[kb * 4 + o + 1]);                             \
             for (int i = 0; i < 32; i += VW) {                                                               \
                 const vf u0 = q8_w(q0 + i, s0), u1 = q8_w(q0 + 32 + i, s1);                                  \
-                for (int r = 0; r < R; r++) {                                                                \
-                    const vf xv = vload(x + (size_t)r * K + kb * 32 + i);                                    \
-                    a[r][0] = vfma(xv, u0, a[r][0]);                                                         \
-                    a[r][1] = vfma(xv, u1, a[r][1]);                                                         \
-                }                                                                                            \
+                ROWS2_FMA(R, kb * 32 + i, u0, u1)                                                            \
             }                                                                                                \
         }                                                                                                    \
-        for (int r = 0; r < R; r++) {                                                                        \
-            out[r][0] = vsum(a[r][0]);                                                                       \
-            out[r][1] = vsum(a[r][1]);                                                                       \
-        }                                                                                                    \
+        ROWS2_SUM(R)                                                                                         \
     }
 Q8_TILE(8)
 Q8_TILE(4)
