@@ -33,6 +33,16 @@ def _isolated_home(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _needs_llama_cpp(request):
+    """A ``llamacpp`` test without llama-cpp-python fails, naming the set-up (never a skip counted as a pass)."""
+    if request.node.get_closest_marker("llamacpp") is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            pytest.fail("llama-cpp-python is not installed: run bash .ci/setup_llamacpp.sh")
+
+
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return Settings(home=tmp_path / "home", store=tmp_path / "store")

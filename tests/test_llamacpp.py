@@ -15,22 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loradex.promote.export.run import export_adapter
+from loradex.promote.export.source import ExportOptions
+from tests.helpers import export_world, hf_greedy_chat
+
 pytestmark = pytest.mark.llamacpp
-
-try:
-    import llama_cpp
-except ImportError:  # collected but deselected in the default run; an error when the marker is asked for
-    llama_cpp = None
-
-
-@pytest.fixture(autouse=True)
-def _needs_llama_cpp():
-    if llama_cpp is None:
-        pytest.fail("llama-cpp-python is not installed: run bash .ci/setup_llamacpp.sh")
-
-from loradex.promote.export.run import export_adapter  # noqa: E402
-from loradex.promote.export.source import ExportOptions  # noqa: E402
-from tests.helpers import export_world, hf_greedy_chat  # noqa: E402
 
 N = 32
 PROMPTS = [
@@ -54,6 +43,8 @@ def _export(real, fmt, out, **kw):
 
 
 def _llama_greedy(path, text, lora=None):
+    import llama_cpp
+
     llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512, n_threads=1,
                           verbose=False)
     try:

@@ -32,22 +32,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.family_models import FAMILIES, build_family_spm
+from tests.helpers import make_adapter
+
 pytestmark = pytest.mark.llamacpp
-
-try:
-    import llama_cpp
-except ImportError:  # collected but deselected in the default run; an error when the marker is asked for
-    llama_cpp = None
-
-
-@pytest.fixture(autouse=True)
-def _needs_llama_cpp():
-    if llama_cpp is None:
-        pytest.fail("llama-cpp-python is not installed: run bash .ci/setup_llamacpp.sh")
-
-
-from tests.family_models import FAMILIES, build_family_spm  # noqa: E402
-from tests.helpers import make_adapter  # noqa: E402
 
 N = 24
 TIE = 0.05
