@@ -1011,7 +1011,20 @@ static void proj(const proj_t *p, const float *code, const float *x, int M, cons
         if (s < 0) continue;
         const float *A = p->A + (size_t)s * p->r * p->k, *B = p->B + (size_t)s * p->n * p->r;
         const float *xm = x + (size_t)m * p->k;
-        for (int j = 0; j < p->r; j++) t[j] = dot_f32(xm, A + (size_t)j * p->k, p->k);
+        int j = 0;
+#if VW == 16
+        if (p->k % VW == 0)
+            for (; j + 16 <= p->r; j += 16) {  /* 16 rows of A at once: x read once, 16 chains, dot_f32's bits */
+                vf acc[16];
+                for (int i = 0; i < 16; i++) acc[i] = vzero();
+                for (int c = 0; c < p->k; c += VW) {
+                    const vf xv = vload(xm + c);
+                    for (int i = 0; i < 16; i++) acc[i] = vfma(xv, vload(A + (size_t)(j + i) * p->k + c), acc[i]);
+                }
+                vstore(t + j, vsum16(acc));
+            }
+#endif
+        for (; j < p->r; j++) t[j] = dot_f32(xm, A + (size_t)j * p->k, p->k);
         float *ym = y + (size_t)m * p->n;
         int n = 0;
 #if VW == 16
